@@ -1,0 +1,80 @@
+"""Typed configuration of the engine and the server, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    """Capacity and numerics of the inference engine."""
+
+    max_num_seqs: int = 32
+    """Sequences decoded together in one step (also the number of KV cache rows)."""
+    max_model_len: int | None = None
+    """Prompt + generated tokens per sequence; default min(model context, 2048)."""
+    max_num_batched_tokens: int = 512
+    """Token budget per step; long prompts are prefilled in chunks so decodes keep going."""
+    max_loras: int = 32
+    """Adapters resident in device slots at once."""
+    max_cpu_loras: int | None = None
+    """Parsed adapters kept in host memory; default 2 x max_loras."""
+    max_lora_rank: int = 64
+    """Largest adapter rank accepted."""
+    dtype: str = "auto"
+    """auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    num_threads: int | None = None
+    """CPU threads for torch; None keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = 2 * self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class ServerConfig:
+    """How the HTTP server is started."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; loopback by default so nothing is exposed by accident."""
+    port: int = 8000
+    base_model: str | None = None
+    """Local HF directory, hub id, or None for the embedded default (SmolLM2-135M-Instruct)."""
+    served_model_name: str | None = None
+    """Id clients use for the base model; default the resolved model id."""
+    model_cache_dir: Path | None = None
+    """Where converted/downloaded base models are cached."""
+    lora_modules: dict[str, Path] = field(default_factory=dict)
+    """Adapters to serve from start-up, name -> PEFT directory."""
+    log_level: str = "info"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError("port must be in 1..65535")

@@ -1,0 +1,193 @@
+"""Runs the engine on its own thread and streams outputs into asyncio.
+
+The HTTP event loop never runs model code: requests and aborts are handed to the engine
+thread as commands applied between steps, and each step's outputs come back to the loop in
+one `call_soon_threadsafe` per event loop. Torch releases the GIL inside its ops, so the
+event loop stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from adapterhub_server.engine.engine import LLMEngine
+from adapterhub_server.engine.outputs import RequestOutput
+from adapterhub_server.engine.protocol import ServableAdapter
+from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.errors import AdapterNotFoundError
+
+logger = logging.getLogger(__name__)
+
+_Stream = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
+
+
+class AsyncLLMEngine:
+    """The `EngineClient` the API uses, backed by one `LLMEngine` on a dedicated thread."""
+
+    def __init__(self, engine: LLMEngine, *, base_model_id: str) -> None:
+        self.engine = engine
+        self._base_model_id = base_model_id
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.engine.adapters.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- EngineClient -------------------------------------------------------------------
+
+    @property
+    def base_model_id(self) -> str:
+        return self._base_model_id
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def list_adapters(self) -> Sequence[ServableAdapter]:
+        out = []
+        for loc in self.engine.adapters.source.list():
+            out.append(ServableAdapter(name=loc.key, rank=0, created=loc.created, source=str(loc.path)))
+        return out
+
+    def resolve_adapter(self, model: str) -> str | None:
+        if not model or model == self._base_model_id:
+            return None
+        if self.engine.adapters.source.locate(model) is None:
+            raise AdapterNotFoundError(f"The model `{model}` does not exist.", param="model")
+        return model
+
+    async def generate(
+        self,
+        *,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        adapter: str | None,
+    ) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        accepted: asyncio.Future[None] = loop.create_future()
+
+        def add() -> None:
+            try:
+                self.engine.add_request(request_id, prompt_token_ids, params, adapter)
+            except Exception as exc:  # handed back to the caller's event loop
+                loop.call_soon_threadsafe(_settle, accepted, exc)
+                return
+            self._streams[request_id] = (loop, stream)
+            loop.call_soon_threadsafe(_settle, accepted, None)
+
+        self._submit(add)
+        await accepted
+        finished = False
+        try:
+            while True:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._submit(lambda: self._abort_now(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._submit(lambda: self._abort_now(request_id))
+
+    # -- engine thread ------------------------------------------------------------------
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _abort_now(self, request_id: str) -> None:
+        out = self.engine.abort(request_id)
+        stream = self._streams.pop(request_id, None)
+        if out is not None and stream is not None:
+            stream[0].call_soon_threadsafe(stream[1].put_nowait, out)
+
+    def _run(self) -> None:
+        logger.info("engine loop started")
+        while not self._stop.is_set():
+            self._drain_commands()
+            if not self.engine.has_work():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # the loop must survive anything a step throws
+                logger.exception("engine step raised")
+                continue
+            self._dispatch(outputs)
+        logger.info("engine loop stopped")
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                command()
+            except Exception:
+                logger.exception("engine command failed")
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]]
+        by_loop = defaultdict(list)
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            by_loop[stream[0]].append((stream[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed; its requests are gone
+                logger.debug("dropping outputs for a closed event loop")
+
+
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)

@@ -1,0 +1,281 @@
+"""The synchronous engine: add requests, run steps, get per-request output deltas.
+
+One `step()` schedules (scheduler), lays the step out as one flat batch (attention metadata
+and LoRA routing, built once for all layers), runs one forward pass over every sequence and
+adapter, samples, and turns new tokens into text. It is driven by one thread
+(`AsyncLLMEngine`); nothing here is thread-safe on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence as Seq
+
+import torch
+
+from adapterhub_server.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from adapterhub_server.engine.sampler import Sampler, make_generator
+from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.engine.scheduler import Scheduler, SchedulerOutput
+from adapterhub_server.engine.sequence import Sequence
+from adapterhub_server.errors import ContextLengthError, InvalidRequestError
+from adapterhub_server.lora.cache import AdapterCache
+from adapterhub_server.lora.ops import Route, Segment, build_lora_batch
+from adapterhub_server.models.attention import KVCache, PrefillChunk, build_attention_metadata
+from adapterhub_server.models.llama import BatchedLlama
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        *,
+        model: BatchedLlama,
+        tokenizer: object,
+        kv_cache: KVCache,
+        adapters: AdapterCache,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: set[int],
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.kv_cache = kv_cache
+        self.adapters = adapters
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.sampler = Sampler()
+        self.scheduler = Scheduler(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            acquire_adapter=self._acquire,
+        )
+        self._requests: dict[str, Sequence] = {}
+        self.num_steps = 0
+
+    # -- requests ------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: Seq[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+    ) -> None:
+        """Queue a request. Raises a client error (nothing is queued) if it cannot run."""
+        if request_id in self._requests:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}")
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, you requested {len(prompt_ids) + params.max_tokens} tokens "
+                f"({len(prompt_ids)} in the prompt, {params.max_tokens} for the completion).",
+                param="max_tokens",
+            )
+        vocab = self.model.shape.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequestError("prompt token id out of the vocabulary", param="prompt")
+        location = self.adapters.locate(adapter) if adapter else None
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            adapter=location,
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
+            ),
+            stop_checker=StopChecker(params.stop),
+            generator=make_generator(params.seed),
+        )
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its slot; returns its final output if it was live."""
+        seq = self._requests.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, "abort")
+        return self._final_output(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- the step ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        outputs = [self._fail(seq, msg) for seq, msg in plan.failed]
+        if plan.empty:
+            return outputs
+        self.num_steps += 1
+        try:
+            outputs.extend(self._run(plan))
+        except Exception as exc:
+            logger.exception("engine step failed; failing the requests in this step")
+            for seq in plan.decodes + [c.seq for c in plan.prefills]:
+                if not seq.finished:
+                    outputs.append(self._fail(seq, f"internal error: {exc}"))
+        self._compact_rows()
+        return outputs
+
+    def _run(self, plan: SchedulerOutput) -> list[RequestOutput]:
+        ids: list[int] = []
+        positions: list[int] = []
+        dense_routes: list[Route | None] = []
+        decode_rows: list[int] = []
+        for seq in plan.decodes:
+            p = seq.num_computed
+            ids.append(seq.token_at(p))
+            positions.append(p)
+            decode_rows.append(seq.row)
+            dense_routes.append(seq.route)
+        logits_index = list(range(len(plan.decodes)))
+        samplers: list[Sequence] = list(plan.decodes)
+        chunks: list[PrefillChunk] = []
+        segments: list[Segment] = []
+        t = len(ids)
+        for chunk in plan.prefills:
+            seq, n, start = chunk.seq, chunk.num_tokens, chunk.seq.num_computed
+            ids.extend(seq.prompt_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            chunks.append(PrefillChunk(t, t + n, seq.row, start))
+            if seq.route is not None:
+                segments.append(Segment(t, t + n, seq.route[0], seq.route[1]))
+            if start + n == len(seq.prompt_ids):
+                logits_index.append(t + n - 1)
+                samplers.append(seq)
+            t += n
+
+        dev = self.device
+        attn = build_attention_metadata(decode_rows, positions[: len(decode_rows)], chunks, dev)
+        lora = build_lora_batch(dense_routes, segments, device=dev, dtype=self.kv_cache.k.dtype)
+        logits = self.model(
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            attn,
+            self.kv_cache,
+            lora if lora.active else None,
+            torch.tensor(logits_index, dtype=torch.long, device=dev),
+        )
+        for seq in plan.decodes:
+            seq.num_computed += 1
+        for chunk in plan.prefills:
+            chunk.seq.num_computed += chunk.num_tokens
+        if not samplers:
+            return []
+
+        sampled = self.sampler(
+            logits, [s.params for s in samplers], [s.generator for s in samplers]
+        )
+        token_ids = sampled.token_ids.tolist()
+        lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+        top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        outputs = []
+        for i, seq in enumerate(samplers):
+            if seq.finished:  # aborted while the step ran
+                continue
+            logprob = None
+            if seq.params.logprobs is not None and lps is not None:
+                k = seq.params.logprobs
+                top = tuple(zip(top_ids[i][:k], top_lps[i][:k])) if top_ids else ()
+                logprob = TokenLogprob(token_ids[i], lps[i], top)
+            outputs.append(self._append_token(seq, token_ids[i], logprob))
+        return outputs
+
+    def _append_token(
+        self, seq: Sequence, token: int, logprob: TokenLogprob | None
+    ) -> RequestOutput:
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        new_text = seq.detokenizer.append(token)
+        params = seq.params
+        reason: FinishReason | None = None
+        if not params.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif token in params.stop_token_ids:
+            reason = "stop"
+        else:
+            if params.stop:
+                stop_at = seq.stop_checker.check(seq.detokenizer.text, len(new_text))
+                if stop_at is not None:
+                    seq.stop_at = stop_at
+                    reason = "stop"
+            if reason is None and (
+                len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len
+            ):
+                reason = "length"
+        if reason is not None:
+            self._finish(seq, reason)
+        return self._emit(seq)
+
+    # -- outputs and teardown --------------------------------------------------------------
+
+    def _emit(self, seq: Sequence) -> RequestOutput:
+        text = seq.detokenizer.text
+        if seq.stop_at is not None:
+            end = seq.stop_at
+        elif seq.finished:
+            end = len(text)
+        else:
+            # Hold back a possible stop-string prefix until it is decided.
+            end = len(text) - seq.stop_checker.holdback() if seq.params.stop else len(text)
+        new_text = text[seq.text_emitted : end] if end > seq.text_emitted else ""
+        seq.text_emitted = max(seq.text_emitted, end)
+        new_ids = seq.output_ids[seq.tokens_emitted :]
+        seq.tokens_emitted = len(seq.output_ids)
+        logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        return RequestOutput(
+            request_id=seq.request_id,
+            text=new_text,
+            token_ids=new_ids,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            logprobs=logprobs,
+            error=seq.error,
+        )
+
+    def _final_output(self, seq: Sequence) -> RequestOutput:
+        return self._emit(seq)
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        seq.error = message
+        self._finish(seq, "error")
+        return self._emit(seq)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.finished:
+            return
+        was_running = seq.row is not None and seq in self.scheduler.running
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        if was_running and seq.route is not None and seq.adapter is not None:
+            self.adapters.release(seq.adapter.key)
+        self._requests.pop(seq.request_id, None)
+
+    def _compact_rows(self) -> None:
+        for seq, src, dst in self.scheduler.compaction_moves():
+            self.kv_cache.move_row(src, dst, seq.num_computed)
+
+    def _acquire(self, seq: Sequence) -> Route | None:
+        assert seq.adapter is not None
+        return self.adapters.acquire(seq.adapter)

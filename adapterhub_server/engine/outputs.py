@@ -1,0 +1,40 @@
+"""What the engine hands back for a request, one delta per engine step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The logprob of one generated token and, if asked for, its top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token_id, logprob) of the most likely tokens at this position, most likely first."""
+
+
+@dataclass
+class RequestOutput:
+    """The new part of one request's generation since the previous output.
+
+    `text` and `token_ids` are deltas; the consumer concatenates them. The last output of a
+    request has `finished=True` and a `finish_reason`.
+    """
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    """Total generated so far (not a delta)."""
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One entry per token in `token_ids` when the request asked for logprobs."""
+    error: str | None = None
+    """Set when finish_reason is "error": why this request (alone) failed."""

@@ -1,0 +1,65 @@
+"""The interface the serving layer sees of the engine.
+
+The HTTP layer depends on this protocol only, so it can be exercised against any engine that
+honours it and the engine never learns about HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from adapterhub_server.engine.outputs import RequestOutput
+from adapterhub_server.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ServableAdapter:
+    """An adapter the engine can serve by name."""
+
+    name: str
+    rank: int
+    created: int
+    """Unix seconds when the adapter became servable."""
+    source: str
+
+
+class EngineClient(Protocol):
+    """What routes call. Implemented by `AsyncLLMEngine`."""
+
+    @property
+    def base_model_id(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """The base model's Hugging Face tokenizer (chat template included)."""
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt tokens + max_tokens must not exceed this."""
+
+    def list_adapters(self) -> Sequence[ServableAdapter]: ...
+
+    def resolve_adapter(self, model: str) -> str | None:
+        """Map a request's `model` to an adapter name, or None for the base model.
+
+        Raises `AdapterNotFoundError` when `model` is neither the base id nor an adapter.
+        """
+
+    def generate(
+        self,
+        *,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        adapter: str | None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; the last one has `finished=True`.
+
+        Raises `ContextLengthError` if prompt + max_tokens exceed `max_model_len`, and
+        `AdapterNotFoundError` / `AdapterValidationError` if the adapter cannot be served.
+        Closing the iterator early (client gone) aborts the request and frees its slot.
+        """
+
+    async def abort(self, request_id: str) -> None: ...

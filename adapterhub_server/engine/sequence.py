@@ -1,0 +1,67 @@
+"""State of one request as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from adapterhub_server.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from adapterhub_server.engine.outputs import FinishReason, TokenLogprob
+from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.lora.cache import AdapterLocation
+from adapterhub_server.lora.ops import Route
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request: its tokens, where its KV lives, its adapter slot, and its output."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterLocation | None
+    detokenizer: IncrementalDetokenizer
+    stop_checker: StopChecker
+    generator: torch.Generator | None
+    arrival: float = field(default_factory=time.monotonic)
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    """Tokens whose keys/values are in the cache."""
+    row: int | None = None
+    """KV cache row while running."""
+    route: Route | None = None
+    """Adapter slot while running (None: base model)."""
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    text_emitted: int = 0
+    """Characters of the detokenized output already handed to the consumer."""
+    tokens_emitted: int = 0
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    stop_at: int | None = None
+    """Character index where a stop string begins (the text is cut there)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,54 @@
+"""Domain errors shared by the engine, the adapter loader and the API layer.
+
+The API maps each class to one HTTP status and an OpenAI error `type`/`code`; model and
+engine code raise them without knowing about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class AdapterHubError(Exception):
+    """Base class. `code` is the machine-readable OpenAI error code."""
+
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class AdapterNotFoundError(AdapterHubError):
+    """The request named an adapter (or model id) that is not known."""
+
+    code = "model_not_found"
+
+
+class AdapterValidationError(AdapterHubError):
+    """An adapter's files cannot be served with this base model (shapes, options, format)."""
+
+    code = "invalid_adapter"
+
+
+class ContextLengthError(AdapterHubError):
+    """Prompt tokens plus max_tokens exceed the model's context window."""
+
+    code = "context_length_exceeded"
+
+
+class InvalidRequestError(AdapterHubError):
+    """Any other client mistake in a request body."""
+
+    code = "invalid_request"
+
+
+class CapacityError(AdapterHubError):
+    """The engine cannot take the request now (queue full, every adapter slot pinned)."""
+
+    code = "server_busy"
+
+
+class BaseModelError(AdapterHubError):
+    """The base model cannot be resolved or loaded."""
+
+    code = "base_model_unavailable"

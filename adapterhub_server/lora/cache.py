@@ -1,0 +1,219 @@
+"""Two-tier adapter cache: parsed adapters in host memory, a bounded set in device slots.
+
+* Host tier: up to `max_cpu_loras` parsed, validated adapters (LRU). Files are read and
+  validated on a background thread, so a cold adapter never stalls the running batch: the
+  scheduler asks again next step.
+* Device tier: up to `max_loras` adapters in the weight pool (`SlotAllocator`, LRU over idle
+  adapters). An adapter in use by a running request is pinned and never evicted.
+
+Where adapters come from is an `AdapterSource` (a fixed name -> directory map for
+``--lora-modules``; the registry implements the same protocol), so loading on first request
+needs nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from adapterhub_server.errors import AdapterNotFoundError, AdapterValidationError
+from adapterhub_server.lora.adapter import LoRAAdapter, TargetShape, load_adapter
+from adapterhub_server.lora.ops import Route, rank_class
+from adapterhub_server.lora.pool import LoRAWeightPool
+from adapterhub_server.lora.slots import SlotAllocator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterLocation:
+    """A servable adapter: the key it is cached under and the directory holding its files."""
+
+    key: str
+    """Stable identity (e.g. ``name@3``); two references to one version share a key."""
+    path: Path
+    created: int
+
+
+class AdapterSource(Protocol):
+    """Maps a request's adapter reference to files on disk."""
+
+    def locate(self, ref: str) -> AdapterLocation | None:
+        """The adapter `ref` names, or None if unknown."""
+
+    def list(self) -> Sequence[AdapterLocation]:
+        """Every adapter that can be served."""
+
+
+class StaticAdapterSource:
+    """Adapters given at start-up (``--lora-modules name=path``)."""
+
+    def __init__(self, adapters: Mapping[str, Path]) -> None:
+        now = int(time.time())
+        self._adapters = {
+            name: AdapterLocation(key=name, path=Path(path), created=now)
+            for name, path in adapters.items()
+        }
+
+    def locate(self, ref: str) -> AdapterLocation | None:
+        return self._adapters.get(ref)
+
+    def list(self) -> Sequence[AdapterLocation]:
+        return list(self._adapters.values())
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    host_resident: int
+    device_resident: int
+    loads: int
+    device_writes: int
+    evictions: int
+
+
+class AdapterCache:
+    """Resolves, loads, slots and pins adapters for the engine (engine thread only, except
+    the background file loads it starts)."""
+
+    def __init__(
+        self,
+        source: AdapterSource,
+        pool: LoRAWeightPool,
+        targets: Mapping[str, TargetShape],
+        *,
+        max_loras: int,
+        max_cpu_loras: int,
+        max_lora_rank: int,
+    ) -> None:
+        if max_cpu_loras < max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
+        self.source = source
+        self.pool = pool
+        self.targets = dict(targets)
+        self.max_lora_rank = max_lora_rank
+        self.slots = SlotAllocator(max_loras)
+        self.max_cpu_loras = max_cpu_loras
+        self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self._loading: dict[str, Future[LoRAAdapter]] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+        self._loads = 0
+        self._device_writes = 0
+        self._evictions = 0
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def locate(self, ref: str) -> AdapterLocation:
+        """Resolve a reference or raise `AdapterNotFoundError`."""
+        loc = self.source.locate(ref)
+        if loc is None:
+            raise AdapterNotFoundError(f"The model `{ref}` does not exist.", param="model")
+        return loc
+
+    def load_now(self, loc: AdapterLocation) -> LoRAAdapter:
+        """Read and validate an adapter synchronously and keep it in the host tier."""
+        adapter = self._read(loc)
+        self._put_host(loc.key, adapter)
+        return adapter
+
+    def acquire(self, loc: AdapterLocation) -> Route | None:
+        """Pin the adapter in a device slot and return its route.
+
+        Returns None when it is not ready yet (its files are being read in the background,
+        or every slot holds a pinned adapter); the caller retries on a later step. Raises
+        `AdapterValidationError` if its files cannot be served.
+        """
+        key = loc.key
+        route = self.slots.lookup(key)
+        if route is not None:
+            self.slots.pin(key)
+            return route
+        adapter = self._host_get(key)
+        if adapter is None:
+            self._start_load(loc)
+            future = self._loading.get(key)
+            if future is None or not future.done():
+                return None
+            del self._loading[key]
+            adapter = future.result()  # re-raises the validation error for this request
+            self._put_host(key, adapter)
+        allocation = self.slots.allocate(key, rank_class(adapter.rank))
+        if allocation is None:
+            return None
+        self._evictions += len(allocation.evicted)
+        self.pool.write(allocation.route, adapter)
+        self._device_writes += 1
+        self.slots.pin(key)
+        return allocation.route
+
+    def release(self, key: str) -> None:
+        self.slots.unpin(key)
+
+    def evict(self, key: str) -> bool:
+        """Forget an adapter (e.g. deleted upstream) unless a running request pins it."""
+        if self.slots.pinned(key):
+            return False
+        self.slots.evict(key)
+        with self._lock:
+            self._host.pop(key, None)
+        return True
+
+    def stats(self) -> CacheStats:
+        return CacheStats(
+            host_resident=len(self._host),
+            device_resident=len(self.slots),
+            loads=self._loads,
+            device_writes=self._device_writes,
+            evictions=self._evictions,
+        )
+
+    def _start_load(self, loc: AdapterLocation) -> None:
+        if loc.key not in self._loading:
+            self._loading[loc.key] = self._executor.submit(self._read, loc)
+
+    def _read(self, loc: AdapterLocation) -> LoRAAdapter:
+        t0 = time.perf_counter()
+        adapter = load_adapter(
+            loc.path, name=loc.key, targets=self.targets, max_rank=self.max_lora_rank
+        )
+        self._loads += 1
+        logger.info(
+            "loaded adapter %s (rank %d) in %.1f ms",
+            loc.key,
+            adapter.rank,
+            (time.perf_counter() - t0) * 1e3,
+        )
+        return adapter
+
+    def _host_get(self, key: str) -> LoRAAdapter | None:
+        with self._lock:
+            adapter = self._host.get(key)
+            if adapter is not None:
+                self._host.move_to_end(key)
+            return adapter
+
+    def _put_host(self, key: str, adapter: LoRAAdapter) -> None:
+        with self._lock:
+            self._host[key] = adapter
+            self._host.move_to_end(key)
+            while len(self._host) > self.max_cpu_loras:
+                # A host-evicted adapter still in a device slot keeps serving from there.
+                self._host.popitem(last=False)
+
+
+__all__ = [
+    "AdapterCache",
+    "AdapterLocation",
+    "AdapterNotFoundError",
+    "AdapterSource",
+    "AdapterValidationError",
+    "StaticAdapterSource",
+]
