@@ -75,7 +75,9 @@ class AsyncLLMEngine:
     def list_adapters(self) -> Sequence[ServableAdapter]:
         out = []
         for loc in self.engine.adapters.source.list():
-            out.append(ServableAdapter(name=loc.key, rank=0, created=loc.created, source=str(loc.path)))
+            out.append(
+                ServableAdapter(name=loc.key, rank=0, created=loc.created, source=str(loc.path))
+            )
         return out
 
     def resolve_adapter(self, model: str) -> str | None:
@@ -107,9 +109,11 @@ class AsyncLLMEngine:
             loop.call_soon_threadsafe(_settle, accepted, None)
 
         self._submit(add)
-        await accepted
         finished = False
         try:
+            # Inside the try: a caller cancelled while its request is being admitted must
+            # still abort it (aborting a request that never got in is a no-op).
+            await accepted
             while True:
                 out = await stream.get()
                 finished = out.finished
@@ -149,6 +153,11 @@ class AsyncLLMEngine:
                 logger.exception("engine step raised")
                 continue
             self._dispatch(outputs)
+            if self.engine.idle:
+                # Waiting on adapter loads: sleep until a command arrives or a moment passes
+                # instead of spinning a core.
+                self._wake.wait(0.002)
+                self._wake.clear()
         logger.info("engine loop stopped")
 
     def _drain_commands(self) -> None:

@@ -57,6 +57,7 @@ class LLMEngine:
         )
         self._requests: dict[str, Sequence] = {}
         self.num_steps = 0
+        self.idle = False
 
     # -- requests ------------------------------------------------------------------------
 
@@ -121,6 +122,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         outputs = [self._fail(seq, msg) for seq, msg in plan.failed]
+        # Nothing runnable (requests wait for adapter files): the driver should back off.
+        self.idle = plan.empty
         if plan.empty:
             return outputs
         self.num_steps += 1
@@ -208,9 +211,9 @@ class LLMEngine:
         new_text = seq.detokenizer.append(token)
         params = seq.params
         reason: FinishReason | None = None
-        if not params.ignore_eos and token in self.eos_token_ids:
-            reason = "stop"
-        elif token in params.stop_token_ids:
+        if (
+            not params.ignore_eos and token in self.eos_token_ids
+        ) or token in params.stop_token_ids:
             reason = "stop"
         else:
             if params.stop:
@@ -268,6 +271,8 @@ class LLMEngine:
         was_running = seq.row is not None and seq in self.scheduler.running
         self.scheduler.finish(seq)
         seq.finish_reason = reason
+        # Bytes held back as an incomplete character are released at the end.
+        seq.detokenizer.flush()
         if was_running and seq.route is not None and seq.adapter is not None:
             self.adapters.release(seq.adapter.key)
         self._requests.pop(seq.request_id, None)

@@ -8,6 +8,7 @@ admitted only when a sequence slot, a KV cache row and its adapter's device slot
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -114,10 +115,8 @@ class Scheduler:
             self._free_rows.append(seq.row)
             self._free_rows.sort()
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
-            except ValueError:
-                pass
         seq.status = SequenceStatus.FINISHED
 
     def compaction_moves(self) -> list[tuple[Sequence, int, int]]:

@@ -13,6 +13,7 @@ needs nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -40,6 +41,8 @@ class AdapterLocation:
     """Stable identity (e.g. ``name@3``); two references to one version share a key."""
     path: Path
     created: int
+    sha256: Mapping[str, str] | None = None
+    """Expected sha256 per file name; checked before the files are parsed."""
 
 
 class AdapterSource(Protocol):
@@ -181,6 +184,8 @@ class AdapterCache:
 
     def _read(self, loc: AdapterLocation) -> LoRAAdapter:
         t0 = time.perf_counter()
+        if loc.sha256:
+            verify_files(loc.path, loc.sha256)
         adapter = load_adapter(
             loc.path, name=loc.key, targets=self.targets, max_rank=self.max_lora_rank
         )
@@ -209,11 +214,18 @@ class AdapterCache:
                 self._host.popitem(last=False)
 
 
-__all__ = [
-    "AdapterCache",
-    "AdapterLocation",
-    "AdapterNotFoundError",
-    "AdapterSource",
-    "AdapterValidationError",
-    "StaticAdapterSource",
-]
+def verify_files(directory: Path, expected: Mapping[str, str]) -> None:
+    """Raise `AdapterValidationError` naming the first file whose sha256 differs."""
+    for filename, digest in expected.items():
+        h = hashlib.sha256()
+        try:
+            with open(directory / filename, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as exc:
+            raise AdapterValidationError(f"{filename}: cannot be read ({exc})") from exc
+        if h.hexdigest() != digest:
+            raise AdapterValidationError(
+                f"{filename}: sha256 mismatch (stored file is corrupted: expected {digest}, "
+                f"found {h.hexdigest()})"
+            )

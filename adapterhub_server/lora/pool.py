@@ -59,8 +59,12 @@ class LoRAWeightPool:
             new *= 2
         new = min(max(new, slots), self.max_slots)
         for name, shape in self.targets.items():
-            a = torch.zeros(new, rank_class, shape.in_features, dtype=self.dtype, device=self.device)
-            b = torch.zeros(new, rank_class, shape.out_features, dtype=self.dtype, device=self.device)
+            a = torch.zeros(
+                new, rank_class, shape.in_features, dtype=self.dtype, device=self.device
+            )
+            b = torch.zeros(
+                new, rank_class, shape.out_features, dtype=self.dtype, device=self.device
+            )
             old = self._pools[name].get(rank_class)
             if old is not None:
                 a[:current].copy_(old[0])

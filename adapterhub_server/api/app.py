@@ -1,0 +1,108 @@
+"""Builds the FastAPI application around an engine."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapterhub_server.api.errors import error_response, install_error_handlers
+from adapterhub_server.api.routes import chat, completions, health, models
+from adapterhub_server.api.service import InferenceService
+from adapterhub_server.engine.protocol import EngineClient
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+# A client-sent id is echoed into a header and into logs: accept only short, plain tokens.
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def create_app(engine: EngineClient, *, served_model_name: str | None = None) -> FastAPI:
+    """The OpenAI-compatible HTTP API over `engine`.
+
+    `served_model_name` is the id under which clients address the base model (default: the
+    engine's `base_model_id`). The engine is not started or stopped here: whoever owns it
+    wires its lifetime to the app's lifespan.
+    """
+    app = FastAPI(
+        title="AdapterHub",
+        summary="Many LoRA adapters over one frozen base model, OpenAI-compatible.",
+    )
+    app.state.engine = engine
+    app.state.service = InferenceService(engine, served_model_name=served_model_name)
+    install_error_handlers(app)
+    for router in (health.router, models.router, completions.router, chat.router):
+        app.include_router(router)
+    app.add_middleware(RequestIdMiddleware)
+    _document_400_not_422(app)
+    return app
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """Drop FastAPI's generated 422 responses: validation errors are answered with 400."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+class RequestIdMiddleware:
+    """Tags every response with `x-request-id`, and answers unexpected errors with a 500.
+
+    The id is the client's own `x-request-id` when it sent a sane one, else a new one; it
+    is stored as `request.state.request_id`. Unexpected exceptions are turned into the error
+    envelope here rather than by Starlette's outermost handler, which would answer outside
+    this middleware (no request id) and in plain text.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _client_request_id(scope) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # How ASGI 2.4 servers end a stream whose client left: normal, nothing to answer.
+            logger.debug("client of request %s disconnected", request_id)
+        except Exception as exc:
+            if started:  # too late for a status; the server closes the connection
+                raise
+            logger.exception("unhandled error in request %s", request_id)
+            await error_response(exc)(scope, receive, send_with_id)
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == REQUEST_ID_HEADER.encode():
+            text = value.decode("latin-1")
+            return text if _VALID_REQUEST_ID.fullmatch(text) else None
+    return None

@@ -1,0 +1,217 @@
+"""Maps every failure to one HTTP status and the OpenAI error envelope.
+
+`{"error": {"message", "type", "param", "code"}}` is the body of every non-2xx response and
+of an error event inside a stream, whatever raised: a domain error from the engine, a
+sampling value out of range, a body FastAPI could not validate, a route that does not exist,
+or a bug (500, without the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapterhub_server.engine.sampling_params import SamplingParamsError
+from adapterhub_server.errors import (
+    AdapterHubError,
+    AdapterNotFoundError,
+    AdapterValidationError,
+    BaseModelError,
+    CapacityError,
+    ContextLengthError,
+    InvalidRequestError,
+)
+from client.types import ErrorDetail, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+RETRY_AFTER_SECONDS = "1"
+"""Sent with 503s: the queue drains within a few engine steps, so retrying soon is fine."""
+
+# Statuses for the domain errors; the first matching class wins.
+_DOMAIN_STATUS: tuple[tuple[type[AdapterHubError], int], ...] = (
+    (AdapterNotFoundError, 404),
+    (AdapterValidationError, 400),
+    (ContextLengthError, 400),
+    (InvalidRequestError, 400),
+    (CapacityError, 503),
+    (BaseModelError, 503),
+)
+
+# Pydantic tags a union member's errors with the member's type ("str", "list[int]"); these
+# are not field names and must not leak into `param`.
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+class ApiError(Exception):
+    """An error the API layer itself raises, with its status and envelope fields."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        type: str,
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.code = code
+        self.param = param
+
+
+class ClientDisconnectedError(ApiError):
+    """The client went away before the response was ready; nobody reads the answer."""
+
+    def __init__(self) -> None:
+        # 499 is nginx's "client closed request": it keeps these out of the 5xx counts.
+        super().__init__(
+            "client disconnected", status=499, type=INVALID_REQUEST, code="client_disconnected"
+        )
+
+
+class GenerationFailedError(ApiError):
+    """The engine ended this request with an error (or aborted it) instead of finishing."""
+
+    def __init__(self, message: str, *, aborted: bool = False) -> None:
+        super().__init__(
+            message,
+            status=503 if aborted else 500,
+            type=SERVER_ERROR,
+            code="request_aborted" if aborted else "generation_failed",
+        )
+
+
+def describe_error(exc: BaseException) -> tuple[int, ErrorResponse, dict[str, str]]:
+    """Status, envelope and extra headers for `exc`. Unknown exceptions are 500s."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, ApiError):
+        status, detail = exc.status, _detail(exc.message, exc.type, exc.param, exc.code)
+    elif isinstance(exc, SamplingParamsError):
+        status, detail = 400, _detail(str(exc), INVALID_REQUEST, exc.param, "invalid_value")
+    elif isinstance(exc, AdapterHubError):
+        status = next((s for cls, s in _DOMAIN_STATUS if isinstance(exc, cls)), 500)
+        kind = INVALID_REQUEST if status < 500 else SERVER_ERROR
+        param = exc.param
+        if param is None and isinstance(exc, AdapterNotFoundError | AdapterValidationError):
+            param = "model"
+        detail = _detail(exc.message, kind, param, exc.code)
+        if status == 503:
+            headers["Retry-After"] = RETRY_AFTER_SECONDS
+    elif isinstance(exc, RequestValidationError):
+        status, detail = 400, _validation_detail(exc.errors())
+    elif isinstance(exc, StarletteHTTPException):
+        status, detail = exc.status_code, _http_detail(exc)
+        headers.update(exc.headers or {})
+    else:
+        status = 500
+        detail = _detail("internal server error", SERVER_ERROR, None, "internal_error")
+    return status, ErrorResponse(error=detail), headers
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The JSON response for `exc`."""
+    status, body, headers = describe_error(exc)
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every known exception class to `error_response`.
+
+    Unexpected exceptions are not handled here: the request-id middleware turns them into
+    500s, since Starlette would answer them outside every user middleware.
+    """
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, StarletteHTTPException) and exc.status_code in (404, 405):
+            # Name the attempted route: the most useful hint for a mistyped base URL.
+            exc = StarletteHTTPException(
+                exc.status_code,
+                detail=f"{request.method} {request.url.path}",
+                headers=exc.headers,
+            )
+        response = error_response(exc)
+        if response.status_code >= 500:
+            logger.warning(
+                "request %s failed with %d: %s",
+                getattr(request.state, "request_id", "-"),
+                response.status_code,
+                exc,
+            )
+        return response
+
+    for cls in (
+        ApiError,
+        AdapterHubError,
+        SamplingParamsError,
+        RequestValidationError,
+        StarletteHTTPException,
+    ):
+        app.add_exception_handler(cls, handle)
+
+
+def _detail(message: str, type: str, param: str | None, code: str | None) -> ErrorDetail:
+    return ErrorDetail(message=message, type=type, param=param, code=code)
+
+
+def _http_detail(exc: StarletteHTTPException) -> ErrorDetail:
+    if exc.status_code == 404:
+        return _detail(f"no such route: {exc.detail}", INVALID_REQUEST, None, "not_found")
+    if exc.status_code == 405:
+        message = f"method not allowed: {exc.detail}"
+        return _detail(message, INVALID_REQUEST, None, "method_not_allowed")
+    kind = INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR
+    return _detail(str(exc.detail), kind, None, None)
+
+
+def _validation_detail(errors: Sequence[Any]) -> ErrorDetail:
+    """One envelope for FastAPI's list of validation errors: the most specific first error."""
+    if not errors:
+        return _detail("invalid request body", INVALID_REQUEST, None, "invalid_value")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "")
+        message = f"request body is not valid JSON: {reason}".rstrip(": ")
+        return _detail(message, INVALID_REQUEST, None, "invalid_json")
+    param = _param(first.get("loc", ()))
+    if param is None and first.get("type") == "model_attributes_type":
+        return _detail(
+            "request body must be a JSON object sent with Content-Type: application/json",
+            INVALID_REQUEST,
+            None,
+            "invalid_json",
+        )
+    # Among errors on the same field (the members of a union), the deepest names the cause.
+    same_field = [e for e in errors if (_param(e.get("loc", ())) or "").startswith(param or "")]
+    chosen = max(same_field, key=lambda e: len(e.get("loc", ())), default=first)
+    param = _param(chosen.get("loc", ())) or param
+    code = "missing_required_parameter" if chosen.get("type") == "missing" else "invalid_value"
+    message = str(chosen.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param:
+        message = f"{param}: {message}"
+    return _detail(message, INVALID_REQUEST, param, code)
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    """`("body", "messages", 0, "content")` -> `"messages[0].content"`."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif isinstance(part, str) and not ("[" in part or "-" in part or part in _UNION_TAGS):
+            text += f".{part}" if text else part
+    return text or None

@@ -1,0 +1,1 @@
+"""HTTP routes. Each one fetches the service from app state, calls one method, returns."""

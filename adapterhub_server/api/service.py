@@ -1,0 +1,716 @@
+"""The OpenAI-compatible inference API on top of an `EngineClient`.
+
+Routes hand a validated request schema to `InferenceService` and get back either a response
+schema or an `EventStream` of server-sent-event frames. Everything between (model
+resolution, tokenization, the chat template, context checks, sampling parameters, running
+the engine, logprob formatting) happens here, without any HTTP types, so that the rules are
+tested once and shared by every route.
+
+Lifetimes: every engine stream opened here is closed (`aclose`) on every path, including
+cancellation, because closing it is what aborts the request and frees its batch slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+from jinja2.exceptions import TemplateError
+from pydantic import BaseModel
+
+from adapterhub_server.api.errors import GenerationFailedError, describe_error
+from adapterhub_server.engine.outputs import RequestOutput, TokenLogprob
+from adapterhub_server.engine.protocol import EngineClient
+from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.errors import ContextLengthError, InvalidRequestError
+from client.types import (
+    ChatCompletion,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionTokenLogprob,
+    ChatLogprobs,
+    ChatMessage,
+    ChoiceDelta,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionUsage,
+    FinishReason,
+    HealthStatus,
+    Model,
+    ModelList,
+    TopLogprob,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+"""OpenAI's default `max_tokens` for `/v1/completions`."""
+OWNER = "adapterhub"
+DONE_FRAME = "data: [DONE]\n\n"
+
+
+class InferenceService:
+    """Answers completions, chat completions and model listings from one engine."""
+
+    def __init__(self, engine: EngineClient, *, served_model_name: str | None = None) -> None:
+        """`served_model_name` is the id clients use for the base model (default: its id)."""
+        self._engine = engine
+        self._base_name = served_model_name or engine.base_model_id
+        self._started = int(time.time())
+        # Logprob formatting decodes the same few thousand ids over and over.
+        self._token_text: dict[int, str] = {}
+
+    # --- simple endpoints -------------------------------------------------------------------
+
+    def health(self) -> HealthStatus:
+        """Liveness: the process is up and serving HTTP."""
+        return HealthStatus()
+
+    def list_models(self) -> ModelList:
+        """The base model first, then every adapter the engine can serve."""
+        root = self._engine.base_model_id
+        data = [Model(id=self._base_name, created=self._started, owned_by=OWNER, root=root)]
+        data += [
+            Model(
+                id=adapter.name,
+                created=adapter.created,
+                owned_by=OWNER,
+                parent=self._base_name,
+                root=root,
+            )
+            for adapter in self._engine.list_adapters()
+        ]
+        return ModelList(data=data)
+
+    # --- completions ------------------------------------------------------------------------
+
+    async def create_completion(self, request: CompletionRequest) -> Completion | EventStream:
+        """Run `/v1/completions`: one choice per prompt, streamed or whole."""
+        _reject_unsupported(request)
+        if request.echo:
+            raise InvalidRequestError("echo is not supported", param="echo")
+        adapter = self._resolve(request.model)
+        prompts = self._completion_prompts(request.prompt)
+        max_tokens = request.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+        for prompt in prompts:
+            self._check_context(len(prompt), max_tokens, "prompt", "max_tokens")
+        params = _sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs)
+        call = _Call(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=request.model or self._base_name,
+            include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        )
+        streams = await self._start(call.id, prompts, params, adapter)
+        if request.stream:
+            return EventStream(self._completion_frames(call, streams, params), streams)
+        results = await _collect_all(streams)
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=result.text,
+                logprobs=self._completion_logprobs(result.logprobs, params, offset=0),
+                finish_reason=result.finish_reason,
+            )
+            for i, result in enumerate(results)
+        ]
+        return Completion(
+            id=call.id,
+            created=call.created,
+            model=call.model,
+            choices=choices,
+            usage=_usage(results),
+        )
+
+    def _completion_frames(
+        self, call: _Call, streams: list[_PrimedStream], params: SamplingParams
+    ) -> AsyncGenerator[str, None]:
+        offsets = [0] * len(streams)
+        totals = [_Result() for _ in streams]
+
+        def frame(index: int, out: RequestOutput) -> str:
+            logprobs = self._completion_logprobs(out.logprobs, params, offset=offsets[index])
+            offsets[index] += len(out.text)
+            choice = CompletionChoice(
+                index=index, text=out.text, logprobs=logprobs, finish_reason=_finish_reason(out)
+            )
+            return _frame(
+                Completion(id=call.id, created=call.created, model=call.model, choices=[choice])
+            )
+
+        def usage_frame() -> str:
+            return _frame(
+                Completion(
+                    id=call.id,
+                    created=call.created,
+                    model=call.model,
+                    choices=[],
+                    usage=_usage(totals),
+                )
+            )
+
+        return _frames(streams, totals, frame, usage_frame if call.include_usage else None)
+
+    def _completion_logprobs(
+        self, logprobs: Sequence[TokenLogprob], params: SamplingParams, *, offset: int
+    ) -> CompletionLogprobs | None:
+        if params.logprobs is None:
+            return None
+        tokens: list[str] = []
+        text_offset: list[int] = []
+        top: list[dict[str, float] | None] = []
+        for entry in logprobs:
+            token = self._token(entry.token_id)
+            tokens.append(token)
+            text_offset.append(offset)
+            offset += len(token)
+            alternatives = {self._token(i): lp for i, lp in entry.top[: params.logprobs]}
+            # OpenAI always lists the sampled token among the alternatives.
+            alternatives.setdefault(token, entry.logprob)
+            top.append(alternatives)
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[entry.logprob for entry in logprobs],
+            top_logprobs=top,
+            text_offset=text_offset,
+        )
+
+    def _completion_prompts(self, prompt: str | list[Any]) -> list[list[int]]:
+        """Normalize the four OpenAI prompt forms to a list of token-id lists."""
+        if isinstance(prompt, str):
+            prompts: list[str | list[int]] = [prompt]
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        vocab = len(self._engine.tokenizer)
+        token_lists = []
+        for p in prompts:
+            ids = self._encode(p) if isinstance(p, str) else list(p)
+            if not ids:
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(
+                    f"prompt token ids must be in [0, {vocab})", param="prompt"
+                )
+            token_lists.append(ids)
+        return token_lists
+
+    def _encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self._engine.tokenizer(text).input_ids)
+
+    # --- chat completions -------------------------------------------------------------------
+
+    async def create_chat_completion(
+        self, request: ChatCompletionRequest
+    ) -> ChatCompletion | EventStream:
+        """Run `/v1/chat/completions` on the base model's chat template."""
+        _reject_unsupported(request)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequestError(
+                "top_logprobs requires logprobs to be true", param="top_logprobs"
+            )
+        adapter = self._resolve(request.model)
+        prompt = self._chat_prompt(request.messages)
+        if request.max_completion_tokens is not None:
+            max_tokens, max_param = request.max_completion_tokens, "max_completion_tokens"
+        elif request.max_tokens is not None:
+            max_tokens, max_param = request.max_tokens, "max_tokens"
+        else:
+            # OpenAI's default is "until the context is full".
+            max_tokens, max_param = self._engine.max_model_len - len(prompt), "messages"
+        self._check_context(len(prompt), max_tokens, "messages", max_param)
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        params = _sampling_params(request, max_tokens=max_tokens, logprobs=logprobs)
+        call = _Call(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=request.model or self._base_name,
+            include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        )
+        streams = await self._start(call.id, [prompt], params, adapter)
+        if request.stream:
+            return EventStream(self._chat_frames(call, streams, params), streams)
+        results = await _collect_all(streams)
+        choices = [
+            ChatCompletionChoice(
+                index=i,
+                message=ChatCompletionMessage(content=result.text),
+                logprobs=self._chat_logprobs(result.logprobs, params),
+                finish_reason=result.finish_reason or "stop",
+            )
+            for i, result in enumerate(results)
+        ]
+        return ChatCompletion(
+            id=call.id,
+            created=call.created,
+            model=call.model,
+            choices=choices,
+            usage=_usage(results),
+        )
+
+    def _chat_frames(
+        self, call: _Call, streams: list[_PrimedStream], params: SamplingParams
+    ) -> AsyncGenerator[str, None]:
+        totals = [_Result() for _ in streams]
+
+        def chunk(
+            choices: list[ChatCompletionChunkChoice], usage: CompletionUsage | None = None
+        ) -> str:
+            return _frame(
+                ChatCompletionChunk(
+                    id=call.id,
+                    created=call.created,
+                    model=call.model,
+                    choices=choices,
+                    usage=usage,
+                )
+            )
+
+        def frame(index: int, out: RequestOutput) -> str:
+            choice = ChatCompletionChunkChoice(
+                index=index,
+                delta=ChoiceDelta(content=out.text or None),
+                logprobs=self._chat_logprobs(out.logprobs, params),
+                finish_reason=_finish_reason(out),
+            )
+            return chunk([choice])
+
+        def usage_frame() -> str:
+            return chunk([], usage=_usage(totals))
+
+        # OpenAI opens each choice with the role and empty content.
+        opening = [
+            chunk(
+                [
+                    ChatCompletionChunkChoice(
+                        index=i, delta=ChoiceDelta(role="assistant", content="")
+                    )
+                ]
+            )
+            for i in range(len(streams))
+        ]
+        return _frames(
+            streams, totals, frame, usage_frame if call.include_usage else None, opening=opening
+        )
+
+    def _chat_logprobs(
+        self, logprobs: Sequence[TokenLogprob], params: SamplingParams
+    ) -> ChatLogprobs | None:
+        if params.logprobs is None:
+            return None
+        content = []
+        for entry in logprobs:
+            token = self._token(entry.token_id)
+            top = [self._top_logprob(i, lp) for i, lp in entry.top[: params.logprobs]]
+            content.append(
+                ChatCompletionTokenLogprob(
+                    token=token,
+                    logprob=entry.logprob,
+                    bytes=list(token.encode("utf-8")),
+                    top_logprobs=top,
+                )
+            )
+        return ChatLogprobs(content=content)
+
+    def _top_logprob(self, token_id: int, logprob: float) -> TopLogprob:
+        token = self._token(token_id)
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+
+    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Render the conversation with the chat template and tokenize it, in one step.
+
+        Tokenizing the rendered string again would add the BOS token a second time for
+        templates that already write it, so the template's own tokenization is used.
+        """
+        conversation = [
+            {"role": "system" if m.role == "developer" else m.role, "content": _text(m, i)}
+            for i, m in enumerate(messages)
+        ]
+        tokenizer = self._engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequestError(
+                "the base model has no chat template; use /v1/completions", param="messages"
+            )
+        try:
+            ids = tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except (TemplateError, ValueError) as exc:
+            # Templates reject conversations they cannot render (roles out of order, ...).
+            raise InvalidRequestError(f"cannot render messages: {exc}", param="messages") from exc
+        if isinstance(ids, Mapping):  # some tokenizer versions return a BatchEncoding anyway
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # --- shared -----------------------------------------------------------------------------
+
+    def _resolve(self, model: str) -> str | None:
+        """The adapter name `model` selects, or None for the base model."""
+        if not model or model == self._base_name:
+            return None
+        return self._engine.resolve_adapter(model)
+
+    def _check_context(
+        self, prompt_tokens: int, max_tokens: int, prompt_param: str, max_param: str
+    ) -> None:
+        """Refuse before queueing what the engine would refuse anyway."""
+        limit = self._engine.max_model_len
+        if prompt_tokens >= limit:
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens; this model's context is {limit} tokens",
+                param=prompt_param,
+            )
+        if prompt_tokens + max_tokens > limit:
+            raise ContextLengthError(
+                f"the prompt ({prompt_tokens} tokens) plus {max_param} ({max_tokens}) exceeds "
+                f"this model's context of {limit} tokens",
+                param=max_param,
+            )
+
+    async def _start(
+        self,
+        call_id: str,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        adapter: str | None,
+    ) -> list[_PrimedStream]:
+        """Submit every prompt and wait for each one's first output.
+
+        Waiting for the first output lets errors the engine raises on admission (unknown or
+        invalid adapter, full queue, context) answer with their own HTTP status, even for a
+        stream, instead of a 200 followed by an error event.
+        """
+        iterators: list[AsyncIterator[RequestOutput]] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                request_id = call_id if len(prompts) == 1 else f"{call_id}-{i}"
+                iterators.append(
+                    self._engine.generate(
+                        request_id=request_id,
+                        prompt_token_ids=prompt,
+                        params=params,
+                        adapter=adapter,
+                    )
+                )
+            if len(iterators) == 1:
+                firsts = [await _first(iterators[0])]
+            else:
+                firsts = await _gather([_first(it) for it in iterators])
+        except BaseException:
+            await _close_all(iterators)
+            raise
+        return [_PrimedStream(it, first) for it, first in zip(iterators, firsts, strict=True)]
+
+    def _token(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._engine.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text
+
+
+class EventStream:
+    """The server-sent-event frames of one streamed response.
+
+    It owns the engine streams it reads: `aclose()` closes them even if iteration never
+    started, which a bare async generator would not do.
+    """
+
+    def __init__(self, frames: AsyncGenerator[str, None], streams: Sequence[_PrimedStream]) -> None:
+        self._frames = frames
+        self._streams = list(streams)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._frames
+
+    async def aclose(self) -> None:
+        """Stop the stream and abort whatever the engine is still generating for it."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._frames.aclose()
+            finally:
+                await _close_all(self._streams)
+
+
+# --- engine stream plumbing -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Identity of one API call, shared by its response and every chunk of its stream."""
+
+    id: str
+    created: int
+    model: str
+    include_usage: bool
+
+
+@dataclass
+class _Result:
+    """What one choice has produced so far."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.logprobs.extend(out.logprobs)
+        self.prompt_tokens = out.prompt_tokens
+        self.completion_tokens = out.completion_tokens
+        if out.finished:
+            self.finish_reason = _finish_reason(out)
+
+
+class _PrimedStream:
+    """An engine stream whose first output has already been received."""
+
+    def __init__(self, iterator: AsyncIterator[RequestOutput], first: RequestOutput) -> None:
+        self._iterator = iterator
+        self._first: RequestOutput | None = first
+        self._done = first.finished
+
+    def __aiter__(self) -> _PrimedStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._first is not None:
+            out, self._first = self._first, None
+            return out
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            out = await anext(self._iterator)
+        except StopAsyncIteration:
+            raise GenerationFailedError(
+                "the engine ended the request without finishing it"
+            ) from None
+        self._done = out.finished
+        return out
+
+    async def aclose(self) -> None:
+        await _aclose(self._iterator)
+
+
+async def _first(iterator: AsyncIterator[RequestOutput]) -> RequestOutput:
+    try:
+        return await anext(iterator)
+    except StopAsyncIteration:
+        raise GenerationFailedError("the engine produced no output") from None
+
+
+async def _gather(coros: Sequence[Awaitable[T]]) -> list[T]:
+    """Await all concurrently; the first failure cancels the others and is raised.
+
+    Like `asyncio.gather`, except that no task outlives the call: a stream still being read
+    by a stray task could be neither closed nor aborted.
+    """
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and (error := task.exception()) is not None:
+                raise error
+        return [task.result() for task in tasks]
+    finally:
+        with anyio.CancelScope(shield=True):
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _collect(stream: _PrimedStream) -> _Result:
+    result = _Result()
+    async for out in stream:
+        _raise_if_failed(out)
+        result.add(out)
+    return result
+
+
+async def _collect_all(streams: Sequence[_PrimedStream]) -> list[_Result]:
+    """Run every stream to its end; close all of them whatever happens."""
+    try:
+        if len(streams) == 1:
+            return [await _collect(streams[0])]
+        return await _gather([_collect(s) for s in streams])
+    finally:
+        await _close_all(streams)
+
+
+async def _merge(
+    streams: Sequence[_PrimedStream],
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """Outputs of several streams as they arrive, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = pending.pop(task)
+                try:
+                    out = task.result()
+                except StopAsyncIteration:
+                    continue
+                if not out.finished:
+                    pending[asyncio.ensure_future(anext(streams[index]))] = index
+                yield index, out
+    finally:
+        with anyio.CancelScope(shield=True):
+            for task in pending:
+                task.cancel()
+            # Let the cancelled reads unwind before anyone closes the streams under them.
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _frames(
+    streams: Sequence[_PrimedStream],
+    totals: list[_Result],
+    frame: Callable[[int, RequestOutput], str],
+    usage_frame: Callable[[], str] | None,
+    *,
+    opening: Sequence[str] = (),
+) -> AsyncGenerator[str, None]:
+    """SSE frames: `opening`, one per output of `streams`, usage (if asked), `[DONE]`.
+
+    A failure after the response has started can only be reported in-band: it becomes an
+    error event, followed by `[DONE]` so clients stop reading.
+    """
+    try:
+        for text in opening:
+            yield text
+        # aclosing: the merge's read-ahead tasks must end before the streams are closed.
+        async with aclosing(_merge(streams)) as outputs:
+            async for index, out in outputs:
+                _raise_if_failed(out)
+                totals[index].add(out)
+                if out.text or out.logprobs or out.finished:
+                    yield frame(index, out)
+        if usage_frame is not None:
+            yield usage_frame()
+    except Exception as exc:
+        status, body, _ = describe_error(exc)
+        if status >= 500:
+            logger.error("stream failed after the response started", exc_info=exc)
+        yield _frame(body)
+    finally:
+        await _close_all(streams)
+    yield DONE_FRAME
+
+
+def _raise_if_failed(out: RequestOutput) -> None:
+    if out.finished and out.finish_reason == "error":
+        raise GenerationFailedError(out.error or "generation failed")
+    if out.finished and out.finish_reason == "abort":
+        raise GenerationFailedError("the request was aborted by the server", aborted=True)
+
+
+async def _aclose(iterator: Any) -> None:
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()
+
+
+async def _close_all(iterators: Sequence[Any]) -> None:
+    """Close every stream, shielded: this runs while the request is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        for iterator in iterators:
+            try:
+                await _aclose(iterator)
+            except Exception:
+                logger.exception("closing an engine stream failed")
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def _reject_unsupported(request: CompletionRequest | ChatCompletionRequest) -> None:
+    if request.n is not None and request.n != 1:
+        raise InvalidRequestError("only n=1 is supported", param="n")
+    if request.model_extra:
+        logger.debug("ignoring unsupported request fields: %s", sorted(request.model_extra))
+
+
+def _sampling_params(
+    request: CompletionRequest | ChatCompletionRequest, *, max_tokens: int, logprobs: int | None
+) -> SamplingParams:
+    """Map the request to engine settings; `SamplingParams` validates the values."""
+    stop = (
+        request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
+    )
+    extra: dict[str, object] = {"user": request.user} if request.user else {}
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=-1 if request.top_k is None else request.top_k,
+        seed=request.seed,
+        stop=tuple(stop),
+        stop_token_ids=tuple(request.stop_token_ids or ()),
+        ignore_eos=request.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=request.skip_special_tokens,
+        extra=extra,
+    )
+
+
+def _text(message: ChatMessage, index: int) -> str:
+    if message.content is None:
+        if message.role == "assistant":
+            return ""
+        raise InvalidRequestError(
+            f"a {message.role} message needs content", param=f"messages[{index}].content"
+        )
+    if isinstance(message.content, str):
+        return message.content
+    return "\n".join(part.text for part in message.content)
+
+
+def _finish_reason(out: RequestOutput) -> FinishReason | None:
+    """The OpenAI finish reason of a finished output; None before the end."""
+    if not out.finished:
+        return None
+    return "length" if out.finish_reason == "length" else "stop"
+
+
+def _usage(results: Sequence[_Result]) -> CompletionUsage:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return CompletionUsage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def _frame(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"

@@ -1,0 +1,114 @@
+"""`adapterhub-server` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from adapterhub_server import __version__
+from adapterhub_server.config import EngineConfig, ServerConfig
+from adapterhub_server.errors import AdapterHubError
+
+
+def _lora_module(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected name=path, got {text!r}")
+    return name, Path(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adapterhub-server",
+        description="Serve many LoRA adapters over one frozen base model.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    d = EngineConfig()
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default: %(default)s)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument(
+        "--base-model",
+        default=None,
+        help="local HF directory, Hugging Face hub id, or omit for the embedded "
+        "SmolLM2-135M-Instruct",
+    )
+    serve.add_argument("--served-model-name", default=None, help="id clients use for the base")
+    serve.add_argument("--model-cache-dir", type=Path, default=None, help="base model cache")
+    serve.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=_lora_module,
+        default=[],
+        metavar="NAME=PATH",
+        help="PEFT adapter directories to serve from start-up",
+    )
+    serve.add_argument("--max-loras", type=int, default=d.max_loras, help="device adapter slots")
+    serve.add_argument(
+        "--max-cpu-loras", type=int, default=None, help="parsed adapters kept in host memory"
+    )
+    serve.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
+    serve.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    serve.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    serve.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    engine = EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        max_lora_rank=args.max_lora_rank,
+        dtype=args.dtype,
+        device=args.device,
+        num_threads=args.num_threads,
+    )
+    modules = dict(args.lora_modules)
+    if len(modules) != len(args.lora_modules):
+        raise ValueError("--lora-modules names must be unique")
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        base_model=args.base_model,
+        served_model_name=args.served_model_name,
+        model_cache_dir=args.model_cache_dir,
+        lora_modules=modules,
+        log_level=args.log_level,
+        engine=engine,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "serve":
+        from adapterhub_server.server import run_server
+
+        try:
+            run_server(config_from_args(args))
+        except (AdapterHubError, ValueError) as exc:
+            print(f"adapterhub-server: error: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

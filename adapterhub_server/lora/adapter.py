@@ -1,0 +1,557 @@
+"""Parse and validate a PEFT LoRA adapter directory against the base model it will serve on.
+
+An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`, exactly as
+HF PEFT writes them. Everything the engine cannot serve is refused here, at load/upload time,
+with a message that names the file, key or module and what was expected; nothing is ever
+unpickled and no code named by the config (`auto_map`) is ever imported.
+
+The result is a `LoRAAdapter`: per base module, float32 A `[r, in_features]`, B
+`[out_features, r]` and the scale PEFT would use, so that for every module
+
+    delta_W = scale * B @ A      # [out_features, in_features]
+
+equals PEFT's own `get_delta_weight`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import regex
+import torch
+from torch import nn
+
+from adapterhub_server.errors import AdapterValidationError
+from adapterhub_server.lora.safetensors_check import load_checked_safetensors
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+PROJECTION_NAMES: frozenset[str] = frozenset(
+    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+)
+"""Leaf names of the decoder-layer linears the engine can adapt."""
+
+ADAPTER_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
+_ADAPTER_NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
+
+# Suffixes of weight files that are (or may be) pickles: torch.save, pickle, joblib.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+# A PEFT config is a few KB; the cap only stops a hostile upload from exhausting memory.
+_MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+# `base_model.model.<module>.lora_A.weight`, or with the adapter-name segment PEFT uses inside
+# a live model's state dict (`...lora_A.<adapter>.weight`), which some tools save verbatim.
+_KEY_RE = re.compile(
+    r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight"
+)
+
+# Config options that change what the adapter computes at inference time (or the model it
+# applies to) in ways the batched A/B kernels do not implement. Value: why it is refused.
+_UNSUPPORTED_WHEN_SET: dict[str, str] = {
+    "use_dora": "DoRA (use_dora: true) is not supported; merge it into the base or retrain as plain LoRA",
+    "modules_to_save": "modules_to_save is not supported: the adapter would replace whole base modules",
+    "layers_to_transform": "layers_to_transform is not supported; save the adapter with explicit module names",
+    "layers_pattern": "layers_pattern is not supported; save the adapter with explicit module names",
+    "fan_in_fan_out": "fan_in_fan_out: true is not supported (Conv1D-style weights); only nn.Linear bases are served",
+    "target_parameters": "target_parameters is not supported: only nn.Linear modules can be adapted",
+    "lora_bias": "lora_bias: true is not supported: the adapter's lora_B would carry a bias",
+    "use_qalora": "QALoRA (use_qalora: true) is not supported",
+    "alora_invocation_tokens": "Activated LoRA (alora_invocation_tokens) is not supported",
+    "layer_replication": "layer_replication is not supported: it changes the base model's layer stack",
+    "trainable_token_indices": "trainable_token_indices is not supported: it changes embedding rows",
+    "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
+    "arrow_config": "Arrow routing (arrow_config) is not supported",
+    "kasa_config": "KaSA (kasa_config) is not supported",
+}
+
+# Bounds the time spent evaluating user-supplied rank_pattern/alpha_pattern regexes, so a
+# pathological pattern cannot stall the process that loads the adapter. Honest configs need
+# far less: per-module keys for all 560 projections of an 80-layer model take about 0.3 s.
+_PATTERN_BUDGET_S = 10.0
+
+
+@dataclass(frozen=True)
+class TargetShape:
+    """Shape of one adaptable base linear: weight is `[out_features, in_features]`."""
+
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleLoRA:
+    """One module's LoRA factors; delta_W = scale * b @ a, `[out_features, in_features]`."""
+
+    a: torch.Tensor
+    """`[r, in_features]`, float32, contiguous, finite."""
+    b: torch.Tensor
+    """`[out_features, r]`, float32, contiguous, finite."""
+    scale: float
+    """lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (per-module patterns applied)."""
+
+    def __post_init__(self) -> None:
+        if self.a.ndim != 2 or self.b.ndim != 2 or self.a.shape[0] != self.b.shape[1]:
+            raise ValueError(
+                f"inconsistent LoRA factors: a {tuple(self.a.shape)}, b {tuple(self.b.shape)}"
+            )
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.b.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class LoRAAdapter:
+    """A validated adapter, ready to be copied into engine slots."""
+
+    name: str
+    modules: dict[str, ModuleLoRA]
+    """Key: base module path relative to the CausalLM, e.g. "model.layers.0.self_attn.q_proj"."""
+    rank: int
+    """Largest rank over all modules."""
+    config: dict[str, Any] = field(repr=False)
+    """The adapter_config.json contents, as read."""
+    source: str
+    """Directory it was loaded from."""
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes held by the A and B tensors."""
+        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+
+
+def validate_adapter_name(name: str) -> str:
+    """Return `name` if it is a valid adapter name, else raise AdapterValidationError(param="name").
+
+    Names match ^[a-z0-9][a-z0-9._-]{0,63}$ and never contain "..": they become directory
+    names in the registry, so anything that could traverse paths ("/", "..", "%2e%2e", "\\")
+    or differ only by case is refused.
+    """
+    shown = repr(name)[:80]
+    # fullmatch, not match with "$": "$" also matches before a trailing newline.
+    if not isinstance(name, str) or _ADAPTER_NAME_RE.fullmatch(name) is None:
+        raise AdapterValidationError(
+            f"invalid adapter name {shown}: names must match ^{ADAPTER_NAME_PATTERN}$ "
+            "(1-64 characters: lowercase letters, digits, '.', '_', '-'; starting with a letter or digit)",
+            param="name",
+        )
+    if ".." in name:
+        raise AdapterValidationError(
+            f"invalid adapter name {shown}: '..' is not allowed", param="name"
+        )
+    return name
+
+
+def adaptable_modules(model: nn.Module) -> dict[str, TargetShape]:
+    """Every adaptable nn.Linear of a CausalLM, keyed by module path relative to `model`.
+
+    Adaptable: leaf name in PROJECTION_NAMES and inside an indexed element of an nn.ModuleList
+    (the decoder layer stack), e.g. "model.layers.3.mlp.down_proj". The paths are the ones
+    PEFT uses after its "base_model.model." prefix.
+    """
+    module_lists = {name for name, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    out: dict[str, TargetShape] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        parts = name.split(".")
+        if parts[-1] not in PROJECTION_NAMES:
+            continue
+        in_layer_stack = any(
+            ".".join(parts[:i]) in module_lists and parts[i].isdigit()
+            for i in range(len(parts) - 1)
+        )
+        if in_layer_stack:
+            out[name] = TargetShape(
+                in_features=module.in_features, out_features=module.out_features
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    key: str
+    compiled: regex.Pattern[str]
+    value: float
+
+
+@dataclass(frozen=True)
+class _LoraSettings:
+    """The parts of adapter_config.json that decide ranks and scales."""
+
+    r: int
+    alpha: float
+    use_rslora: bool
+    rank_pattern: tuple[_Pattern, ...]
+    alpha_pattern: tuple[_Pattern, ...]
+
+
+def _short(value: object) -> str:
+    # Config values come from uploads; keep error messages bounded.
+    text = json.dumps(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _config_error(detail: str) -> AdapterValidationError:
+    return AdapterValidationError(f"{CONFIG_FILE}: {detail}", param="file")
+
+
+def _is_set(value: object) -> bool:
+    # PEFT writes null / false / [] / {} for options that are off.
+    return value is not None and value is not False and value != [] and value != {} and value != ""
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _config_error(f"cannot be read ({exc.strerror})") from exc
+    if size > _MAX_CONFIG_BYTES:
+        raise _config_error(f"file is {size} bytes, over the {_MAX_CONFIG_BYTES}-byte limit")
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _config_error(f"not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise _config_error(f"must be a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _compile_patterns(config: dict[str, Any], key: str, *, integer: bool) -> tuple[_Pattern, ...]:
+    patterns = config.get(key)
+    if patterns is None:
+        return ()
+    if not isinstance(patterns, dict):
+        raise _config_error(
+            f"{key} must be an object mapping module patterns to values, got {_short(patterns)}"
+        )
+    out = []
+    for pattern_key, value in patterns.items():
+        if not (_positive_int(value) if integer else _positive_number(value)):
+            kind = "positive integer" if integer else "positive number"
+            raise _config_error(f"{key}[{pattern_key!r}] must be a {kind}, got {_short(value)}")
+        # PEFT's peft.utils.other.get_pattern_key matches re.match(rf"(.*\.)?({key})$", module):
+        # the key is a regex anchored at the end and starting at a "." boundary (or the start).
+        source = rf"(.*\.)?({pattern_key})$"
+        try:
+            re.compile(source)  # the same syntax PEFT accepts
+            compiled = regex.compile(source)  # same semantics, but supports a match timeout
+        except (re.error, regex.error) as exc:
+            raise _config_error(
+                f"{key} key {pattern_key!r} is not a valid regular expression ({exc})"
+            ) from exc
+        out.append(_Pattern(key=pattern_key, compiled=compiled, value=value))
+    return tuple(out)
+
+
+def _parse_settings(config: dict[str, Any]) -> _LoraSettings:
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise _config_error(f"peft_type is {_short(peft_type)}; only 'LORA' adapters are supported")
+    for option, reason in _UNSUPPORTED_WHEN_SET.items():
+        if _is_set(config.get(option)):
+            raise _config_error(f"{reason} (found {option}: {_short(config[option])})")
+    bias = config.get("bias", "none")
+    if bias != "none":
+        raise _config_error(
+            f'bias is {_short(bias)}; only "none" is supported (the adapter would change base biases)'
+        )
+    if "auto_map" in config:
+        logger.info("ignoring auto_map in %s: adapter code is never imported", CONFIG_FILE)
+
+    # PEFT's LoraConfig defaults, so that a hand-written config means what PEFT reads it as.
+    r = config.get("r", 8)
+    alpha = config.get("lora_alpha", 8)
+    if not _positive_int(r):
+        raise _config_error(f"r must be a positive integer, got {_short(r)}")
+    if not _positive_number(alpha):
+        raise _config_error(f"lora_alpha must be a positive finite number, got {_short(alpha)}")
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise _config_error(f"use_rslora must be true or false, got {_short(use_rslora)}")
+    return _LoraSettings(
+        r=r,
+        alpha=float(alpha),
+        use_rslora=use_rslora,
+        rank_pattern=_compile_patterns(config, "rank_pattern", integer=True),
+        alpha_pattern=_compile_patterns(config, "alpha_pattern", integer=False),
+    )
+
+
+def _resolve(
+    patterns: tuple[_Pattern, ...], module: str, default: float, deadline: float
+) -> tuple[float, str | None]:
+    """Value for `module` the way PEFT resolves rank_pattern/alpha_pattern; (value, matched key).
+
+    PEFT takes the FIRST key, in the config's order, whose pattern matches (not the most
+    specific one); without a match the module's own name is looked up, then the default.
+    """
+    for pattern in patterns:
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            if pattern.compiled.match(module, timeout=remaining) is not None:
+                return pattern.value, pattern.key
+        except TimeoutError:
+            raise _config_error(
+                f"evaluating pattern {pattern.key!r} took too long; use a simpler rank_pattern/alpha_pattern key"
+            ) from None
+    for pattern in patterns:
+        if pattern.key == module:
+            return pattern.value, pattern.key
+    return default, None
+
+
+def _find_weights(path: Path) -> Path:
+    weights = path / WEIGHTS_FILE
+    if weights.is_file():
+        return weights
+    pickles = sorted(
+        p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_PICKLE_SUFFIXES)
+    )
+    if pickles:
+        raise AdapterValidationError(
+            f"{path.name}: found {', '.join(pickles[:5])} but no {WEIGHTS_FILE}: pickle-based weights are "
+            "not accepted; convert to safetensors (e.g. load in PEFT and save_pretrained(safe_serialization=True))",
+            param="file",
+        )
+    raise AdapterValidationError(f"{path.name}: missing {WEIGHTS_FILE}", param="file")
+
+
+def _unexpected_tensor(key: str) -> AdapterValidationError:
+    if "lora_magnitude_vector" in key:
+        why = "it is a DoRA magnitude vector and DoRA is not supported"
+    elif "lora_embedding" in key:
+        why = "LoRA on embedding layers is not supported"
+    elif ".lora_B." in key and key.endswith(".bias"):
+        why = "lora_B biases (lora_bias) are not supported"
+    elif not key.startswith("base_model.model."):
+        why = "expected PEFT keys of the form base_model.model.<module path>.lora_A.weight / .lora_B.weight"
+    else:
+        why = "only lora_A.weight / lora_B.weight tensors of linear projections are supported"
+    return AdapterValidationError(f"{WEIGHTS_FILE}: unexpected tensor {key!r}: {why}", param="file")
+
+
+def _unknown_module(
+    key: str, module: str, targets: dict[str, TargetShape]
+) -> AdapterValidationError:
+    examples = ", ".join(list(targets)[:4])
+    leaf = module.rsplit(".", 1)[-1]
+    if leaf not in PROJECTION_NAMES:
+        why = f"only {', '.join(sorted(PROJECTION_NAMES))} inside decoder layers can be adapted"
+    else:
+        why = "the base model has no such module (adapter made for a different base model?)"
+    return AdapterValidationError(
+        f"{WEIGHTS_FILE}: tensor {key!r} targets module {module!r}: {why}; "
+        f"valid modules are e.g. {examples} ({len(targets)} in total)",
+        param="file",
+    )
+
+
+def _group_keys(keys: list[str], targets: dict[str, TargetShape]) -> dict[str, dict[str, str]]:
+    """Map module path -> {"lora_A": key, "lora_B": key}; every key must be a known LoRA weight."""
+    pairs: dict[str, dict[str, str]] = {}
+    adapter_segments: set[str | None] = set()
+    for key in keys:
+        match = _KEY_RE.fullmatch(key)
+        if match is None:
+            raise _unexpected_tensor(key)
+        module, kind = match["module"], match["kind"]
+        adapter_segments.add(match["adapter"])
+        if len(adapter_segments) > 1:
+            shown = sorted(s or "(none)" for s in adapter_segments)
+            raise AdapterValidationError(
+                f"{WEIGHTS_FILE}: tensors mix adapter-name segments {shown}; a file must hold one adapter",
+                param="file",
+            )
+        if module not in targets:
+            raise _unknown_module(key, module, targets)
+        slot = pairs.setdefault(module, {})
+        if kind in slot:
+            raise AdapterValidationError(
+                f"{WEIGHTS_FILE}: module {module!r} has two {kind} tensors ({slot[kind]!r} and {key!r})",
+                param="file",
+            )
+        slot[kind] = key
+    for module, slot in pairs.items():
+        for kind, other in (("lora_A", "lora_B"), ("lora_B", "lora_A")):
+            if kind not in slot:
+                raise AdapterValidationError(
+                    f"{WEIGHTS_FILE}: module {module!r} has {other} ({slot[other]!r}) but no {kind}",
+                    param="file",
+                )
+    return pairs
+
+
+def _as_float32(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        raise AdapterValidationError(
+            f"{WEIGHTS_FILE}: tensor {key!r} has dtype {tensor.dtype}; LoRA weights must be floating point",
+            param="file",
+        )
+    out = tensor.to(torch.float32).contiguous()
+    # Checked after the cast: a finite F64 value can overflow to Inf in float32.
+    finite = torch.isfinite(out)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(out).sum())
+        inf = int(torch.isinf(out).sum())
+        raise AdapterValidationError(
+            f"{WEIGHTS_FILE}: tensor {key!r} contains non-finite values ({nan} NaN, {inf} Inf, "
+            "as float32); the adapter weights are corrupt",
+            param="file",
+        )
+    return out
+
+
+def _shape_error(key: str, shape: torch.Size, expected: str, detail: str) -> AdapterValidationError:
+    return AdapterValidationError(
+        f"{WEIGHTS_FILE}: tensor {key!r} has shape {list(shape)}; expected {expected} ({detail})",
+        param="file",
+    )
+
+
+def _build_module(
+    module: str,
+    keys: dict[str, str],
+    tensors: dict[str, torch.Tensor],
+    target: TargetShape,
+    settings: _LoraSettings,
+    max_rank: int,
+    deadline: float,
+) -> ModuleLoRA:
+    a_key, b_key = keys["lora_A"], keys["lora_B"]
+    a_raw, b_raw = tensors[a_key], tensors[b_key]
+    if a_raw.ndim != 2 or a_raw.shape[1] != target.in_features:
+        raise _shape_error(
+            a_key,
+            a_raw.shape,
+            f"[r, {target.in_features}]",
+            f"the base module's in_features is {target.in_features}; adapter made for a different base model?",
+        )
+    r = a_raw.shape[0]
+    if r == 0:
+        raise _shape_error(
+            a_key, a_raw.shape, f"[r, {target.in_features}] with r >= 1", "rank 0 is meaningless"
+        )
+    if b_raw.ndim != 2 or b_raw.shape[0] != target.out_features:
+        raise _shape_error(
+            b_key,
+            b_raw.shape,
+            f"[{target.out_features}, r]",
+            f"the base module's out_features is {target.out_features}; adapter made for a different base model?",
+        )
+    if b_raw.shape[1] != r:
+        raise _shape_error(
+            b_key, b_raw.shape, f"[{target.out_features}, {r}]", f"lora_A {a_key!r} has rank {r}"
+        )
+    if r > max_rank:
+        raise AdapterValidationError(
+            f"{WEIGHTS_FILE}: module {module!r} has rank {r}, above this server's limit "
+            f"--max-lora-rank={max_rank}",
+            param="file",
+        )
+
+    config_r, r_key = _resolve(settings.rank_pattern, module, settings.r, deadline)
+    if r != config_r:
+        source = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
+        raise AdapterValidationError(
+            f"{WEIGHTS_FILE}: module {module!r} has rank {r} but {CONFIG_FILE} gives {source} = {config_r}",
+            param="file",
+        )
+    alpha, _ = _resolve(settings.alpha_pattern, module, settings.alpha, deadline)
+    scale = alpha / math.sqrt(r) if settings.use_rslora else alpha / r
+    return ModuleLoRA(a=_as_float32(a_key, a_raw), b=_as_float32(b_key, b_raw), scale=float(scale))
+
+
+def load_adapter(
+    path: Path,
+    *,
+    name: str,
+    targets: dict[str, TargetShape],
+    max_rank: int,
+    max_file_bytes: int = 2 * 1024**3,
+) -> LoRAAdapter:
+    """Load the PEFT LoRA adapter directory `path` and validate it against `targets`.
+
+    `targets` comes from `adaptable_modules(base_model)`; `max_rank` is the server's
+    --max-lora-rank; `max_file_bytes` caps adapter_model.safetensors. `name` is stored as is
+    (callers validate user-facing names with `validate_adapter_name`).
+
+    Raises AdapterValidationError naming the file, key or module at fault for anything the
+    engine cannot serve exactly as PEFT would compute it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterValidationError(f"adapter path {str(path)!r} is not a directory", param="file")
+    weights_path = _find_weights(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterValidationError(f"{path.name}: missing {CONFIG_FILE}", param="file")
+    config = _read_config(config_path)
+    settings = _parse_settings(config)
+
+    tensors = load_checked_safetensors(weights_path, max_file_bytes=max_file_bytes)
+    if not tensors:
+        raise AdapterValidationError(f"{WEIGHTS_FILE}: holds no tensors", param="file")
+    pairs = _group_keys(list(tensors), targets)
+
+    deadline = time.monotonic() + _PATTERN_BUDGET_S
+    modules: dict[str, ModuleLoRA] = {}
+    # Base-model order, so that consumers iterating the dict see layers in sequence.
+    for module in (m for m in targets if m in pairs):
+        modules[module] = _build_module(
+            module, pairs[module], tensors, targets[module], settings, max_rank, deadline
+        )
+        # Drop the native-dtype originals as we go to keep peak memory near one copy.
+        del tensors[pairs[module]["lora_A"]], tensors[pairs[module]["lora_B"]]
+
+    adapter = LoRAAdapter(
+        name=name,
+        modules=modules,
+        rank=max(m.rank for m in modules.values()),
+        config=config,
+        source=str(path),
+    )
+    logger.info(
+        "loaded adapter %s from %s: %d modules, max rank %d, %.2f MiB",
+        name,
+        path,
+        len(modules),
+        adapter.rank,
+        adapter.num_bytes / 2**20,
+    )
+    return adapter

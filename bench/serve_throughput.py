@@ -1,0 +1,430 @@
+"""Decode throughput and latency of multi-adapter serving, side by side in one run.
+
+N concurrent requests spread over K distinct LoRA adapters (rank r on all 7 projections),
+each generating exactly `--new-tokens` tokens greedily, through:
+
+  (a) engine       this engine, requests over K adapters
+  (b) engine-base  this engine, the same requests with no adapter
+  (c) peft-mixed   HF PEFT, one batched ``generate(adapter_names=...)`` over all requests
+  (d) peft-swap    HF PEFT, ``set_adapter`` then ``generate`` per request, one at a time
+  (e) http         this server over HTTP: N concurrent clients on ``/v1/completions``
+
+Every configuration runs `--repeats` times; medians are reported. Prints a table, writes
+JSON (and a PNG bar chart) under ``bench/results/``.
+
+    .venv/bin/python -m bench.serve_throughput              # default model, N=16, K=8
+    .venv/bin/python -m bench.serve_throughput --smoke      # tiny random model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import platform
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a LoRA adapter is in one paragraph.",
+    "List three uses of a hash table.",
+    "What is the capital of France? Answer briefly.",
+    "Translate 'good morning' into Spanish and German.",
+    "Give me a recipe for pancakes.",
+    "Why is the sky blue?",
+    "Summarise the plot of Hamlet in two sentences.",
+    "How do I reverse a list in Python?",
+    "Name three planets and one fact about each.",
+    "What does HTTP stand for?",
+    "Describe a cat to someone who has never seen one.",
+    "What is 17 times 23?",
+    "Suggest a name for a bakery.",
+    "What is the difference between a process and a thread?",
+    "Tell me a fun fact about octopuses.",
+]
+
+
+def make_adapters(base_dir: Path, out: Path, k: int, rank: int) -> dict[str, Path]:
+    """K random rank-r PEFT adapters on all 7 projections (B non-zero so they matter)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapters = {}
+    for i in range(k):
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        cfg = LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, cfg)
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+        path = out / f"adapter{i}"
+        model.save_pretrained(path)
+        adapters[f"adapter{i}"] = path
+    return adapters
+
+
+def prompt_ids(tokenizer, n: int) -> list[list[int]]:
+    out = []
+    for i in range(n):
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def run_engine(engine, prompts, adapters, new_tokens: int) -> dict:
+    from adapterhub_server.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, (ids, adapter) in enumerate(zip(prompts, adapters)):
+        engine.add_request(f"r{time.monotonic_ns()}-{i}", ids, params, adapter)
+    done: dict[str, float] = {}
+    first: dict[str, float] = {}
+    generated = 0
+    decode_steps: list[float] = []
+    while engine.has_work():
+        s0 = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - s0
+        if all(o.request_id in first for o in outs):
+            decode_steps.append(dt)
+        now = time.perf_counter() - t0
+        for o in outs:
+            generated += len(o.token_ids)
+            first.setdefault(o.request_id, now)
+            if o.finished:
+                done[o.request_id] = now
+    wall = time.perf_counter() - t0
+    return {
+        "wall_s": wall,
+        "generated_tokens": generated,
+        "tokens_per_s": generated / wall,
+        "mean_latency_s": statistics.mean(done.values()),
+        "mean_ttft_s": statistics.mean(first.values()),
+        "median_decode_step_ms": statistics.median(decode_steps) * 1e3 if decode_steps else None,
+    }
+
+
+def run_peft_mixed(model, tokenizer, prompts, adapters, new_tokens: int) -> dict:
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as batched generation needs
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=[a or "__base__" for a in adapters],
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    wall = time.perf_counter() - t0
+    generated = int((out.shape[1] - width) * len(prompts))
+    return {
+        "wall_s": wall,
+        "generated_tokens": generated,
+        "tokens_per_s": generated / wall,
+        "mean_latency_s": wall,
+    }
+
+
+def run_peft_swap(model, tokenizer, prompts, adapters, new_tokens: int) -> dict:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    t0 = time.perf_counter()
+    generated = 0
+    finish: list[float] = []
+    with torch.inference_mode():
+        for p, a in zip(prompts, adapters):
+            model.set_adapter(a)
+            out = model.generate(
+                input_ids=torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            generated += out.shape[1] - len(p)
+            finish.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    return {
+        "wall_s": wall,
+        "generated_tokens": generated,
+        "tokens_per_s": generated / wall,
+        "mean_latency_s": statistics.mean(finish),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """The real app on uvicorn in a background thread (loopback only)."""
+
+    def __init__(self, async_engine) -> None:
+        import uvicorn
+
+        from adapterhub_server.server import build_app
+
+        self.port = _free_port()
+        config = uvicorn.Config(
+            build_app(async_engine), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def run_http(url: str, prompts, adapters, base_id: str, new_tokens: int) -> dict:
+    import httpx
+
+    async def one(
+        client: httpx.AsyncClient, ids: list[int], adapter: str | None
+    ) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        r = await client.post(
+            "/v1/completions",
+            json={
+                "model": adapter or base_id,
+                "prompt": ids,
+                "max_tokens": new_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        )
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"], time.perf_counter() - t0
+
+    async def main() -> tuple[list[tuple[int, float]], float]:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*(one(client, p, a) for p, a in zip(prompts, adapters)))
+            return res, time.perf_counter() - t0
+
+    res, wall = asyncio.run(main())
+    generated = sum(n for n, _ in res)
+    return {
+        "wall_s": wall,
+        "generated_tokens": generated,
+        "tokens_per_s": generated / wall,
+        "mean_latency_s": statistics.mean(t for _, t in res),
+    }
+
+
+def _median(runs: list[dict]) -> dict:
+    keys = [k for k, v in runs[0].items() if isinstance(v, int | float)]
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["runs"] = len(runs)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", "-n", type=int, default=16)
+    parser.add_argument("--adapters", "-k", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--base-model", default=None, help="default: the embedded model")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, 1 repeat")
+    parser.add_argument("--skip", nargs="*", default=[], help="configs to skip, e.g. peft-swap")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adapterhub_server.base_model import ResolvedBaseModel, resolve_base_model
+    from adapterhub_server.config import EngineConfig
+    from adapterhub_server.engine.async_engine import AsyncLLMEngine
+    from adapterhub_server.engine.build import build_engine
+
+    tmp = Path(tempfile.mkdtemp(prefix="adapterhub-bench-"))
+    if args.smoke:
+        from tests.tiny_models import make_tiny_llama
+
+        base = ResolvedBaseModel(make_tiny_llama(tmp / "base"), "tiny", "local")
+        args.requests, args.adapters, args.new_tokens, args.repeats = 4, 2, 4, 1
+    else:
+        base = resolve_base_model(args.base_model)
+    out_path = args.out or RESULTS / (
+        "serve_throughput_smoke.json" if args.smoke else "serve_throughput_cpu.json"
+    )
+
+    adapter_dirs = make_adapters(base.path, tmp, args.adapters, args.rank)
+    names = list(adapter_dirs)
+    with_adapters = [names[i % len(names)] for i in range(args.requests)]
+    no_adapters: list[str | None] = [None] * args.requests
+
+    config = EngineConfig(
+        max_num_seqs=max(args.requests, 1),
+        max_num_batched_tokens=max(512, args.requests),
+        max_loras=max(args.adapters, 1),
+        max_model_len=1024 if not args.smoke else None,
+    )
+    engine = build_engine(base, config, lora_modules=adapter_dirs)
+    prompts = prompt_ids(engine.tokenizer, args.requests)
+
+    peft_model = None
+    if not {"peft-mixed", "peft-swap"} <= set(args.skip):
+        hf = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+        peft_model = PeftModel.from_pretrained(hf, adapter_dirs[names[0]], adapter_name=names[0])
+        for n in names[1:]:
+            peft_model.load_adapter(adapter_dirs[n], adapter_name=n)
+        peft_model.eval()
+
+    configs: dict[str, Callable[[], dict]] = {
+        "engine": lambda: run_engine(engine, prompts, with_adapters, args.new_tokens),
+        "engine-base": lambda: run_engine(engine, prompts, no_adapters, args.new_tokens),
+        "peft-mixed": lambda: run_peft_mixed(
+            peft_model, engine.tokenizer, prompts, with_adapters, args.new_tokens
+        ),
+        "peft-swap": lambda: run_peft_swap(
+            peft_model, engine.tokenizer, prompts, with_adapters, args.new_tokens
+        ),
+    }
+    runs: dict[str, list[dict]] = {k: [] for k in configs if k not in args.skip}
+    run_engine(engine, prompts, with_adapters, 2)  # warm-up: adapters into slots, allocator
+    # Interleave repeats so that machine noise hits every configuration alike.
+    for _ in range(args.repeats):
+        for name in runs:
+            runs[name].append(configs[name]())
+            print(f"  {name:12s} {runs[name][-1]['tokens_per_s']:8.1f} tok/s", flush=True)
+
+    if "http" not in args.skip:
+        async_engine = AsyncLLMEngine(engine, base_model_id=base.model_id)
+        runs["http"] = []
+        with _Server(async_engine) as url:
+            run_http(url, prompts, with_adapters, base.model_id, 2)
+            for _ in range(args.repeats):
+                runs["http"].append(
+                    run_http(url, prompts, with_adapters, base.model_id, args.new_tokens)
+                )
+                print(f"  {'http':12s} {runs['http'][-1]['tokens_per_s']:8.1f} tok/s", flush=True)
+
+    summary = {name: _median(r) for name, r in runs.items()}
+    ratios = {}
+    if "engine" in summary:
+        for other in ("engine-base", "peft-mixed", "peft-swap"):
+            if other in summary:
+                ratios[f"engine/{other}"] = (
+                    summary["engine"]["tokens_per_s"] / summary[other]["tokens_per_s"]
+                )
+        if "http" in summary and "peft-mixed" in summary:
+            ratios["http/peft-mixed"] = (
+                summary["http"]["tokens_per_s"] / summary["peft-mixed"]["tokens_per_s"]
+            )
+
+    print()
+    print(
+        f"{'config':12s} {'tok/s':>9s} {'wall s':>8s} {'mean latency s':>15s} {'decode step ms':>15s}"
+    )
+    for name, s in summary.items():
+        step = s.get("median_decode_step_ms")
+        print(
+            f"{name:12s} {s['tokens_per_s']:9.1f} {s['wall_s']:8.2f} {s['mean_latency_s']:15.2f} "
+            f"{(f'{step:.1f}' if step else '-'):>15s}"
+        )
+    for k, v in ratios.items():
+        print(f"{k:24s} {v:6.2f}x")
+
+    meta = {
+        "model": base.model_id,
+        "device": "cpu",
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "requests": args.requests,
+        "adapters": args.adapters,
+        "rank": args.rank,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "dtype": "float32",
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(
+        json.dumps({"meta": meta, "summary": summary, "ratios": ratios, "runs": runs}, indent=2)
+    )
+    print(f"wrote {out_path}")
+    _plot(summary, meta, out_path.with_suffix(".png"))
+
+
+def _plot(summary: dict, meta: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = list(summary)
+    values = [summary[n]["tokens_per_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bars = ax.bar(
+        names,
+        values,
+        color=["#2b6cb0" if n.startswith(("engine", "http")) else "#a0aec0" for n in names],
+    )
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(
+        f"{meta['model'].split('/')[-1]}, CPU ({meta['torch_threads']} threads): "
+        f"{meta['requests']} requests over {meta['adapters']} rank-{meta['rank']} adapters",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

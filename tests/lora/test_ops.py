@@ -1,0 +1,120 @@
+"""The batched LoRA op against its loop reference, under several adapter-popularity mixes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from adapterhub_server.lora.ops import (
+    Segment,
+    add_lora,
+    add_lora_reference,
+    build_lora_batch,
+    rank_class,
+)
+
+D_IN, D_OUT = 48, 40
+CLASSES = {8: 5, 16: 3, 32: 2}  # rank class -> slots
+
+
+def _pools(seed: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    pools = {}
+    for cls, slots in CLASSES.items():
+        a = torch.randn(slots, cls, D_IN, generator=gen, dtype=torch.float64)
+        b = torch.randn(slots, cls, D_OUT, generator=gen, dtype=torch.float64)
+        pools[cls] = (a, b)
+    return pools
+
+
+def _routes(mix: str, n: int, rng: random.Random) -> list[tuple[int, int] | None]:
+    all_routes = [(c, s) for c, k in CLASSES.items() for s in range(k)]
+    if mix == "all_same":
+        return [(16, 1)] * n
+    if mix == "all_distinct":
+        return [all_routes[i % len(all_routes)] for i in range(n)]
+    if mix == "skewed":  # zipf-like: a few adapters take most tokens
+        weights = [1 / (i + 1) ** 1.5 for i in range(len(all_routes))]
+        return rng.choices(all_routes, weights=weights, k=n)
+    if mix == "with_base":
+        return [rng.choice([*all_routes[:3], None, None]) for _ in range(n)]
+    if mix == "mixed_ranks":
+        return [rng.choice([(8, 0), (16, 2), (32, 1), (8, 4)]) for _ in range(n)]
+    if mix == "all_base":
+        return [None] * n
+    raise ValueError(mix)
+
+
+MIXES = ["all_same", "all_distinct", "skewed", "with_base", "mixed_ranks", "all_base"]
+
+
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+def test_dense_tokens_match_reference(mix: str, num_tokens: int) -> None:
+    rng = random.Random(num_tokens)
+    pools = _pools()
+    routes = _routes(mix, num_tokens, rng)
+    x = torch.randn(num_tokens, D_IN, dtype=torch.float64)
+    base = torch.randn(num_tokens, D_OUT, dtype=torch.float64)
+    expected = base.clone()
+    add_lora_reference(expected, x, pools, routes)
+    got = base.clone()
+    batch = build_lora_batch(routes, dtype=torch.float64)
+    add_lora(got, x, pools, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert batch.active == any(r is not None for r in routes)
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_decode_plus_prefill_segments_match_reference(mix: str) -> None:
+    rng = random.Random(7)
+    pools = _pools(1)
+    dense = _routes(mix, 9, rng)
+    # Three prefill chunks after the decode tokens: adapter, base, another adapter.
+    chunk_routes = [(32, 1), None, (8, 3)]
+    lengths = [5, 4, 6]
+    routes = list(dense)
+    segments = []
+    t = len(dense)
+    for route, n in zip(chunk_routes, lengths):
+        routes.extend([route] * n)
+        if route is not None:
+            segments.append(Segment(t, t + n, route[0], route[1]))
+        t += n
+    x = torch.randn(t, D_IN, dtype=torch.float64)
+    expected = torch.zeros(t, D_OUT, dtype=torch.float64)
+    add_lora_reference(expected, x, pools, routes)
+    got = torch.zeros(t, D_OUT, dtype=torch.float64)
+    add_lora(got, x, pools, build_lora_batch(dense, segments, dtype=torch.float64))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_base_rows_are_untouched() -> None:
+    pools = _pools()
+    routes = [None, (8, 0), None, (16, 2), None]
+    x = torch.randn(5, D_IN, dtype=torch.float64)
+    y = torch.randn(5, D_OUT, dtype=torch.float64)
+    before = y.clone()
+    add_lora(y, x, pools, build_lora_batch(routes, dtype=torch.float64))
+    for t in (0, 2, 4):
+        assert torch.equal(y[t], before[t])
+    assert not torch.equal(y[1], before[1])
+
+
+def test_float32_close_to_float64_reference() -> None:
+    pools64 = _pools(3)
+    pools32 = {c: (a.float(), b.float()) for c, (a, b) in pools64.items()}
+    routes = _routes("skewed", 20, random.Random(3))
+    x = torch.randn(20, D_IN, dtype=torch.float64)
+    expected = torch.zeros(20, D_OUT, dtype=torch.float64)
+    add_lora_reference(expected, x, pools64, routes)
+    got = torch.zeros(20, D_OUT)
+    add_lora(got, x.float(), pools32, build_lora_batch(routes))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(("rank", "cls"), [(1, 8), (8, 8), (9, 16), (16, 16), (33, 64), (64, 64)])
+def test_rank_class(rank: int, cls: int) -> None:
+    assert rank_class(rank) == cls

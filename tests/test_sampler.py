@@ -1,0 +1,258 @@
+"""Tests for the batched per-request sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adapterhub_server.engine.sampler import Sampler, SamplerOutput, make_generator
+from adapterhub_server.engine.sampling_params import SamplingParams
+
+VOCAB = 500
+
+
+def _logits(batch: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, vocab, generator=gen) * 3.0
+
+
+def _run(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None] | None = None,
+) -> SamplerOutput:
+    if generators is None:
+        generators = [None] * len(params)
+    return Sampler()(logits, params, generators)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_equals_argmax(dtype: torch.dtype) -> None:
+    logits = _logits(8).to(dtype)
+    out = _run(logits, [SamplingParams(temperature=0.0)] * 8)
+    assert out.token_ids.dtype == torch.int64
+    assert out.token_ids.shape == (8,)
+    assert torch.equal(out.token_ids, logits.float().argmax(dim=-1))
+    assert out.logprobs is None and out.top_ids is None and out.top_logprobs is None
+
+
+def test_greedy_ties_pick_lowest_index() -> None:
+    logits = torch.zeros(2, 10)
+    logits[0, [3, 7]] = 5.0
+    logits[1, [2, 9]] = 1.0
+    out = _run(logits, [SamplingParams(temperature=0.0)] * 2)
+    assert out.token_ids.tolist() == [3, 2]
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.0])
+def test_top_k_one_equals_greedy(temperature: float) -> None:
+    logits = _logits(16, seed=1)
+    logits[0, [5, 11]] = logits[0].max() + 1.0  # a tie: must resolve like argmax
+    out = _run(logits, [SamplingParams(temperature=temperature, top_k=1)] * 16)
+    assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.0])
+def test_tiny_top_p_equals_greedy(temperature: float) -> None:
+    logits = _logits(16, seed=2)
+    logits[3, [0, 4]] = logits[3].max() + 1.0
+    out = _run(logits, [SamplingParams(temperature=temperature, top_p=1e-6)] * 16)
+    assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+
+
+def test_filtered_tokens_are_never_sampled() -> None:
+    logits = _logits(4, vocab=50, seed=3).repeat(250, 1)  # 1000 draws, 4 distinct rows
+    logits[:, 7] = float("-inf")  # a masked-out vocabulary entry
+    params = [SamplingParams(temperature=2.0, top_k=5)] * 1000
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = _run(logits, params)
+    allowed = logits.topk(5, dim=-1).indices
+    assert (out.token_ids.unsqueeze(1) == allowed).any(dim=1).all()
+    # A high temperature with top_k=5 should actually spread over several tokens.
+    assert len(set(out.token_ids[::4].tolist())) > 1
+
+
+def _request_logits(request: int, step: int, vocab: int = VOCAB) -> torch.Tensor:
+    """What the model would give request `request` at step `step` (independent of batch)."""
+    gen = torch.Generator().manual_seed(1000 * request + step)
+    return torch.randn(vocab, generator=gen) * 2.0
+
+
+def _simulate(
+    requests: dict[int, SamplingParams], schedule: list[list[int]]
+) -> dict[int, list[int]]:
+    """Run the sampler once per step over the requests listed for that step (in that row
+    order), keeping one generator per request for its whole life, as the engine does."""
+    sampler = Sampler()
+    generators = {r: make_generator(p.seed) for r, p in requests.items()}
+    steps = dict.fromkeys(requests, 0)
+    tokens: dict[int, list[int]] = {r: [] for r in requests}
+    for rows in schedule:
+        logits = torch.stack([_request_logits(r, steps[r]) for r in rows])
+        out = sampler(logits, [requests[r] for r in rows], [generators[r] for r in rows])
+        for row, r in enumerate(rows):
+            tokens[r].append(int(out.token_ids[row]))
+            steps[r] += 1
+    return tokens
+
+
+def test_seeded_request_is_independent_of_batch_composition_and_row() -> None:
+    seeded = {
+        0: SamplingParams(temperature=1.0, seed=1234),
+        1: SamplingParams(temperature=0.7, top_p=0.9, seed=99),
+        2: SamplingParams(temperature=1.3, top_k=20, seed=5),
+        3: SamplingParams(temperature=1.0, top_k=50, top_p=0.8, seed=2**62),
+    }
+    others = {
+        10: SamplingParams(temperature=1.0),
+        11: SamplingParams(temperature=0.0),
+        12: SamplingParams(temperature=0.5, top_k=3, logprobs=2),
+        13: SamplingParams(temperature=1.9, top_p=0.5),
+    }
+    steps = 12
+    alone = {r: _simulate({r: p}, [[r]] * steps)[r] for r, p in seeded.items()}
+
+    # Each step a different subset of other rows, in a shuffled order with the seeded rows.
+    order = torch.Generator().manual_seed(7)
+    schedule = []
+    for step in range(steps):
+        present = [r for r in others if (step + r) % 3 != 0] + list(seeded)
+        perm = torch.randperm(len(present), generator=order).tolist()
+        schedule.append([present[i] for i in perm])
+    with torch.random.fork_rng():
+        torch.manual_seed(123)  # the unseeded rows' shared draw must not matter
+        mixed = _simulate({**seeded, **others}, schedule)
+
+    for r in seeded:
+        assert mixed[r] == alone[r], f"request {r} changed with batch composition"
+    # Sanity: the seeds really drive randomness (not every request collapsed to greedy).
+    greedy = [int(_request_logits(0, s).argmax()) for s in range(steps)]
+    assert alone[0] != greedy
+    reseeded = _simulate({0: SamplingParams(temperature=1.0, seed=4321)}, [[0]] * steps)[0]
+    assert reseeded != alone[0]
+
+
+def test_same_seed_reproduces_across_calls() -> None:
+    logits = _logits(1, seed=4)
+    params = [SamplingParams(temperature=1.0, seed=42)]
+    gen_a, gen_b = make_generator(42), make_generator(42)
+    seq_a = [int(_run(logits, params, [gen_a]).token_ids) for _ in range(20)]
+    seq_b = [int(_run(logits, params, [gen_b]).token_ids) for _ in range(20)]
+    assert seq_a == seq_b
+    assert len(set(seq_a)) > 1
+
+
+def test_make_generator() -> None:
+    assert make_generator(None) is None
+    a, b = make_generator(3), make_generator(3)
+    assert a is not None and b is not None
+    assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "sampled a token of probability 0"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+BASE_PROBS = torch.tensor([0.2, 0.3, 0.5])
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (SamplingParams(temperature=1.0), BASE_PROBS),
+        # Temperature 0.5 squares the probabilities before renormalising.
+        (SamplingParams(temperature=0.5), BASE_PROBS**2 / (BASE_PROBS**2).sum()),
+        (SamplingParams(temperature=2.0), BASE_PROBS.sqrt() / BASE_PROBS.sqrt().sum()),
+        (SamplingParams(temperature=1.0, top_k=2), torch.tensor([0.0, 0.375, 0.625])),
+        # Sorted 0.5, 0.3, 0.2: token 0.3 is kept (0.5 before it < 0.7), 0.2 is not (0.8).
+        (SamplingParams(temperature=1.0, top_p=0.7), torch.tensor([0.0, 0.375, 0.625])),
+        (SamplingParams(temperature=1.0, top_p=0.4), torch.tensor([0.0, 0.0, 1.0])),
+    ],
+)
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampling_distribution(
+    params: SamplingParams, expected: torch.Tensor, seeded: bool
+) -> None:
+    draws = 3000
+    logits = BASE_PROBS.log().repeat(draws, 1)
+    if seeded:
+        generators = [make_generator(10_000 + i) for i in range(draws)]
+        out = _run(logits, [params] * draws, generators)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            out = _run(logits, [params] * draws)
+    counts = torch.bincount(out.token_ids, minlength=3).float()
+    # 2 degrees of freedom: chi2 > 25 has probability ~4e-6; the draw is seeded anyway.
+    assert _chi_square(counts, expected) < 25.0, counts
+
+
+def test_logprobs_are_raw_log_softmax_at_chosen_ids() -> None:
+    logits = _logits(6, seed=5)
+    params = [
+        SamplingParams(temperature=0.0, logprobs=0),
+        SamplingParams(temperature=0.5, logprobs=3),
+        SamplingParams(temperature=1.5, top_k=10),
+        SamplingParams(temperature=1.0, top_p=0.5, logprobs=5, seed=1),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=2.0, logprobs=1),
+    ]
+    generators = [make_generator(p.seed) for p in params]
+    out = _run(logits, params, generators)
+    expected_all = torch.log_softmax(logits, dim=-1)  # temperature-free, like OpenAI
+    assert out.logprobs is not None and out.logprobs.dtype == torch.float32
+    assert torch.allclose(out.logprobs, expected_all.gather(1, out.token_ids[:, None])[:, 0])
+
+    assert out.top_ids is not None and out.top_logprobs is not None
+    assert out.top_ids.shape == (6, 5) and out.top_logprobs.shape == (6, 5)
+    assert out.top_ids.dtype == torch.int64 and out.top_logprobs.dtype == torch.float32
+    assert (out.top_logprobs[:, :-1] >= out.top_logprobs[:, 1:]).all()
+    ref_vals, ref_ids = expected_all.topk(5, dim=-1)
+    assert torch.equal(out.top_ids, ref_ids)
+    assert torch.allclose(out.top_logprobs, ref_vals)
+    assert torch.allclose(out.top_logprobs, expected_all.gather(1, out.top_ids))
+    # A greedy row's chosen token is its top-1 alternative.
+    assert out.token_ids[0] == out.top_ids[0, 0]
+
+
+def test_logprobs_zero_gives_no_top_lists() -> None:
+    logits = _logits(2, seed=6).half()
+    out = _run(logits, [SamplingParams(temperature=0.0, logprobs=0), SamplingParams()])
+    assert out.logprobs is not None and out.top_ids is None and out.top_logprobs is None
+    ref = torch.log_softmax(logits.float(), dim=-1)[0, out.token_ids[0]]
+    assert math.isclose(float(out.logprobs[0]), float(ref), rel_tol=1e-6)
+
+
+def test_mixed_batch_greedy_random_seeded() -> None:
+    logits = _logits(6, seed=8)
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, seed=11),
+        SamplingParams(temperature=1.0, top_k=4),
+        SamplingParams(temperature=0.0, logprobs=2),
+        SamplingParams(temperature=0.8, top_p=0.6, seed=12),
+        SamplingParams(temperature=1.0),
+    ]
+    generators = [make_generator(p.seed) for p in params]
+    out = _run(logits, params, generators)
+
+    greedy = logits.argmax(dim=-1)
+    assert out.token_ids[0] == greedy[0] and out.token_ids[3] == greedy[3]
+    assert int(out.token_ids[2]) in logits[2].topk(4).indices.tolist()
+    for row in (1, 4):
+        solo = _run(logits[row : row + 1], [params[row]], [make_generator(params[row].seed)])
+        assert out.token_ids[row] == solo.token_ids[0]
+    assert out.top_ids is not None and out.top_ids.shape == (6, 2)
+
+
+def test_rejects_mismatched_lengths() -> None:
+    with pytest.raises(ValueError):
+        Sampler()(_logits(2), [SamplingParams()], [None, None])
+    with pytest.raises(ValueError):
+        Sampler()(torch.zeros(4), [SamplingParams()], [None])
