@@ -44,7 +44,7 @@ def run(tokens: int, adapters: int, rank: int, d_in: int, d_out: int, repeats: i
     gen = torch.Generator().manual_seed(0)
     a3 = torch.randn(adapters, rank, d_in, generator=gen)
     b3 = torch.randn(adapters, rank, d_out, generator=gen)
-    pools = {rank: (a3, b3)}
+    pools = {rank: (a3, (b3,))}
     x = torch.randn(tokens, d_in, generator=gen)
     slots = [t % adapters for t in range(tokens)]
     routes = [(rank, s) for s in slots]

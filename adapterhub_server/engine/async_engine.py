@@ -73,12 +73,13 @@ class AsyncLLMEngine:
         return self.engine.max_model_len
 
     def list_adapters(self) -> Sequence[ServableAdapter]:
-        out = []
-        for loc in self.engine.adapters.source.list():
-            out.append(
-                ServableAdapter(name=loc.key, rank=0, created=loc.created, source=str(loc.path))
+        cache = self.engine.adapters
+        return [
+            ServableAdapter(
+                name=loc.key, rank=cache.rank_of(loc.key), created=loc.created, source=str(loc.path)
             )
-        return out
+            for loc in cache.source.list()
+        ]
 
     def resolve_adapter(self, model: str) -> str | None:
         if not model or model == self._base_model_id:

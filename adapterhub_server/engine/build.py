@@ -16,7 +16,7 @@ from adapterhub_server.errors import BaseModelError
 from adapterhub_server.lora.adapter import adaptable_modules
 from adapterhub_server.lora.cache import AdapterCache, AdapterSource, StaticAdapterSource
 from adapterhub_server.lora.layers import LoRAContext
-from adapterhub_server.lora.pool import LoRAWeightPool
+from adapterhub_server.lora.pool import LoRAWeightPool, packed_groups
 from adapterhub_server.models.attention import KVCache
 from adapterhub_server.models.llama import BatchedLlama
 
@@ -58,7 +58,9 @@ def build_engine(
         logger.warning("sliding-window attention is ignored; keep max_model_len within it")
     hf = hf.to(device).eval().requires_grad_(False)
     targets = adaptable_modules(hf)
-    pool = LoRAWeightPool(targets, max_slots=config.max_loras, dtype=dtype, device=device)
+    pool = LoRAWeightPool(
+        packed_groups(targets), max_slots=config.max_loras, dtype=dtype, device=device
+    )
     context = LoRAContext()
     model = BatchedLlama(hf, pool, context)
 

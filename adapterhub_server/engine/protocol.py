@@ -19,7 +19,8 @@ class ServableAdapter:
     """An adapter the engine can serve by name."""
 
     name: str
-    rank: int
+    rank: int | None
+    """Known once the adapter's files have been parsed; None before."""
     created: int
     """Unix seconds when the adapter became servable."""
     source: str

@@ -169,6 +169,12 @@ class AdapterCache:
             self._host.pop(key, None)
         return True
 
+    def rank_of(self, key: str) -> int | None:
+        """The adapter's rank if it has been parsed (and is still in host memory)."""
+        with self._lock:
+            adapter = self._host.get(key)
+        return adapter.rank if adapter is not None else None
+
     def stats(self) -> CacheStats:
         return CacheStats(
             host_resident=len(self._host),

@@ -1,4 +1,4 @@
-"""A frozen base linear plus the batched LoRA deltas of whatever adapters this step routes.
+"""Frozen base projections plus the batched LoRA deltas of whatever adapters a step routes.
 
 The layer knows nothing of requests or scheduling: it reads the step's `LoRABatch` from a
 shared `LoRAContext` that the engine sets before each forward pass.
@@ -6,7 +6,10 @@ shared `LoRAContext` that the engine sets before each forward pass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adapterhub_server.lora.ops import LoRABatch, add_lora
@@ -20,26 +23,48 @@ class LoRAContext:
         self.batch: LoRABatch | None = None
 
 
-class LoRALinear(nn.Module):
-    """``y = base(x) + add_lora(x)``; costs one attribute check when nothing is routed."""
+class PackedLoRALinear(nn.Module):
+    """The base linears of one packed group run as one GEMM, plus their LoRA deltas.
+
+    The member linears' weights are re-pointed at slices of the fused weight, so the fused
+    copy costs no extra memory and the Hugging Face modules still see their own weights.
+    """
 
     def __init__(
-        self, base: nn.Linear, key: str, pool: LoRAWeightPool, context: LoRAContext
+        self,
+        bases: Sequence[nn.Linear],
+        group: str,
+        pool: LoRAWeightPool,
+        context: LoRAContext,
     ) -> None:
         super().__init__()
-        self.base = base
-        self.key = key
+        weight = torch.cat([b.weight.detach() for b in bases], dim=0)
+        biases = [b.bias for b in bases]
+        bias = None
+        if any(x is not None for x in biases):
+            bias = torch.cat(
+                [
+                    x.detach() if x is not None else weight.new_zeros(b.out_features)
+                    for x, b in zip(biases, bases)
+                ]
+            )
+        o = 0
+        for b in bases:
+            b.weight.data = weight[o : o + b.out_features]
+            if b.bias is not None and bias is not None:
+                b.bias.data = bias[o : o + b.out_features]
+            o += b.out_features
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.out_features = tuple(b.out_features for b in bases)
+        self.group = group
         self.pool = pool
         self.context = context
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[T, in]`` -> ``[T, out]``."""
-        y = self.base(x)
+        """x: ``[T, in]`` -> ``[T, sum(out_j)]``; split by the caller."""
+        y = F.linear(x, self.weight, self.bias)
         batch = self.context.batch
         if batch is not None and batch.active:
-            add_lora(y, x, self.pool.module_pools(self.key), batch)
+            add_lora(y, x, self.pool.group_pools(self.group), batch)
         return y

@@ -1,15 +1,19 @@
 """Batched multi-LoRA ops: the one import point for every LoRA kernel.
 
 Device-resident adapter weights are kept per *rank class* (the next power of two >= the
-adapter's rank, so padding wastes at most 2x): for each adapted module and class ``c``,
+adapter's rank, so padding wastes at most 2x) and per *packed group*: the m projections that
+read the same input (q/k/v, or gate/up) share one A tensor, so one shrink serves all of them.
+For a group and class ``c``:
 
-* ``A[c]``: ``[slots_c, c, in]``, the adapter's A zero-padded to ``c`` rows;
-* ``B[c]``: ``[slots_c, c, out]``, its B transposed, with the LoRA scale folded in (as vLLM
-  does), so the op needs no per-slot scale vector.
+* ``A``: ``[slots, m * c, in]``; module j's A (zero-padded to ``c`` rows) is rows
+  ``[j * c, (j + 1) * c)``;
+* ``B_j``: ``[slots, c, out_j]`` per module, its B transposed, with the LoRA scale folded in
+  (as vLLM does), so the op needs no per-slot scale vector.
 
-Semantics, for every token t routed to ``(c, slot)``::
+Semantics, for every token t routed to ``(c, slot)`` and every module j of the group, whose
+output columns in ``y`` are ``[o_j, o_j + out_j)``::
 
-    y[t] += (A[c][slot] @ x[t]) @ B[c][slot]
+    y[t, o_j : o_j + out_j] += (A[c][slot, j*c:(j+1)*c] @ x[t]) @ B_j[c][slot]
 
 Two routing forms, whose best strategies differ (measured by ``bench/lora_ops.py``):
 
@@ -34,6 +38,9 @@ import torch
 
 Route = tuple[int, int]
 """(rank_class, slot) of one token's adapter."""
+
+PackedPool = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
+"""``(A [slots, m * c, in], (B_0 [slots, c, out_0], ..., B_{m-1}))`` for one rank class."""
 
 
 def rank_class(rank: int) -> int:
@@ -136,48 +143,70 @@ def build_lora_batch(
 def add_lora(
     y: torch.Tensor,
     x: torch.Tensor,
-    pools: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+    pools: Mapping[int, PackedPool],
     batch: LoRABatch,
 ) -> None:
     """Add every routed token's LoRA delta to ``y`` in place.
 
     Args:
-        y: ``[T, out]`` output of the frozen base layer (modified in place).
-        x: ``[T, in]`` input of the layer.
-        pools: rank class ``c`` -> ``(A [slots, c, in], B [slots, c, out])``.
+        y: ``[T, sum(out_j)]`` output of the frozen base layer(s) (modified in place).
+        x: ``[T, in]`` input shared by the group's modules.
+        pools: rank class ``c`` -> ``(A [slots, m * c, in], (B_j [slots, c, out_j], ...))``.
         batch: this step's routing.
 
-    Semantics: for each token t routed to (c, s): ``y[t] += (A[c][s] @ x[t]) @ B[c][s]``.
+    Semantics: for each token t routed to (c, s), each module j:
+    ``y[t, cols_j] += (A[c][s, j*c:(j+1)*c] @ x[t]) @ B_j[c][s]``.
     """
     for g in batch.groups:
-        a, b = pools[g.rank_class]
+        a, bs = pools[g.rank_class]
+        c = g.rank_class
         a = a[g.slot_lo : g.slot_hi]
-        b = b[g.slot_lo : g.slot_hi]
         if g.contiguous is not None:
             t0, t1 = g.contiguous
-            y[t0:t1].addmm_(x[t0:t1] @ a[0].T, b[0])
+            h = x[t0:t1] @ a[0].T  # [n, m * c]
+            _expand_into(y[t0:t1], h, [b[g.slot_lo] for b in bs], c)
             continue
         xg = x[g.token_index]  # [S, L, in]
-        h = torch.bmm(xg, a.transpose(1, 2))  # [S, L, c]
+        h = torch.bmm(xg, a.transpose(1, 2))  # [S, L, m * c]
         if g.valid is not None:
             h.mul_(g.valid)
-        out = torch.bmm(h, b)  # [S, L, out]
+        outs = [
+            torch.bmm(h[..., j * c : (j + 1) * c], b[g.slot_lo : g.slot_hi])
+            for j, b in enumerate(bs)
+        ]  # each [S, L, out_j]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         y.index_add_(0, g.flat_index, out.view(-1, out.shape[-1]))
     for s in batch.segments:
-        a, b = pools[s.rank_class]
-        y[s.t0 : s.t1].addmm_(x[s.t0 : s.t1] @ a[s.slot].T, b[s.slot])
+        a, bs = pools[s.rank_class]
+        h = x[s.t0 : s.t1] @ a[s.slot].T  # [len, m * c]
+        _expand_into(y[s.t0 : s.t1], h, [b[s.slot] for b in bs], s.rank_class)
+
+
+def _expand_into(y: torch.Tensor, h: torch.Tensor, bs: list[torch.Tensor], c: int) -> None:
+    """``y[:, cols_j] += h[:, j*c:(j+1)*c] @ bs[j]`` for a run of tokens on one adapter.
+
+    Args:
+        y: ``[n, sum(out_j)]``; h: ``[n, m * c]``; bs[j]: ``[c, out_j]``.
+    """
+    if len(bs) == 1:
+        y.addmm_(h, bs[0])
+        return
+    o = 0
+    for j, b in enumerate(bs):
+        y[:, o : o + b.shape[1]].addmm_(h[:, j * c : (j + 1) * c], b)
+        o += b.shape[1]
 
 
 def add_lora_reference(
     y: torch.Tensor,
     x: torch.Tensor,
-    pools: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+    pools: Mapping[int, PackedPool],
     routes: Sequence[Route | None],
 ) -> None:
-    """Loop reference for ``add_lora``: one token at a time, no batching.
+    """Loop reference for ``add_lora``: one token and one module at a time, no batching.
 
     Args:
-        y: ``[T, out]``, modified in place.
+        y: ``[T, sum(out_j)]``, modified in place.
         x: ``[T, in]``.
         pools: as for ``add_lora``.
         routes: per token, ``(rank_class, slot)`` or None.
@@ -185,5 +214,10 @@ def add_lora_reference(
     for t, route in enumerate(routes):
         if route is None:
             continue
-        a, b = pools[route[0]]
-        y[t] += (a[route[1]] @ x[t]) @ b[route[1]]
+        c, slot = route
+        a, bs = pools[c]
+        o = 0
+        for j, b in enumerate(bs):
+            h = a[slot, j * c : (j + 1) * c] @ x[t]
+            y[t, o : o + b.shape[-1]] += h @ b[slot]
+            o += b.shape[-1]

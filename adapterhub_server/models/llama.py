@@ -4,7 +4,8 @@ The weights are those of a Hugging Face ``LlamaForCausalLM`` (loaded by transfor
 every checkpoint format it reads works); this module only replaces the forward pass: tokens
 of all sequences are flattened into ``[T, hidden]`` so every linear layer is one GEMM for
 the whole step, attention reads the static KV cache (``models.attention``), and the seven
-projections of each layer are wrapped in ``LoRALinear`` to add per-token adapter deltas.
+projections of each layer run as four packed GEMMs (q/k/v, o, gate/up, down) that also add
+the per-token adapter deltas (``PackedLoRALinear``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapterhub_server.lora.adapter import TargetShape
-from adapterhub_server.lora.layers import LoRAContext, LoRALinear
+from adapterhub_server.lora.layers import LoRAContext, PackedLoRALinear
 from adapterhub_server.lora.ops import LoRABatch
 from adapterhub_server.lora.pool import LoRAWeightPool
 from adapterhub_server.models.attention import AttentionMetadata, KVCache, attend
@@ -47,19 +47,6 @@ def model_shape(config: object) -> ModelShape:
     )
 
 
-def adaptable_targets(hf_model: nn.Module) -> dict[str, TargetShape]:
-    """Module path -> shape for every projection a LoRA adapter may target."""
-    targets: dict[str, TargetShape] = {}
-    for i, layer in enumerate(hf_model.model.layers):
-        for part, names in (("self_attn", PROJECTIONS[:4]), ("mlp", PROJECTIONS[4:])):
-            for name in names:
-                lin = getattr(getattr(layer, part), name)
-                targets[f"model.layers.{i}.{part}.{name}"] = TargetShape(
-                    lin.in_features, lin.out_features
-                )
-    return targets
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -73,12 +60,28 @@ class BatchedLlama(nn.Module):
         self.hf = hf_model
         self.shape = model_shape(hf_model.config)
         self.lora_context = context
+        self.qkv = nn.ModuleList()
+        self.o = nn.ModuleList()
+        self.gate_up = nn.ModuleList()
+        self.down = nn.ModuleList()
         for i, layer in enumerate(hf_model.model.layers):
-            for part, names in (("self_attn", PROJECTIONS[:4]), ("mlp", PROJECTIONS[4:])):
-                module = getattr(layer, part)
-                for name in names:
-                    key = f"model.layers.{i}.{part}.{name}"
-                    setattr(module, name, LoRALinear(getattr(module, name), key, pool, context))
+            sa, mlp = layer.self_attn, layer.mlp
+            prefix = f"model.layers.{i}"
+
+            def packed(bases: list[nn.Linear], key: str, prefix: str = prefix) -> PackedLoRALinear:
+                return PackedLoRALinear(bases, f"{prefix}.{key}", pool, context)
+
+            self.qkv.append(packed([sa.q_proj, sa.k_proj, sa.v_proj], "self_attn.qkv_proj"))
+            self.o.append(packed([sa.o_proj], "self_attn.o_proj"))
+            self.gate_up.append(packed([mlp.gate_proj, mlp.up_proj], "mlp.gate_up_proj"))
+            self.down.append(packed([mlp.down_proj], "mlp.down_proj"))
+        s = self.shape
+        self._qkv_split = (
+            s.num_heads * s.head_dim,
+            s.num_kv_heads * s.head_dim,
+            s.num_kv_heads * s.head_dim,
+        )
+        self._intermediate = hf_model.model.layers[0].mlp.gate_proj.out_features
 
     @torch.inference_mode()
     def forward(
@@ -113,17 +116,17 @@ class BatchedLlama(nn.Module):
             for i, layer in enumerate(model.layers):
                 residual = h
                 x = layer.input_layernorm(h)
-                sa = layer.self_attn
-                q = sa.q_proj(x).view(num_tokens, s.num_heads, s.head_dim)
-                k = sa.k_proj(x).view(num_tokens, s.num_kv_heads, s.head_dim)
-                v = sa.v_proj(x).view(num_tokens, s.num_kv_heads, s.head_dim)
+                q, k, v = self.qkv[i](x).split(self._qkv_split, dim=-1)
+                q = q.view(num_tokens, s.num_heads, s.head_dim)
+                k = k.view(num_tokens, s.num_kv_heads, s.head_dim)
+                v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
                 q = q * cos + _rotate_half(q) * sin
                 k = k * cos + _rotate_half(k) * sin
-                h = residual + sa.o_proj(attend(q, k, v, cache, i, attn))
+                h = residual + self.o[i](attend(q, k, v, cache, i, attn))
                 residual = h
                 x = layer.post_attention_layernorm(h)
-                mlp = layer.mlp
-                h = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+                gate, up = self.gate_up[i](x).split(self._intermediate, dim=-1)
+                h = residual + self.down[i](layer.mlp.act_fn(gate) * up)
             h = model.norm(h[logits_index])
             return self.hf.lm_head(h).float()
         finally:

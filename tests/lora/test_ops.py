@@ -15,17 +15,19 @@ from adapterhub_server.lora.ops import (
     rank_class,
 )
 
-D_IN, D_OUT = 48, 40
+D_IN = 48
 CLASSES = {8: 5, 16: 3, 32: 2}  # rank class -> slots
+# A single module, and a packed q/k/v-like group with unequal output widths.
+PACKINGS = {"single": (40,), "packed": (40, 16, 16)}
 
 
-def _pools(seed: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _pools(seed: int = 0, outs: tuple[int, ...] = (40,)):
     gen = torch.Generator().manual_seed(seed)
     pools = {}
     for cls, slots in CLASSES.items():
-        a = torch.randn(slots, cls, D_IN, generator=gen, dtype=torch.float64)
-        b = torch.randn(slots, cls, D_OUT, generator=gen, dtype=torch.float64)
-        pools[cls] = (a, b)
+        a = torch.randn(slots, len(outs) * cls, D_IN, generator=gen, dtype=torch.float64)
+        bs = tuple(torch.randn(slots, cls, out, generator=gen, dtype=torch.float64) for out in outs)
+        pools[cls] = (a, bs)
     return pools
 
 
@@ -50,14 +52,17 @@ def _routes(mix: str, n: int, rng: random.Random) -> list[tuple[int, int] | None
 MIXES = ["all_same", "all_distinct", "skewed", "with_base", "mixed_ranks", "all_base"]
 
 
+@pytest.mark.parametrize("packing", PACKINGS)
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("num_tokens", [1, 7, 33])
-def test_dense_tokens_match_reference(mix: str, num_tokens: int) -> None:
+def test_dense_tokens_match_reference(mix: str, num_tokens: int, packing: str) -> None:
     rng = random.Random(num_tokens)
-    pools = _pools()
+    outs = PACKINGS[packing]
+    d_out = sum(outs)
+    pools = _pools(0, outs)
     routes = _routes(mix, num_tokens, rng)
     x = torch.randn(num_tokens, D_IN, dtype=torch.float64)
-    base = torch.randn(num_tokens, D_OUT, dtype=torch.float64)
+    base = torch.randn(num_tokens, d_out, dtype=torch.float64)
     expected = base.clone()
     add_lora_reference(expected, x, pools, routes)
     got = base.clone()
@@ -67,10 +72,13 @@ def test_dense_tokens_match_reference(mix: str, num_tokens: int) -> None:
     assert batch.active == any(r is not None for r in routes)
 
 
+@pytest.mark.parametrize("packing", PACKINGS)
 @pytest.mark.parametrize("mix", MIXES)
-def test_decode_plus_prefill_segments_match_reference(mix: str) -> None:
+def test_decode_plus_prefill_segments_match_reference(mix: str, packing: str) -> None:
     rng = random.Random(7)
-    pools = _pools(1)
+    outs = PACKINGS[packing]
+    d_out = sum(outs)
+    pools = _pools(1, outs)
     dense = _routes(mix, 9, rng)
     # Three prefill chunks after the decode tokens: adapter, base, another adapter.
     chunk_routes = [(32, 1), None, (8, 3)]
@@ -84,18 +92,19 @@ def test_decode_plus_prefill_segments_match_reference(mix: str) -> None:
             segments.append(Segment(t, t + n, route[0], route[1]))
         t += n
     x = torch.randn(t, D_IN, dtype=torch.float64)
-    expected = torch.zeros(t, D_OUT, dtype=torch.float64)
+    expected = torch.zeros(t, d_out, dtype=torch.float64)
     add_lora_reference(expected, x, pools, routes)
-    got = torch.zeros(t, D_OUT, dtype=torch.float64)
+    got = torch.zeros(t, d_out, dtype=torch.float64)
     add_lora(got, x, pools, build_lora_batch(dense, segments, dtype=torch.float64))
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_base_rows_are_untouched() -> None:
+    d_out = 40
     pools = _pools()
     routes = [None, (8, 0), None, (16, 2), None]
     x = torch.randn(5, D_IN, dtype=torch.float64)
-    y = torch.randn(5, D_OUT, dtype=torch.float64)
+    y = torch.randn(5, d_out, dtype=torch.float64)
     before = y.clone()
     add_lora(y, x, pools, build_lora_batch(routes, dtype=torch.float64))
     for t in (0, 2, 4):
@@ -104,13 +113,14 @@ def test_base_rows_are_untouched() -> None:
 
 
 def test_float32_close_to_float64_reference() -> None:
-    pools64 = _pools(3)
-    pools32 = {c: (a.float(), b.float()) for c, (a, b) in pools64.items()}
+    d_out = 72
+    pools64 = _pools(3, PACKINGS["packed"])
+    pools32 = {c: (a.float(), tuple(b.float() for b in bs)) for c, (a, bs) in pools64.items()}
     routes = _routes("skewed", 20, random.Random(3))
     x = torch.randn(20, D_IN, dtype=torch.float64)
-    expected = torch.zeros(20, D_OUT, dtype=torch.float64)
+    expected = torch.zeros(20, d_out, dtype=torch.float64)
     add_lora_reference(expected, x, pools64, routes)
-    got = torch.zeros(20, D_OUT)
+    got = torch.zeros(20, d_out)
     add_lora(got, x.float(), pools32, build_lora_batch(routes))
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-3)
 
