@@ -11,6 +11,8 @@ from pathlib import Path
 from adapterhub_server import __version__
 from adapterhub_server.config import EngineConfig, ServerConfig
 from adapterhub_server.errors import AdapterHubError
+from adapterhub_server.registry import default_registry_dir
+from adapterhub_server.registry.cli import add_registry_parser, run_registry_command
 
 
 def _lora_module(text: str) -> tuple[str, Path]:
@@ -63,7 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     serve.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="adapter registry directory (env ADAPTERHUB_REGISTRY; default "
+        "~/.cache/adapterhub/registry)",
+    )
+    serve.add_argument(
+        "--no-registry", action="store_true", help="serve only --lora-modules, no /v1/adapters"
+    )
+    serve.add_argument(
+        "--max-upload-bytes", type=int, default=2 * 1024**3, help="adapter upload size limit"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_registry_parser(sub)
     return parser
 
 
@@ -89,6 +105,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         served_model_name=args.served_model_name,
         model_cache_dir=args.model_cache_dir,
         lora_modules=modules,
+        registry=None if args.no_registry else (args.registry or default_registry_dir()),
+        max_upload_bytes=args.max_upload_bytes,
         log_level=args.log_level,
         engine=engine,
     )
@@ -107,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (AdapterHubError, ValueError) as exc:
             print(f"adapterhub-server: error: {exc}", file=sys.stderr)
             return 2
+    elif args.command == "registry":
+        return run_registry_command(args)
     return 0
 
 

@@ -72,6 +72,10 @@ class ServerConfig:
     """Where converted/downloaded base models are cached."""
     lora_modules: dict[str, Path] = field(default_factory=dict)
     """Adapters to serve from start-up, name -> PEFT directory."""
+    registry: Path | None = None
+    """Adapter registry directory; None serves only ``lora_modules`` (no /v1/adapters)."""
+    max_upload_bytes: int = 2 * 1024**3
+    """Largest accepted adapter upload (counted while the body is read)."""
     log_level: str = "info"
     engine: EngineConfig = field(default_factory=EngineConfig)
 

@@ -52,3 +52,21 @@ class BaseModelError(AdapterHubError):
     """The base model cannot be resolved or loaded."""
 
     code = "base_model_unavailable"
+
+
+class ConflictError(AdapterHubError):
+    """The change contradicts current state (an adapter in use, an aliased version)."""
+
+    code = "conflict"
+
+
+class PayloadTooLargeError(AdapterHubError):
+    """An upload exceeds the configured size limit."""
+
+    code = "payload_too_large"
+
+
+class UpstreamError(AdapterHubError):
+    """A remote the server depends on (the Hugging Face Hub) cannot provide what was asked."""
+
+    code = "upstream_error"

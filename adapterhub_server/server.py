@@ -4,30 +4,87 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 from adapterhub_server.base_model import resolve_base_model
 from adapterhub_server.config import ServerConfig
 from adapterhub_server.engine.async_engine import AsyncLLMEngine
 from adapterhub_server.engine.build import build_engine
+from adapterhub_server.lora.cache import AdapterSource, ChainedAdapterSource, StaticAdapterSource
+from adapterhub_server.registry import (
+    BaseModelSpec,
+    Registry,
+    RegistryAdapterSource,
+    RegistryLimits,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def build_async_engine(config: ServerConfig) -> AsyncLLMEngine:
-    """Load the base model and adapters named in `config`; the engine thread is not started."""
+@dataclass
+class Server:
+    """A built, not yet started server: the engine and (optionally) its registry."""
+
+    engine: AsyncLLMEngine
+    registry: Registry | None
+    max_upload_bytes: int
+
+
+def build_server(config: ServerConfig) -> Server:
+    """Load the base model, open the registry, validate start-up adapters.
+
+    Adapters resolve first from ``--lora-modules`` (served beside the registry, not copied
+    into it), then from the registry, where every reference form works.
+    """
     base = resolve_base_model(
         config.base_model, cache_dir=config.model_cache_dir, model_id=config.served_model_name
     )
-    engine = build_engine(base, config.engine, lora_modules=config.lora_modules)
-    return AsyncLLMEngine(engine, base_model_id=config.served_model_name or base.model_id)
+    model_id = config.served_model_name or base.model_id
+    registry = None
+    sources: list[AdapterSource] = [StaticAdapterSource(config.lora_modules)]
+    if config.registry is not None:
+        spec = BaseModelSpec.from_directory(base.path, model_id)
+        registry = Registry.open(
+            config.registry,
+            base=spec,
+            limits=RegistryLimits(
+                max_lora_rank=config.engine.max_lora_rank,
+                max_upload_bytes=config.max_upload_bytes,
+            ),
+        )
+        sources.append(RegistryAdapterSource(registry, base_fingerprint=spec.fingerprint))
+    engine = build_engine(
+        base,
+        config.engine,
+        lora_modules=config.lora_modules,
+        source=ChainedAdapterSource(sources),
+    )
+    return Server(
+        engine=AsyncLLMEngine(engine, base_model_id=model_id),
+        registry=registry,
+        max_upload_bytes=config.max_upload_bytes,
+    )
 
 
-def build_app(engine: AsyncLLMEngine) -> Any:
+def build_async_engine(config: ServerConfig) -> AsyncLLMEngine:
+    """The engine alone (no registry routes); the engine thread is not started."""
+    return build_server(replace(config, registry=None)).engine
+
+
+def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
     """The FastAPI app over `engine`; the engine thread runs for the app's lifetime."""
+    from adapterhub_server.api.adapters_service import AdapterAdminService
     from adapterhub_server.api.app import create_app
 
-    app = create_app(engine)
+    adapters = None
+    if server is not None and server.registry is not None:
+        adapters = AdapterAdminService(server.registry, engine)
+    app = create_app(
+        engine,
+        adapters=adapters,
+        max_upload_bytes=server.max_upload_bytes if server else 2 * 1024**3,
+    )
     inner = app.router.lifespan_context
 
     @asynccontextmanager
@@ -46,7 +103,8 @@ def build_app(engine: AsyncLLMEngine) -> Any:
 def run_server(config: ServerConfig) -> None:
     import uvicorn
 
-    engine = build_async_engine(config)
-    app = build_app(engine)
+    server = build_server(config)
+    engine = server.engine
+    app = build_app(engine, server)
     logger.info("serving %s on http://%s:%d", engine.base_model_id, config.host, config.port)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)

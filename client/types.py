@@ -454,3 +454,83 @@ class HealthStatus(_Wire):
 
     status: Literal["ok"] = "ok"
     """`ok` while the process serves requests."""
+
+
+# -- adapter registry (`/v1/adapters`) ---------------------------------------------------------
+
+
+class AdapterFile(_Wire):
+    """One stored file of an adapter version."""
+
+    sha256: str
+    """Hex sha256 of the file as stored; checked again before it is served."""
+    size: int
+    """Bytes."""
+
+
+class AdapterVersion(_Wire):
+    """One immutable version of an adapter in the registry."""
+
+    name: str
+    version: int
+    ref: str
+    """``name@version``: the reference that always means exactly this version."""
+    status: str
+    """``ready`` (servable), ``pending`` (being written) or ``deleted``."""
+    created: float
+    """Unix seconds."""
+    deleted: float | None = None
+    aliases: list[str] = Field(default_factory=list)
+    base_model_id: str | None = None
+    base_fingerprint: str | None = None
+    """sha256 fingerprint of the base weights the adapter was validated against."""
+    rank: int | None = None
+    alpha: float | None = None
+    target_modules: list[str] = Field(default_factory=list)
+    size: int | None = None
+    """Total bytes of the version's files."""
+    files: dict[str, AdapterFile] = Field(default_factory=dict)
+    description: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    lineage: dict[str, Any] | None = None
+    """How it was made, when known: dataset sha256, hyperparameters, losses, versions."""
+
+
+class Adapter(_Wire):
+    """An adapter name with its versions and aliases."""
+
+    name: str
+    latest: AdapterVersion
+    """The newest ready version: what ``name`` alone resolves to."""
+    versions: list[int]
+    """Ready version numbers, oldest first."""
+    aliases: dict[str, int]
+    """alias -> version."""
+
+
+class AdapterList(_Wire):
+    object: Literal["list"] = "list"
+    data: list[Adapter]
+
+
+class AliasUpdate(_Wire):
+    """Body of ``PUT /v1/adapters/{name}/aliases/{alias}``."""
+
+    version: int = Field(ge=1)
+    """The version the alias should point at."""
+
+
+class AliasState(_Wire):
+    name: str
+    alias: str
+    version: int
+    """The version the alias points at now (or pointed at before deletion)."""
+    previous: int | None = None
+    """The version it pointed at before this change, if any."""
+
+
+class AdapterDeleted(_Wire):
+    name: str
+    versions: list[int]
+    """Versions deleted by this call; their numbers are never reused."""
+    deleted: Literal[True] = True

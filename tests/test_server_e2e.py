@@ -66,11 +66,7 @@ def test_concurrent_requests_over_many_adapters_match_peft(
 
     tok = AutoTokenizer.from_pretrained(tiny_base)
     prompts = ["hello world", "the quick brown fox", "what is the capital of france?"]
-    jobs = [
-        (model, prompt)
-        for model in [*tiny_adapters, "tiny-base"]
-        for prompt in prompts
-    ]
+    jobs = [(model, prompt) for model in [*tiny_adapters, "tiny-base"] for prompt in prompts]
 
     def call(job: tuple[str, str]):
         model, prompt = job

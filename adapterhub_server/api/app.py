@@ -12,10 +12,13 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapterhub_server.api.adapters_service import AdapterAdminService
 from adapterhub_server.api.errors import error_response, install_error_handlers
+from adapterhub_server.api.routes import adapters as adapter_routes
 from adapterhub_server.api.routes import chat, completions, health, models
 from adapterhub_server.api.service import InferenceService
 from adapterhub_server.engine.protocol import EngineClient
+from adapterhub_server.errors import PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +27,20 @@ REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
-def create_app(engine: EngineClient, *, served_model_name: str | None = None) -> FastAPI:
+def create_app(
+    engine: EngineClient,
+    *,
+    served_model_name: str | None = None,
+    adapters: AdapterAdminService | None = None,
+    max_upload_bytes: int = 2 * 1024**3,
+) -> FastAPI:
     """The OpenAI-compatible HTTP API over `engine`.
 
     `served_model_name` is the id under which clients address the base model (default: the
-    engine's `base_model_id`). The engine is not started or stopped here: whoever owns it
-    wires its lifetime to the app's lifespan.
+    engine's `base_model_id`). With `adapters` (a registry), the `/v1/adapters` management
+    routes are mounted; uploads over `max_upload_bytes` get 413 while the body is read. The
+    engine is not started or stopped here: whoever owns it wires its lifetime to the app's
+    lifespan.
     """
     app = FastAPI(
         title="AdapterHub",
@@ -40,6 +51,10 @@ def create_app(engine: EngineClient, *, served_model_name: str | None = None) ->
     install_error_handlers(app)
     for router in (health.router, models.router, completions.router, chat.router):
         app.include_router(router)
+    if adapters is not None:
+        app.state.adapter_service = adapters
+        app.include_router(adapter_routes.router)
+        app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_upload_bytes)
     app.add_middleware(RequestIdMiddleware)
     _document_400_not_422(app)
     return app
@@ -106,3 +121,41 @@ def _client_request_id(scope: Scope) -> str | None:
             text = value.decode("latin-1")
             return text if _VALID_REQUEST_ID.fullmatch(text) else None
     return None
+
+
+class BodySizeLimitMiddleware:
+    """Refuses request bodies over `max_bytes` with 413, counting bytes as they arrive.
+
+    Content-Length is checked up front but not trusted: a chunked or lying body is cut off
+    the moment it passes the limit, before it is buffered anywhere.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                await error_response(_too_large(limit))(scope, receive, send)
+                return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _too_large(limit)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"request body exceeds the {limit}-byte limit", param="files")

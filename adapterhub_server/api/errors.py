@@ -24,8 +24,11 @@ from adapterhub_server.errors import (
     AdapterValidationError,
     BaseModelError,
     CapacityError,
+    ConflictError,
     ContextLengthError,
     InvalidRequestError,
+    PayloadTooLargeError,
+    UpstreamError,
 )
 from client.types import ErrorDetail, ErrorResponse
 
@@ -39,6 +42,9 @@ RETRY_AFTER_SECONDS = "1"
 # Statuses for the domain errors; the first matching class wins.
 _DOMAIN_STATUS: tuple[tuple[type[AdapterHubError], int], ...] = (
     (AdapterNotFoundError, 404),
+    (PayloadTooLargeError, 413),
+    (ConflictError, 409),
+    (UpstreamError, 502),
     (AdapterValidationError, 400),
     (ContextLengthError, 400),
     (InvalidRequestError, 400),

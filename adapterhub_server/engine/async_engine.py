@@ -14,15 +14,18 @@ import queue
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.outputs import RequestOutput
 from adapterhub_server.engine.protocol import ServableAdapter
 from adapterhub_server.engine.sampling_params import SamplingParams
-from adapterhub_server.errors import AdapterNotFoundError
+from adapterhub_server.errors import AdapterNotFoundError, ConflictError
+from adapterhub_server.lora.cache import display_name
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _Stream = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
 
@@ -76,7 +79,10 @@ class AsyncLLMEngine:
         cache = self.engine.adapters
         return [
             ServableAdapter(
-                name=loc.key, rank=cache.rank_of(loc.key), created=loc.created, source=str(loc.path)
+                name=display_name(loc.key),
+                rank=cache.rank_of(loc.key),
+                created=loc.created,
+                source=str(loc.path),
             )
             for loc in cache.source.list()
         ]
@@ -104,10 +110,10 @@ class AsyncLLMEngine:
             try:
                 self.engine.add_request(request_id, prompt_token_ids, params, adapter)
             except Exception as exc:  # handed back to the caller's event loop
-                loop.call_soon_threadsafe(_settle, accepted, exc)
+                loop.call_soon_threadsafe(_settle_value, accepted, None, exc)
                 return
             self._streams[request_id] = (loop, stream)
-            loop.call_soon_threadsafe(_settle, accepted, None)
+            loop.call_soon_threadsafe(_settle_value, accepted, None, None)
 
         self._submit(add)
         finished = False
@@ -127,6 +133,45 @@ class AsyncLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         self._submit(lambda: self._abort_now(request_id))
+
+    async def call_on_engine(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between steps and return its result.
+
+        Used for changes that must not interleave with a step (e.g. evicting an adapter
+        and deleting its files, so no request loads it in between).
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle_value, done, None, exc)
+                return
+            loop.call_soon_threadsafe(_settle_value, done, result, None)
+
+        if not self.running:  # no engine thread (tests, shutdown): run inline
+            return fn()
+        self._submit(run)
+        return await done
+
+    async def retire_adapter(self, key: str, then: Callable[[], T]) -> T:
+        """Evict adapter `key` from the engine and run `then` (e.g. delete its files), both
+        between steps so no request can load it in between.
+
+        Raises `ConflictError` (and runs nothing) while a running request pins it.
+        """
+
+        def run() -> T:
+            if not self.engine.adapters.evict(key):
+                raise ConflictError(
+                    f"adapter {key} is in use by running requests; retry when they finish",
+                    param="version",
+                )
+            return then()
+
+        return await self.call_on_engine(run)
 
     # -- engine thread ------------------------------------------------------------------
 
@@ -189,11 +234,11 @@ class AsyncLLMEngine:
                 logger.debug("dropping outputs for a closed event loop")
 
 
-def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+def _settle_value(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
     if future.done():
         return
     if exc is None:
-        future.set_result(None)
+        future.set_result(value)
     else:
         future.set_exception(exc)
 

@@ -93,7 +93,7 @@ class LLMEngine:
                 self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
             ),
             stop_checker=StopChecker(params.stop),
-            generator=make_generator(params.seed),
+            generator=make_generator(params.seed, device=self.device),
         )
         self._requests[request_id] = seq
         self.scheduler.add(seq)

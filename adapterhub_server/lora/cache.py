@@ -72,6 +72,36 @@ class StaticAdapterSource:
         return list(self._adapters.values())
 
 
+class ChainedAdapterSource:
+    """Tries sources in order: start-up adapters first, then the registry."""
+
+    def __init__(self, sources: Sequence[AdapterSource]) -> None:
+        self.sources = list(sources)
+
+    def locate(self, ref: str) -> AdapterLocation | None:
+        for source in self.sources:
+            loc = source.locate(ref)
+            if loc is not None:
+                return loc
+        return None
+
+    def list(self) -> Sequence[AdapterLocation]:
+        seen: set[str] = set()
+        out = []
+        for source in self.sources:
+            for loc in source.list():
+                name = display_name(loc.key)
+                if name not in seen:
+                    seen.add(name)
+                    out.append(loc)
+        return out
+
+
+def display_name(key: str) -> str:
+    """What clients call an adapter: its key up to the version (``name@3`` -> ``name``)."""
+    return key.split("@", 1)[0]
+
+
 @dataclass(frozen=True)
 class CacheStats:
     host_resident: int

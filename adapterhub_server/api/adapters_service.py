@@ -1,0 +1,119 @@
+"""The registry management API's logic, free of HTTP types (routes stay thin).
+
+Blocking registry work (hashing, fsync, SQLite) runs in a worker thread so the event loop
+keeps streaming tokens. Deleting a version first evicts it from the engine on the engine
+thread; an adapter pinned by a running request is never yanked: the delete answers 409.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Protocol, TypeVar
+
+import anyio
+
+from adapterhub_server.errors import InvalidRequestError
+from adapterhub_server.registry import Registry
+from client.types import Adapter, AdapterDeleted, AdapterList, AdapterVersion, AliasState
+
+T = TypeVar("T")
+
+_CHUNK = 1 << 20
+
+
+class AdapterHost(Protocol):
+    """What the service needs from the engine: retire an adapter between steps."""
+
+    async def retire_adapter(self, key: str, then: Callable[[], T]) -> T: ...
+
+
+class AdapterAdminService:
+    def __init__(self, registry: Registry, engine: AdapterHost) -> None:
+        self.registry = registry
+        self.engine = engine
+
+    async def upload(
+        self,
+        *,
+        name: str,
+        files: Mapping[str, BinaryIO],
+        alias: str | None,
+        description: str | None,
+        metadata: str | None,
+        sha256: str | None,
+    ) -> AdapterVersion:
+        meta = _json_object(metadata, "metadata")
+        expected = _json_object(sha256, "sha256")
+        if expected is not None and not all(isinstance(v, str) for v in expected.values()):
+            raise InvalidRequestError("sha256 must map file names to hex strings", param="sha256")
+        if not files:
+            raise InvalidRequestError(
+                "no files: send adapter_config.json and adapter_model.safetensors as `files`",
+                param="files",
+            )
+        record = await anyio.to_thread.run_sync(
+            lambda: self.registry.push(
+                dict(files),
+                name,
+                alias=alias or None,
+                description=description,
+                metadata=meta,
+                expected_sha256=expected,
+            )
+        )
+        return AdapterVersion.model_validate(record.to_dict())
+
+    async def list(self) -> AdapterList:
+        infos = await anyio.to_thread.run_sync(self.registry.list_adapters)
+        return AdapterList(data=[Adapter.model_validate(i.to_dict()) for i in infos])
+
+    async def get(self, name: str) -> Adapter:
+        info = await anyio.to_thread.run_sync(lambda: self.registry.get(name))
+        return Adapter.model_validate(info.to_dict())
+
+    async def version(self, name: str, version: int) -> AdapterVersion:
+        record = await anyio.to_thread.run_sync(lambda: self.registry.resolve(f"{name}@{version}"))
+        return AdapterVersion.model_validate(record.to_dict())
+
+    async def open_file(self, name: str, version: int, filename: str) -> Iterator[bytes]:
+        """The file's bytes in chunks, after its sha256 was checked against the index."""
+        handle = await anyio.to_thread.run_sync(
+            lambda: self.registry.open_file(name, version, filename)
+        )
+        return _chunks(handle)
+
+    async def delete_version(self, name: str, version: int, *, force: bool) -> AdapterDeleted:
+        key = f"{name}@{version}"
+        await self.engine.retire_adapter(
+            key, lambda: self.registry.delete_version(name, version, force=force)
+        )
+        return AdapterDeleted(name=name, versions=[version])
+
+    async def set_alias(self, name: str, alias: str, version: int) -> AliasState:
+        previous = await anyio.to_thread.run_sync(
+            lambda: self.registry.set_alias(name, alias, version)
+        )
+        return AliasState(name=name, alias=alias, version=version, previous=previous)
+
+    async def delete_alias(self, name: str, alias: str) -> AliasState:
+        version = await anyio.to_thread.run_sync(lambda: self.registry.delete_alias(name, alias))
+        return AliasState(name=name, alias=alias, version=version)
+
+
+def _json_object(text: str | None, param: str) -> dict[str, Any] | None:
+    if text is None or text == "":
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{param} is not valid JSON: {exc}", param=param) from exc
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{param} must be a JSON object", param=param)
+    return value
+
+
+def _chunks(handle: BinaryIO) -> Iterator[bytes]:
+    with handle:
+        while block := handle.read(_CHUNK):
+            yield block

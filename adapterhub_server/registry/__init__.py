@@ -1,0 +1,63 @@
+"""Versioned adapter registry: immutable, hashed versions behind a blob store and an index.
+
+`Registry.open(root, base=BaseModelSpec.from_directory(...))` opens the embedded default
+(a directory plus an SQLite index in WAL mode); `RegistryAdapterSource` serves it to the
+engine's adapter cache; `registry.cli` is the `adapterhub-server registry` command.
+"""
+
+from adapterhub_server.registry.errors import (
+    AdapterVersionNotFoundError,
+    AliasNotFoundError,
+    ChecksumMismatchError,
+    HubError,
+    InvalidReferenceError,
+    PayloadTooLargeError,
+    RegistryCorruptionError,
+    RegistryError,
+    VersionConflictError,
+)
+from adapterhub_server.registry.records import (
+    AdapterInfo,
+    FileRecord,
+    GcReport,
+    Lineage,
+    VerifyProblem,
+    VerifyReport,
+    VersionRecord,
+)
+from adapterhub_server.registry.refs import AdapterRef, parse_ref, validate_alias
+from adapterhub_server.registry.registry import (
+    Registry,
+    RegistryLimits,
+    default_registry_dir,
+)
+from adapterhub_server.registry.source import RegistryAdapterSource
+from adapterhub_server.registry.targets import BaseModelSpec, targets_from_config
+
+__all__ = [
+    "AdapterInfo",
+    "AdapterRef",
+    "AdapterVersionNotFoundError",
+    "AliasNotFoundError",
+    "BaseModelSpec",
+    "ChecksumMismatchError",
+    "FileRecord",
+    "GcReport",
+    "HubError",
+    "InvalidReferenceError",
+    "Lineage",
+    "PayloadTooLargeError",
+    "Registry",
+    "RegistryAdapterSource",
+    "RegistryCorruptionError",
+    "RegistryError",
+    "RegistryLimits",
+    "VerifyProblem",
+    "VerifyReport",
+    "VersionConflictError",
+    "VersionRecord",
+    "default_registry_dir",
+    "parse_ref",
+    "targets_from_config",
+    "validate_alias",
+]
