@@ -54,14 +54,17 @@ def build_server(config: ServerConfig) -> Server:
             ),
         )
         sources.append(RegistryAdapterSource(registry, base_fingerprint=spec.fingerprint))
-    engine = build_engine(
-        base,
-        config.engine,
-        lora_modules=config.lora_modules,
-        source=ChainedAdapterSource(sources),
+    engine = AsyncLLMEngine.build(
+        lambda: build_engine(
+            base,
+            config.engine,
+            lora_modules=config.lora_modules,
+            source=ChainedAdapterSource(sources),
+        ),
+        base_model_id=model_id,
     )
     return Server(
-        engine=AsyncLLMEngine(engine, base_model_id=model_id),
+        engine=engine,
         registry=registry,
         max_upload_bytes=config.max_upload_bytes,
     )

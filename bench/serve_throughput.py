@@ -7,7 +7,8 @@ each generating exactly `--new-tokens` tokens greedily, through:
   (b) engine-base  this engine, the same requests with no adapter
   (c) peft-mixed   HF PEFT, one batched ``generate(adapter_names=...)`` over all requests
   (d) peft-swap    HF PEFT, ``set_adapter`` then ``generate`` per request, one at a time
-  (e) http         this server over HTTP: N concurrent clients on ``/v1/completions``
+  (e) http         the real server process over HTTP: N concurrent clients on
+                   ``/v1/completions``
 
 Every configuration runs `--repeats` times; medians are reported. Prints a table, writes
 JSON (and a PNG bar chart) under ``bench/results/``.
@@ -25,12 +26,15 @@ import logging
 import platform
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import torch
 
 RESULTS = Path(__file__).parent / "results"
@@ -194,38 +198,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Server:
-    """The real app on uvicorn in a background thread (loopback only)."""
+@contextmanager
+def _server_process(
+    base_path: Path, model_id: str, adapters: dict[str, Path], config
+) -> Iterator[str]:
+    """The real `adapterhub-server serve` in its own process on a free loopback port.
 
-    def __init__(self, async_engine) -> None:
-        import uvicorn
-
-        from adapterhub_server.server import build_app
-
-        self.port = _free_port()
-        config = uvicorn.Config(
-            build_app(async_engine), host="127.0.0.1", port=self.port, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
+    A separate process is how the server is deployed, and it keeps the benchmark's own
+    torch work (the other configurations) from sharing the server's thread pools.
+    """
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "adapterhub_server", "serve",
+        "--base-model", str(base_path), "--served-model-name", model_id,
+        "--port", str(port), "--no-registry", "--log-level", "warning",
+        "--max-num-seqs", str(config.max_num_seqs),
+        "--max-num-batched-tokens", str(config.max_num_batched_tokens),
+        "--max-loras", str(config.max_loras),
+        "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()],
+    ]  # fmt: skip
+    if config.max_model_len:
+        cmd += ["--max-model-len", str(config.max_model_len)]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
             if time.time() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+                raise RuntimeError("server did not become healthy")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def run_http(url: str, prompts, adapters, base_id: str, new_tokens: int) -> dict:
-    import httpx
-
     async def one(
         client: httpx.AsyncClient, ids: list[int], adapter: str | None
     ) -> tuple[int, float]:
@@ -285,7 +303,6 @@ def main() -> None:
 
     from adapterhub_server.base_model import ResolvedBaseModel, resolve_base_model
     from adapterhub_server.config import EngineConfig
-    from adapterhub_server.engine.async_engine import AsyncLLMEngine
     from adapterhub_server.engine.build import build_engine
 
     tmp = Path(tempfile.mkdtemp(prefix="adapterhub-bench-"))
@@ -341,9 +358,8 @@ def main() -> None:
             print(f"  {name:12s} {runs[name][-1]['tokens_per_s']:8.1f} tok/s", flush=True)
 
     if "http" not in args.skip:
-        async_engine = AsyncLLMEngine(engine, base_model_id=base.model_id)
         runs["http"] = []
-        with _Server(async_engine) as url:
+        with _server_process(base.path, base.model_id, adapter_dirs, config) as url:
             run_http(url, prompts, with_adapters, base.model_id, 2)
             for _ in range(args.repeats):
                 runs["http"].append(

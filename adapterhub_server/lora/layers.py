@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapterhub_server.lora.ops import LoRABatch, add_lora
 from adapterhub_server.lora.pool import LoRAWeightPool
+from adapterhub_server.models.linear import FrozenLinear
 
 
 class LoRAContext:
@@ -54,8 +54,7 @@ class PackedLoRALinear(nn.Module):
             if b.bias is not None and bias is not None:
                 b.bias.data = bias[o : o + b.out_features]
             o += b.out_features
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.base = FrozenLinear(weight, bias)
         self.out_features = tuple(b.out_features for b in bases)
         self.group = group
         self.pool = pool
@@ -63,7 +62,7 @@ class PackedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[T, in]`` -> ``[T, sum(out_j)]``; split by the caller."""
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         batch = self.context.batch
         if batch is not None and batch.active:
             add_lora(y, x, self.pool.group_pools(self.group), batch)

@@ -19,6 +19,7 @@ from adapterhub_server.lora.layers import LoRAContext, PackedLoRALinear
 from adapterhub_server.lora.ops import LoRABatch
 from adapterhub_server.lora.pool import LoRAWeightPool
 from adapterhub_server.models.attention import AttentionMetadata, KVCache, attend
+from adapterhub_server.models.linear import FrozenLinear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -82,6 +83,8 @@ class BatchedLlama(nn.Module):
             s.num_kv_heads * s.head_dim,
         )
         self._intermediate = hf_model.model.layers[0].mlp.gate_proj.out_features
+        head = hf_model.lm_head
+        self.lm_head = FrozenLinear(head.weight.detach(), getattr(head, "bias", None))
 
     @torch.inference_mode()
     def forward(
@@ -128,6 +131,6 @@ class BatchedLlama(nn.Module):
                 gate, up = self.gate_up[i](x).split(self._intermediate, dim=-1)
                 h = residual + self.down[i](layer.mlp.act_fn(gate) * up)
             h = model.norm(h[logits_index])
-            return self.hf.lm_head(h).float()
+            return self.lm_head(h).float()
         finally:
             self.lora_context.batch = None

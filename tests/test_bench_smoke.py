@@ -1,0 +1,54 @@
+"""Every benchmark script runs end to end at tiny sizes (its figures are not checked here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(module: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_lora_ops_bench(tmp_path: Path) -> None:
+    out = tmp_path / "ops.json"
+    _run("bench.lora_ops", "--tokens", "4", "--adapters", "2", "--repeats", "2", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["grouped_us"] > 0 for r in rows)
+
+
+def test_linear_bench(tmp_path: Path) -> None:
+    out = tmp_path / "linear.json"
+    _run("bench.linear_cpu", "--rows", "2", "--repeats", "2", "--out", str(out))
+    assert {r["layer"] for r in json.loads(out.read_text())["rows"]} >= {"lm_head", "qkv_proj"}
+
+
+def test_serve_throughput_bench(tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    stdout = _run("bench.serve_throughput", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"engine", "engine-base", "peft-mixed", "peft-swap", "http"}
+    assert result["summary"]["engine"]["generated_tokens"] == 4 * 4
+    assert "engine/peft-mixed" in stdout
+    assert out.with_suffix(".png").exists()
+
+
+@pytest.mark.slow
+def test_profile_bench(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    _run("bench.profile_step", "-n", "2", "-k", "1", "--steps", "1", "--out", str(out))
+    assert json.loads(out.read_text())["top_ops"]
