@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from adapterhub_server.models.linear import FrozenLinear
+from bench.timing import median_us
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {
@@ -29,16 +27,6 @@ SHAPES = {
     "down_proj": (576, 1536),
     "lm_head": (49152, 576),
 }
-
-
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
 
 
 def main() -> None:
@@ -57,8 +45,8 @@ def main() -> None:
         for n in args.rows:
             x = torch.randn(n, in_f)
             torch.testing.assert_close(layer(x), F.linear(x, weight), rtol=1e-4, atol=1e-4)
-            plain = _time(lambda x=x, weight=weight: F.linear(x, weight), args.repeats)
-            packed = _time(lambda x=x, layer=layer: layer(x), args.repeats)
+            plain = median_us(lambda x=x, weight=weight: F.linear(x, weight), args.repeats)
+            packed = median_us(lambda x=x, layer=layer: layer(x), args.repeats)
             rows.append({"layer": name, "rows": n, "f_linear_us": plain, "packed_us": packed})
             print(f"{name:14s} {n:5d} {plain:12.1f} {packed:10.1f} {plain / packed:8.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,26 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from adapterhub_server.lora.ops import add_lora, add_lora_reference, build_lora_batch
+from bench.timing import median_us
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def _time(fn: Callable[[], None], repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def run(tokens: int, adapters: int, rank: int, d_in: int, d_out: int, repeats: int) -> dict:
@@ -99,7 +87,7 @@ def run(tokens: int, adapters: int, rank: int, d_in: int, d_out: int, repeats: i
         "grouped": grouped,
         "grouped_op_only": grouped_op_only,
     }
-    return {name: _time(fn, repeats) * 1e6 for name, fn in fns.items()}
+    return {name: median_us(fn, repeats) for name, fn in fns.items()}
 
 
 def main() -> None:

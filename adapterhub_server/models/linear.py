@@ -2,8 +2,8 @@
 
 Decode steps multiply a few rows (one per sequence) by large frozen weights. For that shape
 oneDNN with a weight reordered once into its blocked layout is several times faster than
-``F.linear`` (``bench/linear_cpu.py`` measures it: 2.7-4.5x for SmolLM2's projections and
-lm_head at 16 rows), the same trick ``torch.compile``'s CPU freezing applies. The results are
+``F.linear`` (``bench/linear_cpu.py`` measures it: 1.7-3.3x for SmolLM2's projections and
+3.5x for its lm_head at 16 rows), the same trick ``torch.compile``'s CPU freezing applies. The results are
 the same GEMM up to float summation order. Elsewhere (CUDA, or a torch built without oneDNN)
 this is ``F.linear``.
 """
