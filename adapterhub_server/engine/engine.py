@@ -104,7 +104,7 @@ class LLMEngine:
         if seq is None:
             return None
         self._finish(seq, "abort")
-        return self._final_output(seq)
+        return self._emit(seq)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -256,9 +256,6 @@ class LLMEngine:
             logprobs=logprobs,
             error=seq.error,
         )
-
-    def _final_output(self, seq: Sequence) -> RequestOutput:
-        return self._emit(seq)
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         seq.error = message

@@ -21,8 +21,6 @@ from adapterhub_server.lora.pool import LoRAWeightPool
 from adapterhub_server.models.attention import AttentionMetadata, KVCache, attend
 from adapterhub_server.models.linear import FrozenLinear
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 @dataclass(frozen=True)
 class ModelShape:
