@@ -120,12 +120,16 @@ def build_lora_batch(
                 )
                 continue
         width = max(len(ts) for ts in slots.values())
-        index = torch.zeros(hi - lo, width, dtype=torch.long)
-        valid = torch.zeros(hi - lo, width, 1, dtype=dtype)
-        for slot, ts in slots.items():
-            index[slot - lo, : len(ts)] = torch.tensor(ts)
-            valid[slot - lo, : len(ts)] = 1.0
-        padded = bool((valid == 0).any())
+        # Built as Python lists and converted once: this runs every step, and one tensor
+        # construction beats a small tensor and an indexed copy per slot.
+        per_slot = [slots.get(slot, []) for slot in range(lo, hi)]
+        index = torch.tensor([ts + [0] * (width - len(ts)) for ts in per_slot], dtype=torch.long)
+        padded = any(len(ts) < width for ts in per_slot)
+        valid = None
+        if padded:
+            valid = torch.tensor(
+                [[1.0] * len(ts) + [0.0] * (width - len(ts)) for ts in per_slot], dtype=dtype
+            ).unsqueeze(-1)
         batch.groups.append(
             TokenGroup(
                 rank_class=cls,
@@ -133,7 +137,7 @@ def build_lora_batch(
                 slot_hi=hi,
                 token_index=index.to(device),
                 flat_index=index.flatten().to(device),
-                valid=valid.to(device) if padded else None,
+                valid=valid.to(device) if valid is not None else None,
                 contiguous=None,
             )
         )
