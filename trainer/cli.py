@@ -1,20 +1,62 @@
-"""`trainer train ...`: fine-tune a LoRA adapter on a JSONL file and publish it.
+"""`trainer train ...`: fine-tune on a JSONL file and publish the adapter into the registry.
 
 trainer train --data chat.jsonl --name my-adapter [--base-model DIR|owner/name]
+torchrun --nproc-per-node 2 -m trainer train --data chat.jsonl --name my-adapter
+
+Every option can also come from `--config FILE` (YAML or JSON, keys = option names);
+options given on the command line override the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from adapterhub_server.errors import AdapterHubError
-from trainer.config import DEFAULT_TARGET_MODULES, METHODS, SCHEDULERS, TrainConfig
+from trainer.config import (
+    BATCHINGS,
+    METHODS,
+    SCHEDULERS,
+    TrainConfig,
+    TrainConfigError,
+    load_config_file,
+)
+from trainer.run import TrainOutcome, run_train
+
+__all__ = ["TrainOutcome", "build_parser", "config_from_args", "main", "run_train"]
 
 logger = logging.getLogger("trainer")
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, the shell's convention for a run stopped by Ctrl-C."""
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _opt(group: Any, flag: str, help_: str = "", **kwargs: Any) -> None:
+    """An option whose absence leaves the field to the config file or the default.
+
+    argparse's default is SUPPRESS, so the namespace holds only what was typed; the help
+    shows `TrainConfig`'s default.
+    """
+    field = flag.lstrip("-").replace("-", "_")
+    default = _DEFAULTS.get(field)
+    if isinstance(default, tuple):
+        default = ",".join(default)
+    shown = "" if default in (None, dataclasses.MISSING) else f" (default: {default})"
+    group.add_argument(flag, default=argparse.SUPPRESS, help=help_ + shown, **kwargs)
+
+
+def _flag(group: Any, flag: str, help_: str) -> None:
+    group.add_argument(
+        flag, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction, help=help_
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,119 +65,87 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    t = commands.add_parser(
-        "train",
-        help="fine-tune an adapter and publish it into the registry",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    t.add_argument("--data", required=True, type=Path, metavar="FILE", help="training JSONL")
+    t = commands.add_parser("train", help="fine-tune and publish an adapter")
+    t.add_argument("--config", type=Path, metavar="FILE", help="YAML or JSON with any option")
     t.add_argument(
-        "--base-model",
-        default=None,
-        help="local HF directory or hub id (default: embedded SmolLM2-135M-Instruct)",
+        "--events", type=Path, metavar="FILE", help="append JSON-lines progress events here"
     )
-    t.add_argument("--method", default="lora", choices=METHODS)
+    _opt(t, "--data", "training JSONL (chat messages or prompt/completion)", type=Path)
+    _opt(t, "--eval-data", "evaluation JSONL, same formats", type=Path)
+    _opt(t, "--base-model", "local HF directory or hub id (default: embedded SmolLM2-135M)")
+    _opt(t, "--method", "lora, or full (also publishes an SVD-extracted LoRA)", choices=METHODS)
     lora = t.add_argument_group("LoRA")
-    lora.add_argument("--r", type=int, default=16, help="rank")
-    lora.add_argument("--alpha", type=float, default=32.0)
-    lora.add_argument("--dropout", type=float, default=0.05)
-    lora.add_argument(
-        "--target-modules", default=",".join(DEFAULT_TARGET_MODULES), help="comma-separated"
-    )
-    lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    _opt(lora, "--r", "rank", type=int)
+    _opt(lora, "--alpha", "scale = alpha / r", type=float)
+    _opt(lora, "--dropout", "", type=float)
+    _opt(lora, "--target-modules", "comma-separated leaf module names")
+    _flag(lora, "--rslora", "scale by alpha / sqrt(r)")
+    _opt(lora, "--extract-rank", "full SFT: rank of the extracted LoRA", type=int)
     opt = t.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=3)
-    opt.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
-    opt.add_argument("--lr", type=float, default=2e-4)
-    opt.add_argument("--warmup-ratio", type=float, default=0.1)
-    opt.add_argument("--scheduler", default="cosine", choices=SCHEDULERS)
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    opt.add_argument("--batch-size", type=int, default=4)
-    opt.add_argument("--grad-accum", type=int, default=1)
-    opt.add_argument("--max-seq-len", type=int, default=512)
-    opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
-    out = t.add_argument_group("output")
-    out.add_argument("--name", default=None, help="adapter name to publish under")
-    out.add_argument(
-        "--registry",
+    _opt(opt, "--epochs", "", type=int)
+    _opt(opt, "--max-steps", "optimizer steps; overrides --epochs", type=int)
+    _opt(opt, "--lr", "peak learning rate", type=float)
+    _opt(opt, "--warmup-ratio", "", type=float)
+    _opt(opt, "--scheduler", "", choices=SCHEDULERS)
+    _opt(opt, "--weight-decay", "", type=float)
+    _opt(opt, "--max-grad-norm", "0 disables clipping", type=float)
+    _opt(opt, "--batch-size", "sequences (rows when packing) per micro-batch", type=int)
+    _opt(opt, "--grad-accum", "micro-batches per optimizer step", type=int)
+    _opt(opt, "--max-seq-len", "", type=int)
+    _opt(opt, "--batching", "", choices=BATCHINGS)
+    opt.add_argument(
+        "--packing",
+        dest="batching",
+        action="store_const",
+        const="packed",
+        default=argparse.SUPPRESS,
+        help="same as --batching packed",
+    )
+    opt.add_argument(
+        "--padding-free",
+        dest="batching",
+        action="store_const",
+        const="padding_free",
+        default=argparse.SUPPRESS,
+        help="same as --batching padding_free",
+    )
+    _flag(opt, "--gradient-checkpointing", "recompute activations: less memory, more time")
+    _opt(opt, "--seed", "", type=int)
+    _opt(opt, "--device", "cpu, cuda, cuda:1 (default: CUDA when available)")
+    run = t.add_argument_group("evaluation and checkpoints")
+    _opt(run, "--eval-every", "steps between evaluations (default: 5 per run)", type=int)
+    _opt(run, "--save-every", "steps between checkpoints; 0 = only on Ctrl-C", type=int)
+    _opt(
+        run,
+        "--checkpoint-dir",
+        "default: <output-dir>/checkpoints or beside the registry",
         type=Path,
-        default=None,
-        help="registry directory (default: $ADAPTERHUB_REGISTRY or ~/.cache/adapterhub/registry)",
     )
-    out.add_argument("--alias", default=None, help="alias to point at the new version")
-    out.add_argument("--description", default=None)
-    out.add_argument(
-        "--output-dir", type=Path, default=None, help="also write the PEFT directory here"
+    _flag(run, "--resume", "continue from the latest checkpoint in --checkpoint-dir")
+    _flag(run, "--keep-checkpoints", "keep checkpoints after a successful run")
+    _opt(run, "--log-every", "steps between loss log lines", type=int)
+    out = t.add_argument_group("output")
+    _opt(out, "--name", "adapter name to publish under")
+    _opt(
+        out,
+        "--registry",
+        "registry directory (default: $ADAPTERHUB_REGISTRY or ~/.cache/adapterhub/registry)",
+        type=Path,
     )
-    out.add_argument("--log-every", type=int, default=10, help="steps between loss log lines")
+    _opt(out, "--alias", "alias to point at the new version")
+    _opt(out, "--description", "")
+    _opt(out, "--output-dir", "also write the PEFT directory (full SFT: the model) here", type=Path)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        data=args.data,
-        base_model=args.base_model,
-        method=args.method,
-        r=args.r,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        target_modules=args.target_modules,
-        rslora=args.rslora,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        lr=args.lr,
-        warmup_ratio=args.warmup_ratio,
-        scheduler=args.scheduler,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        max_seq_len=args.max_seq_len,
-        seed=args.seed,
-        name=args.name,
-        registry=args.registry,
-        alias=args.alias,
-        description=args.description,
-        output_dir=args.output_dir,
-        log_every=args.log_every,
-        device=args.device,
-    )
-
-
-def run_train(config: TrainConfig) -> str | None:
-    """Train and publish; returns the pushed reference (`name@version`) or None."""
-    from transformers import AutoTokenizer
-
-    from adapterhub_server.base_model import resolve_base_model
-    from trainer import loop, publish
-    from trainer.data import load_examples, sha256_file
-
-    dataset_sha256 = sha256_file(config.data)
-    base = resolve_base_model(config.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
-    # Everything about the data is checked before the model loads or anything is written.
-    examples = load_examples(config.data, tokenizer, config.max_seq_len)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    if pad_id is None:
-        pad_id = 0  # padded positions are masked out of attention and loss anyway
-    logger.info("base model %s (%s) at %s", base.model_id, base.source, base.path)
-    device = loop.pick_device(config.device)
-    model = loop.build_model(base.path, config, device)
-    result = loop.train(model, examples, config, pad_id)
-    lineage = publish.build_lineage(config, result, dataset_sha256, device)
-    record = publish.publish(model, config, base, lineage)
-    if config.output_dir is not None:
-        print(f"saved {config.output_dir}")
-    if record is None:
-        return None
-    ref = record.key
-    suffix = f" (alias {config.alias})" if config.alias else ""
-    print(f"published {ref}{suffix}")
-    return ref
+    """The config file's fields, overridden by the options typed on the command line."""
+    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    skip = {"command", "config", "events", "log_level"}
+    values.update({k: v for k, v in vars(args).items() if k not in skip})
+    if "data" not in values:
+        raise TrainConfigError("data: give --data FILE (or `data:` in --config)", param="data")
+    return TrainConfig(**values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,12 +154,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("trainer").setLevel(args.log_level.upper())
-    if args.command == "train":
-        try:
-            run_train(config_from_args(args))
-        except AdapterHubError as exc:
-            print(f"trainer: error: {exc.message}", file=sys.stderr)
-            return 2
+    from trainer.loop import TrainingInterrupted
+
+    try:
+        config = config_from_args(args)
+        run_train(config, events_path=args.events)
+    except TrainingInterrupted as stop:
+        where = f"; checkpoint {stop.checkpoint}" if stop.checkpoint else ""
+        print(f"trainer: interrupted at step {stop.step}{where}", file=sys.stderr)
+        print("trainer: run the same command with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except AdapterHubError as exc:
+        print(f"trainer: error: {exc.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

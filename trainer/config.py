@@ -1,8 +1,12 @@
-"""`TrainConfig`: every knob of a training run, typed, documented and validated at construction."""
+"""`TrainConfig`: every knob of a training run, typed, documented and validated at construction.
+
+`load_config_file` reads the same fields from a YAML or JSON file (`trainer train --config`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +24,18 @@ DEFAULT_TARGET_MODULES = (
     "down_proj",
 )
 
-Method = Literal["lora"]
+Method = Literal["lora", "full"]
 Scheduler = Literal["cosine", "linear"]
-METHODS: tuple[str, ...] = ("lora",)
+Batching = Literal["padded", "padding_free", "packed"]
+METHODS: tuple[str, ...] = ("lora", "full")
 SCHEDULERS: tuple[str, ...] = ("cosine", "linear")
+BATCHINGS: tuple[str, ...] = ("padded", "padding_free", "packed")
+
+RUNTIME_FIELDS = frozenset(
+    {"checkpoint_dir", "resume", "keep_checkpoints", "log_every", "device", "save_every"}
+)
+"""Fields that change how a run is carried out, not what it computes: left out of the
+lineage's hyperparameters and free to differ when a run is resumed."""
 
 
 class TrainConfigError(InvalidRequestError):
@@ -39,8 +51,13 @@ class TrainConfig:
     base_model: str | None = None
     """`--base-model` as the server resolves it: local HF directory, hub id, or None for the
     embedded default (SmolLM2-135M-Instruct)."""
+    eval_data: Path | None = None
+    """Optional JSONL in the same formats; its mean loss is reported every `eval_every` steps
+    and at the end."""
     method: Method = "lora"
-    """Fine-tuning method. Only LoRA in this version."""
+    """`lora`: train low-rank adapters over the frozen base (HF PEFT). `full`: train every
+    parameter, save the weights to `output_dir`, and publish a LoRA extracted from the weight
+    delta by truncated SVD at `extract_rank`."""
     r: int = 16
     """LoRA rank."""
     alpha: float = 32.0
@@ -71,8 +88,28 @@ class TrainConfig:
     """Micro-batches per optimizer step; the loss is averaged over all their trained tokens."""
     max_seq_len: int = 512
     """Sequences are truncated to this many tokens."""
+    batching: Batching = "padded"
+    """How examples become micro-batches: `padded` (right-padded to the longest in the batch),
+    `padding_free` (the batch's examples concatenated into one row, no padding),
+    `packed` (examples packed into rows of up to `max_seq_len` tokens; `batch_size` rows per
+    micro-batch). In the last two no token attends across examples."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
     seed: int = 0
     """Seeds LoRA initialisation, dropout and the data order: same seed, same adapter."""
+    extract_rank: int = 64
+    """`full` only: rank of the LoRA extracted from the weight delta by truncated SVD."""
+    eval_every: int | None = None
+    """Optimizer steps between evaluations of `eval_data`; None = 5 evaluations per run."""
+    save_every: int = 100
+    """Optimizer steps between checkpoints; 0 = only on interrupt (Ctrl-C / SIGTERM)."""
+    checkpoint_dir: Path | None = None
+    """Where checkpoints go; None = `<output_dir>/checkpoints`, else a directory named after
+    the adapter beside the registry."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in `checkpoint_dir`."""
+    keep_checkpoints: bool = False
+    """Keep the checkpoints after a successful run (by default they are removed then)."""
     name: str | None = None
     """Adapter name to publish under in the registry; None = do not publish."""
     registry: Path | None = None
@@ -93,8 +130,9 @@ class TrainConfig:
         set_(self, "data", Path(self.data))
         if self.registry is not None:
             set_(self, "registry", Path(self.registry))
-        if self.output_dir is not None:
-            set_(self, "output_dir", Path(self.output_dir))
+        for name in ("output_dir", "eval_data", "checkpoint_dir"):
+            if getattr(self, name) is not None:
+                set_(self, name, Path(getattr(self, name)))
         if isinstance(self.target_modules, str):
             set_(self, "target_modules", tuple(_split_csv(self.target_modules)))
         else:
@@ -104,9 +142,15 @@ class TrainConfig:
             _fail("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.scheduler not in SCHEDULERS:
             _fail("scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.batching not in BATCHINGS:
+            _fail("batching", f"must be one of {', '.join(BATCHINGS)}, got {self.batching!r}")
         _positive_int(self, "r", "epochs", "batch_size", "grad_accum", "log_every")
-        if self.max_steps is not None:
-            _positive_int(self, "max_steps")
+        _positive_int(self, "extract_rank")
+        for name in ("max_steps", "eval_every"):
+            if getattr(self, name) is not None:
+                _positive_int(self, name)
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            _fail("save_every", f"must be a non-negative integer, got {self.save_every!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             _fail("seed", f"must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 2:
@@ -130,8 +174,12 @@ class TrainConfig:
             _fail("target_modules", "must name at least one module, e.g. q_proj,v_proj")
         if not self.data.is_file():
             _fail("data", f"training data file {str(self.data)!r} does not exist")
+        if self.eval_data is not None and not self.eval_data.is_file():
+            _fail("eval_data", f"eval data file {str(self.eval_data)!r} does not exist")
         if self.name is None and self.output_dir is None:
             _fail("name", "nothing would be kept: give --name (publish) and/or --output-dir")
+        if self.method == "full" and self.output_dir is None:
+            _fail("output_dir", "--method full writes the fine-tuned weights: give --output-dir")
         if self.name is None and self.alias is not None:
             _fail("alias", "--alias needs --name")
         if self.name is not None:
@@ -143,10 +191,28 @@ class TrainConfig:
 
             validate_alias(self.alias)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: paths as strings, tuples as lists (the lineage `hyperparameters`)."""
+    @property
+    def is_lora(self) -> bool:
+        return self.method == "lora"
+
+    def resolved_checkpoint_dir(self) -> Path:
+        """`checkpoint_dir`, or its default (see the field)."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        if self.output_dir is not None:
+            return self.output_dir / "checkpoints"
+        from adapterhub_server.registry.registry import default_registry_dir
+
+        registry = self.registry or default_registry_dir()
+        return registry.parent / "checkpoints" / str(self.name)
+
+    def to_dict(self, *, lineage: bool = False) -> dict[str, Any]:
+        """JSON-ready: paths as strings, tuples as lists. With `lineage`, only the fields
+        that shape the result (the lineage `hyperparameters`)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
+            if lineage and f.name in RUNTIME_FIELDS:
+                continue
             value = getattr(self, f.name)
             if isinstance(value, Path):
                 value = str(value)
@@ -180,3 +246,68 @@ def _finite(config: TrainConfig, *names: str) -> None:
             or not math.isfinite(value)
         ):
             _fail(name, f"must be a finite number, got {value!r}")
+
+
+def field_names() -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The `TrainConfig` fields in a YAML (`.yaml`/`.yml`) or JSON file.
+
+    Keys are field names; `-` may stand for `_` (`max-steps`). Relative paths are taken
+    relative to the working directory, as on the command line.
+
+    Raises:
+        TrainConfigError: unreadable file, not a mapping, or an unknown key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TrainConfigError(f"config: cannot read {path}: {exc}", param="config") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+        raise TrainConfigError(f"config: {path} does not parse: {exc}", param="config") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TrainConfigError(f"config: {path} must hold a mapping of fields", param="config")
+    known = field_names()
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise TrainConfigError(f"config: unknown field {key!r} in {path}", param=str(key))
+        values[name] = value
+    return values
+
+
+FINGERPRINT_FIELDS = (
+    "method",
+    "r",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "rslora",
+    "epochs",
+    "max_steps",
+    "lr",
+    "warmup_ratio",
+    "scheduler",
+    "weight_decay",
+    "max_grad_norm",
+    "batch_size",
+    "grad_accum",
+    "max_seq_len",
+    "batching",
+    "seed",
+)
+"""The fields a resumed run must share with its checkpoint: they change what the remaining
+steps compute (output paths, names and logging may differ)."""

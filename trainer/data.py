@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adapterhub_server.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -230,21 +228,3 @@ def load_examples(path: Path, tokenizer: Any, max_seq_len: int) -> list[Example]
             param="data",
         )
     return examples
-
-
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch.
-
-    Returns input_ids `[B, L]` (pad_id past each end), attention_mask `[B, L]` (1 = real
-    token), labels `[B, L]` (IGNORE_INDEX on padding), with L the longest sequence.
-    """
-    length = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
-        mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from adapterhub_server.base_model import ResolvedBaseModel
 from adapterhub_server.registry import BaseModelSpec, Lineage, Registry, VersionRecord
 from adapterhub_server.registry.registry import default_registry_dir
 from trainer.config import TrainConfig
+from trainer.extract import Extraction
 from trainer.loop import TrainResult
 
 
@@ -57,20 +59,45 @@ def thin(
 
 
 def build_lineage(
-    config: TrainConfig, result: TrainResult, dataset_sha256: str, device: torch.device
+    config: TrainConfig,
+    result: TrainResult,
+    dataset_sha256: str,
+    device: torch.device,
+    *,
+    world_size: int = 1,
+    eval_sha256: str | None = None,
+    extraction: Extraction | None = None,
 ) -> Lineage:
+    extra: dict[str, Any] = {
+        "method": config.method,
+        "train_loss_history": [[step, loss] for step, loss in thin(result.losses)],
+        "steps": result.steps,
+        "trained_tokens": result.trained_tokens,
+        "world_size": world_size,
+    }
+    if result.eval_losses:
+        extra["eval_loss"] = result.eval_loss
+        extra["eval_loss_history"] = [[s, v] for s, v in thin(result.eval_losses)]
+        extra["eval_dataset_sha256"] = eval_sha256
+    if result.resumed_from_step:
+        extra["resumed_from_step"] = result.resumed_from_step
+    if extraction is not None:
+        extra["extraction"] = {
+            "rank": extraction.rank,
+            "energy": round(extraction.energy, 6),
+            "energy_by_module": extraction.energy_by_module(),
+            "untracked_relative_change": {
+                k: round(v, 6) for k, v in sorted(extraction.untracked.items())[:64]
+            },
+        }
     return Lineage(
         dataset_sha256=dataset_sha256,
-        hyperparameters=config.to_dict(),
+        hyperparameters=config.to_dict(lineage=True),
         train_loss=result.final_loss,
         package_versions=package_versions(),
-        hardware=hardware(device),
+        hardware=hardware(device) | {"world_size": world_size},
         wall_time_s=round(result.wall_time_s, 3),
-        extra={
-            "train_loss_history": [[step, loss] for step, loss in thin(result.losses)],
-            "steps": result.steps,
-            "trained_tokens": result.trained_tokens,
-        },
+        extra=extra,
     )
 
 
@@ -81,35 +108,44 @@ def save_adapter(model: Any, directory: Path) -> Path:
     return directory
 
 
-def publish(
-    model: Any,
+def save_full_model(model: Any, tokenizer: Any, directory: Path) -> Path:
+    """Write the fine-tuned model as a loadable HF directory (safetensors + config + tokenizer)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def publish_adapter(
+    write: Callable[[Path], Path],
     config: TrainConfig,
     base: ResolvedBaseModel,
     lineage: Lineage,
-) -> VersionRecord | None:
-    """Save to `config.output_dir` (if set) and push to the registry (if `config.name` is set).
-
-    Returns the pushed version's record, or None when nothing was pushed.
-    """
-    if config.output_dir is not None:
-        save_adapter(model, config.output_dir)
-    if config.name is None:
-        return None
-    description = config.description or (
-        f"LoRA r={config.r} alpha={config.alpha:g} on {base.model_id}, "
-        f"trained on {config.data.name} ({lineage.extra.get('steps')} steps)"
-    )
+    description: str,
+) -> VersionRecord:
+    """Push the adapter `write(dir)` produces as a new version of `config.name`."""
     spec = BaseModelSpec.from_directory(base.path, base.model_id)
     with (
         Registry.open(config.registry or default_registry_dir(), base=spec) as registry,
         tempfile.TemporaryDirectory(prefix="adapterhub-trainer-") as tmp,
     ):
         # Pushed from a fresh directory: --output-dir may hold files from earlier runs.
-        source = save_adapter(model, Path(tmp) / "adapter")
+        source = write(Path(tmp) / "adapter")
         return registry.push(
             source,
-            config.name,
+            str(config.name),
             alias=config.alias,
             description=description,
             lineage=lineage,
         )
+
+
+def describe(config: TrainConfig, base: ResolvedBaseModel, steps: int, rank: int) -> str:
+    if config.description:
+        return config.description
+    what = (
+        f"LoRA r={config.r} alpha={config.alpha:g}"
+        if config.is_lora
+        else f"LoRA r={rank} extracted by SVD from a full fine-tune"
+    )
+    return f"{what} on {base.model_id}, trained on {config.data.name} ({steps} steps)"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from trainer.batching import collate
 from trainer.data import (
     IGNORE_INDEX,
     DataError,
-    collate,
     load_examples,
     read_jsonl,
     tokenize_record,
@@ -77,12 +77,13 @@ def test_truncation_and_right_padding(tokenizer, tmp_path: Path) -> None:
     examples = load_examples(data, tokenizer, max_seq_len=12)
     assert [e.line for e in examples] == [1, 2]
     assert all(len(e.input_ids) <= 12 for e in examples)
-    batch = collate(examples, pad_id=tokenizer.pad_token_id)
+    batch = collate([[0], [1]], examples, pad_id=tokenizer.pad_token_id)
     short = len(examples[0].input_ids)
-    assert batch["input_ids"].shape == batch["labels"].shape == (2, 12)
-    assert batch["attention_mask"][0].tolist() == [1] * short + [0] * (12 - short)
-    assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
-    assert (batch["input_ids"][0, short:] == tokenizer.pad_token_id).all()
+    assert batch.inputs["input_ids"].shape == batch.labels.shape == (2, 12)
+    assert batch.inputs["attention_mask"][0].tolist() == [1] * short + [0] * (12 - short)
+    assert (batch.labels[0, short:] == IGNORE_INDEX).all()
+    assert (batch.inputs["input_ids"][0, short:] == tokenizer.pad_token_id).all()
+    assert batch.real_tokens == short + 12
 
 
 @pytest.mark.parametrize(
