@@ -39,7 +39,7 @@ EXIT_INTERRUPTED = 130
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
-def _opt(group: Any, flag: str, help_: str = "", **kwargs: Any) -> None:
+def _opt(group: Any, flag: str, help_: str = "", *aliases: str, **kwargs: Any) -> None:
     """An option whose absence leaves the field to the config file or the default.
 
     argparse's default is SUPPRESS, so the namespace holds only what was typed; the help
@@ -50,7 +50,9 @@ def _opt(group: Any, flag: str, help_: str = "", **kwargs: Any) -> None:
     if isinstance(default, tuple):
         default = ",".join(default)
     shown = "" if default in (None, dataclasses.MISSING) else f" (default: {default})"
-    group.add_argument(flag, default=argparse.SUPPRESS, help=help_ + shown, **kwargs)
+    group.add_argument(
+        flag, *aliases, dest=field, default=argparse.SUPPRESS, help=help_ + shown, **kwargs
+    )
 
 
 def _flag(group: Any, flag: str, help_: str) -> None:
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(t, "--base-model", "local HF directory or hub id (default: embedded SmolLM2-135M)")
     _opt(t, "--method", "lora, or full (also publishes an SVD-extracted LoRA)", choices=METHODS)
     lora = t.add_argument_group("LoRA")
-    _opt(lora, "--r", "rank", type=int)
+    # `--lora-r` too: torchrun rejects `--r` as an ambiguous prefix of its own options.
+    _opt(lora, "--r", "rank", "--lora-r", type=int)
     _opt(lora, "--alpha", "scale = alpha / r", type=float)
     _opt(lora, "--dropout", "", type=float)
     _opt(lora, "--target-modules", "comma-separated leaf module names")
