@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(t, "--data", "training JSONL (chat messages or prompt/completion)", type=Path)
     _opt(t, "--eval-data", "evaluation JSONL, same formats", type=Path)
     _opt(t, "--base-model", "local HF directory or hub id (default: embedded SmolLM2-135M)")
+    _opt(t, "--base-model-id", "id recorded for the base in the registry (default: resolved)")
     _opt(t, "--method", "lora, or full (also publishes an SVD-extracted LoRA)", choices=METHODS)
     lora = t.add_argument_group("LoRA")
     # `--lora-r` too: torchrun rejects `--r` as an ambiguous prefix of its own options.

@@ -51,6 +51,9 @@ class TrainConfig:
     base_model: str | None = None
     """`--base-model` as the server resolves it: local HF directory, hub id, or None for the
     embedded default (SmolLM2-135M-Instruct)."""
+    base_model_id: str | None = None
+    """The id the published version records for its base (default: as `base_model` resolves,
+    e.g. the directory's name). The server's jobs pass the id the server serves under."""
     eval_data: Path | None = None
     """Optional JSONL in the same formats; its mean loss is reported every `eval_every` steps
     and at the end."""

@@ -4,6 +4,7 @@ and the loss module the loop (and DDP) runs.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,10 @@ def build_model(base_path: Path, config: TrainConfig, device: torch.device) -> A
             bias="none",
         )
         torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft 0.21 still calls a transformers 5 attribute that warns on every run.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+            model = get_peft_model(model, lora)
     else:
         model.requires_grad_(True)
     return model.to(device)

@@ -88,7 +88,7 @@ def _run(
 
     dataset_sha256 = sha256_file(config.data)
     eval_sha256 = sha256_file(config.eval_data) if config.eval_data else None
-    base = resolve_base_model(config.base_model)
+    base = resolve_base_model(config.base_model, model_id=config.base_model_id)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     # Everything about the data is checked before the model loads or anything is written.
     examples = load_examples(config.data, tokenizer, config.max_seq_len)
