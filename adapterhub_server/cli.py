@@ -76,7 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-registry", action="store_true", help="serve only --lora-modules, no /v1/adapters"
     )
     serve.add_argument(
-        "--max-upload-bytes", type=int, default=2 * 1024**3, help="adapter upload size limit"
+        "--max-upload-bytes",
+        type=int,
+        default=2 * 1024**3,
+        help="size limit of adapter and training-file uploads",
+    )
+    serve.add_argument(
+        "--jobs-dir",
+        type=Path,
+        default=None,
+        help="fine-tuning files and jobs (env ADAPTERHUB_JOBS_DIR; default: a 'finetune' "
+        "directory next to the registry)",
+    )
+    serve.add_argument(
+        "--max-concurrent-jobs",
+        type=int,
+        default=1,
+        help="fine-tuning jobs that train at once, each in its own process (default: 1)",
+    )
+    serve.add_argument(
+        "--no-fine-tuning",
+        action="store_true",
+        help="no /v1/files and /v1/fine_tuning/jobs routes, run no training jobs",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_registry_parser(sub)
@@ -107,6 +128,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         lora_modules=modules,
         registry=None if args.no_registry else (args.registry or default_registry_dir()),
         max_upload_bytes=args.max_upload_bytes,
+        fine_tuning=not args.no_fine_tuning,
+        jobs_dir=args.jobs_dir,
+        max_concurrent_jobs=args.max_concurrent_jobs,
         log_level=args.log_level,
         engine=engine,
     )

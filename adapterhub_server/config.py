@@ -75,10 +75,19 @@ class ServerConfig:
     registry: Path | None = None
     """Adapter registry directory; None serves only ``lora_modules`` (no /v1/adapters)."""
     max_upload_bytes: int = 2 * 1024**3
-    """Largest accepted adapter upload (counted while the body is read)."""
+    """Largest accepted upload, adapter or training file (counted while the body is read)."""
+    fine_tuning: bool = True
+    """Serve `/v1/files` and `/v1/fine_tuning/jobs` (only with a registry to publish into)."""
+    jobs_dir: Path | None = None
+    """Fine-tuning files, jobs and their index; None = `$ADAPTERHUB_JOBS_DIR`, else a
+    `finetune` directory next to the registry."""
+    max_concurrent_jobs: int = 1
+    """Fine-tuning jobs that train at once, each in its own trainer process."""
     log_level: str = "info"
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError("port must be in 1..65535")
+        if self.max_concurrent_jobs < 1:
+            raise ValueError("max_concurrent_jobs must be >= 1")

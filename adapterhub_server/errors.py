@@ -70,3 +70,9 @@ class UpstreamError(AdapterHubError):
     """A remote the server depends on (the Hugging Face Hub) cannot provide what was asked."""
 
     code = "upstream_error"
+
+
+class NotFoundError(AdapterHubError):
+    """An id in the request path names nothing (an unknown file or fine-tuning job)."""
+
+    code = "not_found"

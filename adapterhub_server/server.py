@@ -11,6 +11,12 @@ from adapterhub_server.base_model import resolve_base_model
 from adapterhub_server.config import ServerConfig
 from adapterhub_server.engine.async_engine import AsyncLLMEngine
 from adapterhub_server.engine.build import build_engine
+from adapterhub_server.finetune import (
+    BaseModelInfo,
+    FineTuningService,
+    RunnerConfig,
+    default_jobs_dir,
+)
 from adapterhub_server.lora.cache import AdapterSource, ChainedAdapterSource, StaticAdapterSource
 from adapterhub_server.registry import (
     BaseModelSpec,
@@ -24,11 +30,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Server:
-    """A built, not yet started server: the engine and (optionally) its registry."""
+    """A built, not yet started server: the engine and (optionally) its registry and its
+    fine-tuning jobs."""
 
     engine: AsyncLLMEngine
     registry: Registry | None
     max_upload_bytes: int
+    fine_tuning: FineTuningService | None = None
 
 
 def build_server(config: ServerConfig) -> Server:
@@ -63,10 +71,20 @@ def build_server(config: ServerConfig) -> Server:
         ),
         base_model_id=model_id,
     )
+    fine_tuning = None
+    if config.registry is not None and config.fine_tuning:
+        # Jobs publish into this registry and train the model served here, by its path.
+        fine_tuning = FineTuningService.open(
+            config.jobs_dir or default_jobs_dir(config.registry),
+            base=BaseModelInfo(model_id=model_id, path=base.path),
+            registry=config.registry,
+            runner=RunnerConfig(max_concurrent_jobs=config.max_concurrent_jobs),
+        )
     return Server(
         engine=engine,
         registry=registry,
         max_upload_bytes=config.max_upload_bytes,
+        fine_tuning=fine_tuning,
     )
 
 
@@ -76,16 +94,21 @@ def build_async_engine(config: ServerConfig) -> AsyncLLMEngine:
 
 
 def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
-    """The FastAPI app over `engine`; the engine thread runs for the app's lifetime."""
+    """The FastAPI app over `engine`; the engine thread and the fine-tuning job runner run
+    for the app's lifetime."""
+    import anyio
+
     from adapterhub_server.api.adapters_service import AdapterAdminService
     from adapterhub_server.api.app import create_app
 
     adapters = None
     if server is not None and server.registry is not None:
         adapters = AdapterAdminService(server.registry, engine)
+    fine_tuning = server.fine_tuning if server is not None else None
     app = create_app(
         engine,
         adapters=adapters,
+        fine_tuning=fine_tuning,
         max_upload_bytes=server.max_upload_bytes if server else 2 * 1024**3,
     )
     inner = app.router.lifespan_context
@@ -94,9 +117,15 @@ def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
     async def lifespan(app_: Any):  # type: ignore[no-untyped-def]
         engine.start()
         try:
+            if fine_tuning is not None:
+                await anyio.to_thread.run_sync(fine_tuning.start)
             async with inner(app_) as state:
                 yield state
         finally:
+            if fine_tuning is not None:
+                # Running trainers get SIGTERM, save a checkpoint and are requeued; this can
+                # take a while, so it runs off the event loop.
+                await anyio.to_thread.run_sync(fine_tuning.stop)
             engine.shutdown()
 
     app.router.lifespan_context = lifespan

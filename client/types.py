@@ -12,9 +12,16 @@ or the server's web framework.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "MAX_LOGPROBS",
@@ -534,3 +541,303 @@ class AdapterDeleted(_Wire):
     versions: list[int]
     """Versions deleted by this call; their numbers are never reused."""
     deleted: Literal[True] = True
+
+
+# -- files (`/v1/files`) -----------------------------------------------------------------------
+
+FilePurpose = Literal["fine-tune"]
+"""The only purpose this server stores files for: training and validation data of jobs."""
+
+
+class FileObject(_Wire):
+    """An uploaded file, in OpenAI's `file` shape."""
+
+    id: str
+    """`file-<hex>`: what jobs name as `training_file` / `validation_file`."""
+    object: Literal["file"] = "file"
+    """Always `file`."""
+    bytes: int
+    """Size in bytes."""
+    created_at: int
+    """Unix seconds of the upload."""
+    filename: str
+    """The name the file was uploaded under (metadata only; stored under `id`)."""
+    purpose: FilePurpose = "fine-tune"
+    """Always `fine-tune`."""
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    """Always `processed`: a file is validated before it is stored, or refused."""
+    status_details: str | None = None
+    """Deprecated by OpenAI; always null."""
+
+
+class FileList(_Wire):
+    """Response of `GET /v1/files`: every stored file, newest first."""
+
+    object: Literal["list"] = "list"
+    """Always `list`."""
+    data: list[FileObject]
+    """The files."""
+    has_more: bool = False
+    """Always false: the list is not paginated."""
+
+
+class FileDeleted(_Wire):
+    """Response of `DELETE /v1/files/{file_id}`."""
+
+    id: str
+    """The deleted file's id."""
+    object: Literal["file"] = "file"
+    """Always `file`."""
+    deleted: Literal[True] = True
+    """Always true."""
+
+
+# -- fine-tuning jobs (`/v1/fine_tuning/jobs`) -------------------------------------------------
+
+FineTuningJobStatus = Literal[
+    "validating_files", "queued", "running", "succeeded", "failed", "cancelled"
+]
+"""A job's life: `queued` -> `running` -> `succeeded` | `failed`; `cancelled` from either of
+the first two. `validating_files` is accepted from OpenAI but never reported: files are
+validated when uploaded and when the job is created."""
+
+TrainingMethod = Literal["lora", "full"]
+"""`lora`: train a LoRA adapter. `full`: full-parameter SFT, then extract a LoRA adapter by
+SVD (`extract_rank`) so that the result serves like any other adapter."""
+
+
+class FineTuningHyperparameters(_Wire):
+    """Hyperparameters of a job request: OpenAI's three plus AdapterHub extensions.
+
+    Unknown names are refused (400), so a typo never silently trains with a default.
+    OpenAI's three accept `"auto"` (the trainer's default); every extension left out takes
+    the trainer's default.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    n_epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Passes over the training data ("auto": 3); ignored when `max_steps` is set."""
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Sequences per micro-batch ("auto": 4)."""
+    learning_rate_multiplier: (
+        Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal["auto"]
+    ) = "auto"
+    """Peak learning rate = 2e-4 x this ("auto": 1)."""
+    training_method: TrainingMethod | None = None
+    """Extension: `lora` (default) or `full`."""
+    lora_r: int | None = Field(default=None, ge=1)
+    """Extension: LoRA rank (default 16)."""
+    lora_alpha: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Extension: LoRA alpha; scale = alpha / r (default 32)."""
+    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
+    """Extension: dropout on the LoRA input during training (default 0.05)."""
+    lora_target_modules: list[str] | None = Field(default=None, min_length=1)
+    """Extension: leaf names of the linear modules to adapt (default all 7 projections)."""
+    use_rslora: bool | None = None
+    """Extension: rank-stabilised scaling alpha / sqrt(r)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Extension: optimizer steps to run; overrides `n_epochs`."""
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
+    """Extension: fraction of the steps with a linear learning-rate warmup (default 0.1)."""
+    max_seq_len: int | None = Field(default=None, ge=2)
+    """Extension: sequences are truncated to this many tokens (default 512)."""
+    grad_accum: int | None = Field(default=None, ge=1)
+    """Extension: micro-batches per optimizer step (default 1)."""
+    packing: bool | None = None
+    """Extension: pack several short examples into one sequence."""
+    extract_rank: int | None = Field(default=None, ge=1)
+    """Extension, `full` only: rank of the LoRA adapter extracted from the trained weights."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_names(cls, value: Any) -> Any:
+        # One clear message naming the accepted hyperparameters, instead of pydantic's
+        # generic "Extra inputs are not permitted" per unknown key.
+        if isinstance(value, dict):
+            unknown = sorted(k for k in value if k not in cls.model_fields)
+            if unknown:
+                raise ValueError(
+                    f"unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
+                    f"accepted: {', '.join(cls.model_fields)}"
+                )
+        return value
+
+
+class SupervisedMethodRequest(_Wire):
+    """`method.supervised` of a job request."""
+
+    hyperparameters: FineTuningHyperparameters | None = None
+    """The job's hyperparameters."""
+
+
+class FineTuningMethodRequest(_Wire):
+    """`method` of a job request: only supervised fine-tuning."""
+
+    type: Literal["supervised"] = "supervised"
+    """Only `supervised`; OpenAI's `dpo` and `reinforcement` are refused (400)."""
+    supervised: SupervisedMethodRequest | None = None
+    """Settings of the supervised method."""
+
+
+class FineTuningJobCreateRequest(_Wire):
+    """Body of `POST /v1/fine_tuning/jobs`."""
+
+    model: str
+    """Must be the id of the base model this server runs (see `GET /v1/models`)."""
+    training_file: str
+    """Id of an uploaded `fine-tune` file: JSONL of `{"messages": [...]}` or
+    `{"prompt", "completion"}` records."""
+    validation_file: str | None = None
+    """Id of an uploaded `fine-tune` file to report an evaluation loss on."""
+    suffix: str
+    """Required here (optional in OpenAI's API): the adapter name the result is published
+    under in the registry; `fine_tuned_model` will be `<suffix>@<version>`. Names match
+    `^[a-z0-9][a-z0-9._-]{0,63}$`."""
+    seed: int | None = Field(default=None, ge=0)
+    """Seeds initialisation, dropout and the data order; random (and reported) when absent."""
+    method: FineTuningMethodRequest | None = None
+    """The method and its hyperparameters."""
+    hyperparameters: FineTuningHyperparameters | None = None
+    """Deprecated OpenAI spelling of `method.supervised.hyperparameters`; give one of them."""
+
+
+class FineTuningJobHyperparameters(_Wire):
+    """The hyperparameters a job runs with, every default resolved."""
+
+    n_epochs: int
+    """Passes over the data (ignored when `max_steps` is set)."""
+    batch_size: int
+    """Sequences per micro-batch."""
+    learning_rate_multiplier: float
+    """Multiplier of the base learning rate 2e-4."""
+    learning_rate: float | None = None
+    """Extension: the resulting peak learning rate."""
+    training_method: str | None = None
+    """Extension: `lora` or `full`."""
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    lora_target_modules: list[str] | None = None
+    use_rslora: bool | None = None
+    max_steps: int | None = None
+    warmup_ratio: float | None = None
+    max_seq_len: int | None = None
+    grad_accum: int | None = None
+    packing: bool | None = None
+    extract_rank: int | None = None
+
+
+class FineTuningJobSupervised(_Wire):
+    """`method.supervised` of a job."""
+
+    hyperparameters: FineTuningJobHyperparameters
+    """The resolved hyperparameters (the same as the job's top-level `hyperparameters`)."""
+
+
+class FineTuningJobMethod(_Wire):
+    """`method` of a job."""
+
+    type: Literal["supervised"] = "supervised"
+    """Always `supervised`."""
+    supervised: FineTuningJobSupervised
+    """Its settings."""
+
+
+class FineTuningJobError(_Wire):
+    """Why a job failed."""
+
+    code: str
+    """Machine-readable: `invalid_training_data`, `trainer_crashed`, `server_restarted`, ..."""
+    message: str
+    """What happened, with the trainer's own message where it gave one."""
+    param: str | None = None
+    """The request field at fault, if any."""
+
+
+class FineTuningJob(_Wire):
+    """A fine-tuning job, in OpenAI's `fine_tuning.job` shape."""
+
+    id: str
+    """`ftjob-<hex>`."""
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    """Always `fine_tuning.job`."""
+    created_at: int
+    """Unix seconds of the request."""
+    finished_at: int | None = None
+    """Unix seconds when it reached `succeeded`, `failed` or `cancelled`."""
+    model: str
+    """The base model id."""
+    fine_tuned_model: str | None = None
+    """The registry reference `<suffix>@<version>` once published: servable at once as
+    `model` of completions and chat requests."""
+    organization_id: str = "adapterhub"
+    """Always `adapterhub`."""
+    status: FineTuningJobStatus
+    """Where the job is in its life."""
+    training_file: str
+    """Training file id."""
+    validation_file: str | None = None
+    """Validation file id, if any."""
+    hyperparameters: FineTuningJobHyperparameters
+    """The resolved hyperparameters."""
+    method: FineTuningJobMethod
+    """The method and the resolved hyperparameters."""
+    seed: int
+    """The seed the job trains with."""
+    trained_tokens: int | None = None
+    """Tokens the loss covered, summed over all steps; set on success."""
+    error: FineTuningJobError | None = None
+    """Set when `status` is `failed`."""
+    result_files: list[str] = Field(default_factory=list)
+    """Always empty: the result is the registry version named by `fine_tuned_model`."""
+    estimated_finish: int | None = None
+    """Unix seconds when a running job should finish, from the trainer's latest estimate."""
+    integrations: list[Any] | None = None
+    """Unsupported; always null."""
+    metadata: dict[str, str] | None = None
+    """Unsupported; always null."""
+    suffix: str
+    """Extension: the adapter name the job publishes under."""
+
+
+class FineTuningJobList(_Wire):
+    """Response of `GET /v1/fine_tuning/jobs`: newest first."""
+
+    object: Literal["list"] = "list"
+    """Always `list`."""
+    data: list[FineTuningJob]
+    """One page of jobs."""
+    has_more: bool
+    """Whether older jobs follow; pass the last id as `after` to get them."""
+
+
+class FineTuningJobEvent(_Wire):
+    """One entry of a job's log, in OpenAI's `fine_tuning.job.event` shape."""
+
+    id: str
+    """`ftevent-<hex>`."""
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    """Always `fine_tuning.job.event`."""
+    created_at: int
+    """Unix seconds."""
+    level: Literal["info", "warn", "error"]
+    """Severity."""
+    message: str
+    """Human-readable."""
+    type: Literal["message", "metrics"] = "message"
+    """`metrics` for training progress (`data` holds step, train_loss, lr, ...)."""
+    data: dict[str, Any] | None = None
+    """Structured details; `data.event` names the trainer event (`started`, `checkpoint`,
+    `published`, ...) for events that came from the trainer."""
+
+
+class FineTuningJobEventList(_Wire):
+    """Response of `GET /v1/fine_tuning/jobs/{id}/events`: newest first."""
+
+    object: Literal["list"] = "list"
+    """Always `list`."""
+    data: list[FineTuningJobEvent]
+    """One page of events."""
+    has_more: bool
+    """Whether older events follow; pass the last id as `after` to get them."""

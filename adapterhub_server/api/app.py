@@ -16,9 +16,12 @@ from adapterhub_server.api.adapters_service import AdapterAdminService
 from adapterhub_server.api.errors import error_response, install_error_handlers
 from adapterhub_server.api.routes import adapters as adapter_routes
 from adapterhub_server.api.routes import chat, completions, health, models
+from adapterhub_server.api.routes import files as file_routes
+from adapterhub_server.api.routes import fine_tuning as fine_tuning_routes
 from adapterhub_server.api.service import InferenceService
 from adapterhub_server.engine.protocol import EngineClient
 from adapterhub_server.errors import PayloadTooLargeError
+from adapterhub_server.finetune.service import FineTuningService
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +35,16 @@ def create_app(
     *,
     served_model_name: str | None = None,
     adapters: AdapterAdminService | None = None,
+    fine_tuning: FineTuningService | None = None,
     max_upload_bytes: int = 2 * 1024**3,
 ) -> FastAPI:
     """The OpenAI-compatible HTTP API over `engine`.
 
     `served_model_name` is the id under which clients address the base model (default: the
     engine's `base_model_id`). With `adapters` (a registry), the `/v1/adapters` management
-    routes are mounted; uploads over `max_upload_bytes` get 413 while the body is read. The
-    engine is not started or stopped here: whoever owns it wires its lifetime to the app's
+    routes are mounted; with `fine_tuning`, `/v1/files` and `/v1/fine_tuning/jobs`. Uploads
+    over `max_upload_bytes` get 413 while the body is read. Neither the engine nor the job
+    runner is started or stopped here: whoever owns them wires their lifetime to the app's
     lifespan.
     """
     app = FastAPI(
@@ -54,6 +59,11 @@ def create_app(
     if adapters is not None:
         app.state.adapter_service = adapters
         app.include_router(adapter_routes.router)
+    if fine_tuning is not None:
+        app.state.fine_tuning_service = fine_tuning
+        app.include_router(file_routes.router)
+        app.include_router(fine_tuning_routes.router)
+    if adapters is not None or fine_tuning is not None:
         app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_upload_bytes)
     app.add_middleware(RequestIdMiddleware)
     _document_400_not_422(app)
@@ -139,9 +149,11 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
+        # The multipart field that carries the payload: `file` for training data.
+        param = "file" if scope.get("path", "").startswith("/v1/files") else "files"
         for key, value in scope.get("headers", []):
             if key == b"content-length" and value.isdigit() and int(value) > limit:
-                await error_response(_too_large(limit))(scope, receive, send)
+                await error_response(_too_large(limit, param))(scope, receive, send)
                 return
         seen = 0
 
@@ -151,11 +163,11 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _too_large(limit)
+                    raise _too_large(limit, param)
             return message
 
         await self.app(scope, counting_receive, send)
 
 
-def _too_large(limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"request body exceeds the {limit}-byte limit", param="files")
+def _too_large(limit: int, param: str) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"request body exceeds the {limit}-byte limit", param=param)

@@ -27,6 +27,7 @@ from adapterhub_server.errors import (
     ConflictError,
     ContextLengthError,
     InvalidRequestError,
+    NotFoundError,
     PayloadTooLargeError,
     UpstreamError,
 )
@@ -42,6 +43,7 @@ RETRY_AFTER_SECONDS = "1"
 # Statuses for the domain errors; the first matching class wins.
 _DOMAIN_STATUS: tuple[tuple[type[AdapterHubError], int], ...] = (
     (AdapterNotFoundError, 404),
+    (NotFoundError, 404),
     (PayloadTooLargeError, 413),
     (ConflictError, 409),
     (UpstreamError, 502),

@@ -1,0 +1,318 @@
+"""What the `/v1/files` and `/v1/fine_tuning/jobs` routes call, free of HTTP types.
+
+Blocking work (copying and validating an upload, SQLite, fsync) runs in a worker thread so
+the event loop keeps streaming tokens; training itself runs in a trainer subprocess started
+by the `JobRunner`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio
+
+from adapterhub_server.errors import AdapterHubError, InvalidRequestError, NotFoundError
+from adapterhub_server.finetune.hyperparameters import plan_training
+from adapterhub_server.finetune.records import (
+    QUEUED,
+    EventRecord,
+    FileRecord,
+    JobRecord,
+    make_event,
+    new_id,
+)
+from adapterhub_server.finetune.runner import JobRunner, RunnerConfig
+from adapterhub_server.finetune.store import FineTuneStore
+from adapterhub_server.lora.adapter import validate_adapter_name
+from client.types import (
+    FileDeleted,
+    FileList,
+    FileObject,
+    FineTuningJob,
+    FineTuningJobCreateRequest,
+    FineTuningJobError,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    FineTuningJobHyperparameters,
+    FineTuningJobList,
+    FineTuningJobMethod,
+    FineTuningJobSupervised,
+)
+
+PURPOSE = "fine-tune"
+_COPY_CHUNK = 1 << 20
+_MAX_FILENAME = 255
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """The base model that jobs fine-tune: the one the server serves."""
+
+    model_id: str
+    """The id clients use (`model` of a job must equal it)."""
+    path: Path
+    """Its resolved local HF directory, handed to the trainer."""
+
+
+class FineTuningService:
+    """Files and fine-tuning jobs over one `FineTuneStore`, run by one `JobRunner`."""
+
+    def __init__(
+        self, store: FineTuneStore, runner: JobRunner, *, base: BaseModelInfo, registry: Path
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.base = base
+        self.registry = Path(registry)
+
+    @classmethod
+    def open(
+        cls,
+        jobs_dir: Path,
+        *,
+        base: BaseModelInfo,
+        registry: Path,
+        runner: RunnerConfig | None = None,
+    ) -> FineTuningService:
+        """Open (creating if needed) the jobs directory; the runner is not started yet."""
+        store = FineTuneStore(jobs_dir)
+        return cls(store, JobRunner(store, runner), base=base, registry=registry)
+
+    def start(self) -> bool:
+        """Start running jobs (see `JobRunner.start`)."""
+        return self.runner.start()
+
+    def stop(self) -> None:
+        """Stop the runner; running jobs are requeued to resume on the next start."""
+        self.runner.stop()
+        self.store.close()
+
+    # -- files --------------------------------------------------------------------------
+
+    async def upload_file(self, *, filename: str, data: BinaryIO, purpose: str) -> FileObject:
+        """Store a JSONL training file after checking every line; nothing is kept if one is bad."""
+        if purpose != PURPOSE:
+            raise InvalidRequestError(
+                f"purpose must be {PURPOSE!r} (the only files this server stores are training "
+                f"data), got {purpose!r}",
+                param="purpose",
+            )
+        record = await anyio.to_thread.run_sync(lambda: self._store_upload(filename, data))
+        return _file(record)
+
+    def _store_upload(self, filename: str, data: BinaryIO) -> FileRecord:
+        from trainer.data import DataError, read_jsonl
+
+        name = _clean_filename(filename)
+        staged = self.store.staging_path()
+        try:
+            with open(staged, "wb") as out:
+                shutil.copyfileobj(data, out, _COPY_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                read_jsonl(staged)
+            except DataError as exc:
+                # The trainer's message names our staging path; the client knows its own name.
+                raise InvalidRequestError(
+                    exc.message.replace(str(staged), name), param="file"
+                ) from None
+            record = FileRecord(
+                id=new_id("file"),
+                filename=name,
+                bytes=staged.stat().st_size,
+                created_at=int(time.time()),
+                purpose=PURPOSE,
+            )
+            return self.store.add_file(record, staged)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    async def list_files(self) -> FileList:
+        records = await anyio.to_thread.run_sync(self.store.list_files)
+        return FileList(data=[_file(r) for r in records])
+
+    async def get_file(self, file_id: str) -> FileObject:
+        return _file(await anyio.to_thread.run_sync(lambda: self.store.get_file(file_id)))
+
+    async def file_content(self, file_id: str) -> Path:
+        """The stored file's path (the route streams it)."""
+        record = await anyio.to_thread.run_sync(lambda: self.store.get_file(file_id))
+        return self.store.file_path(record.id)
+
+    async def delete_file(self, file_id: str) -> FileDeleted:
+        record = await anyio.to_thread.run_sync(lambda: self.store.delete_file(file_id))
+        return FileDeleted(id=record.id)
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    async def create_job(self, request: FineTuningJobCreateRequest) -> FineTuningJob:
+        """Validate everything the trainer would, then queue the job."""
+        job = await anyio.to_thread.run_sync(lambda: self._create_job(request))
+        self.runner.wake()
+        return job_to_wire(job)
+
+    def _create_job(self, request: FineTuningJobCreateRequest) -> JobRecord:
+        if request.model != self.base.model_id:
+            raise InvalidRequestError(
+                f"model must be this server's base model {self.base.model_id!r}, got "
+                f"{request.model!r}: jobs train adapters for the model the server runs",
+                param="model",
+            )
+        try:
+            validate_adapter_name(request.suffix)
+        except AdapterHubError as exc:
+            raise InvalidRequestError(
+                f"suffix (the adapter name to publish under): {exc.message}", param="suffix"
+            ) from None
+        training = self._usable_file(request.training_file, "training_file")
+        validation = (
+            self._usable_file(request.validation_file, "validation_file")
+            if request.validation_file
+            else None
+        )
+        job_id = new_id("ftjob")
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        plan = plan_training(
+            request,
+            data=self.store.file_path(training.id),
+            eval_data=self.store.file_path(validation.id) if validation else None,
+            base_model=str(self.base.path),
+            base_model_id=self.base.model_id,
+            registry=self.registry,
+            seed=seed,
+            description=f"fine-tuning job {job_id} on {training.filename} ({training.id})",
+            output_dir=self.store.job_paths(job_id).dir / "output",
+        )
+        now = int(time.time())
+        job = JobRecord(
+            id=job_id,
+            created_at=now,
+            status=QUEUED,
+            model=self.base.model_id,
+            suffix=request.suffix,
+            training_file=training.id,
+            validation_file=validation.id if validation else None,
+            seed=seed,
+            hyperparameters=plan.hyperparameters.model_dump(mode="json"),
+        )
+        paths = self.store.job_paths(job_id)
+        paths.dir.mkdir(parents=True)
+        try:
+            _write_json_atomic(paths.config, plan.config)
+            self.store.add_job(
+                job, make_event(job_id, f"Created fine-tuning job: {job_id}", created_at=now)
+            )
+        except BaseException:
+            shutil.rmtree(paths.dir, ignore_errors=True)
+            raise
+        return job
+
+    def _usable_file(self, file_id: str, param: str) -> FileRecord:
+        try:
+            return self.store.get_file(file_id)
+        except NotFoundError:
+            raise InvalidRequestError(
+                f"{param}: no uploaded file {file_id!r}; upload it with POST /v1/files first",
+                param=param,
+            ) from None
+
+    async def list_jobs(self, *, after: str | None, limit: int) -> FineTuningJobList:
+        jobs, more = await anyio.to_thread.run_sync(
+            lambda: self.store.list_jobs(after=after, limit=limit)
+        )
+        return FineTuningJobList(data=[job_to_wire(j) for j in jobs], has_more=more)
+
+    async def get_job(self, job_id: str) -> FineTuningJob:
+        return job_to_wire(await anyio.to_thread.run_sync(lambda: self.store.get_job(job_id)))
+
+    async def list_events(
+        self, job_id: str, *, after: str | None, limit: int
+    ) -> FineTuningJobEventList:
+        events, more = await anyio.to_thread.run_sync(
+            lambda: self.store.list_events(job_id, after=after, limit=limit)
+        )
+        return FineTuningJobEventList(data=[_event(e) for e in events], has_more=more)
+
+    async def cancel_job(self, job_id: str) -> FineTuningJob:
+        """Cancel a queued or running job; the runner SIGTERMs a running trainer at once.
+
+        Idempotent for a cancelled job; ConflictError (409) for one that already succeeded
+        or failed.
+        """
+        job = await anyio.to_thread.run_sync(lambda: self.store.cancel(job_id))
+        self.runner.wake()
+        return job_to_wire(job)
+
+
+def job_to_wire(job: JobRecord) -> FineTuningJob:
+    hyperparameters = FineTuningJobHyperparameters.model_validate(job.hyperparameters)
+    return FineTuningJob(
+        id=job.id,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        model=job.model,
+        fine_tuned_model=job.fine_tuned_model,
+        status=job.status,  # type: ignore[arg-type]
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        hyperparameters=hyperparameters,
+        method=FineTuningJobMethod(
+            supervised=FineTuningJobSupervised(hyperparameters=hyperparameters)
+        ),
+        seed=job.seed,
+        trained_tokens=job.trained_tokens,
+        error=FineTuningJobError(**job.error.to_dict()) if job.error else None,
+        estimated_finish=job.estimated_finish,
+        suffix=job.suffix,
+    )
+
+
+def _file(record: FileRecord) -> FileObject:
+    return FileObject(
+        id=record.id,
+        bytes=record.bytes,
+        created_at=record.created_at,
+        filename=record.filename,
+    )
+
+
+def _event(event: EventRecord) -> FineTuningJobEvent:
+    return FineTuningJobEvent(
+        id=event.id,
+        created_at=event.created_at,
+        level=event.level,  # type: ignore[arg-type]
+        message=event.message,
+        type=event.type,  # type: ignore[arg-type]
+        data=event.data,
+    )
+
+
+def _clean_filename(filename: str) -> str:
+    """The base name only (it is metadata, never a path), at most 255 characters."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    name = "".join(ch for ch in name if ch.isprintable())
+    return name[:_MAX_FILENAME] or "upload.jsonl"
+
+
+def _write_json_atomic(path: Path, value: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump(value, out, indent=2)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
