@@ -30,6 +30,7 @@ from torch import nn
 
 from trainer.checkpoint_paths import STATE_FILE, checkpoint_dir_for_step
 from trainer.config import TrainConfigError
+from trainer.sharding import full_tensor, shard_like
 
 logger = logging.getLogger(__name__)
 
@@ -77,23 +78,28 @@ def save_checkpoint(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
     fingerprint: dict[str, Any],
-) -> Path:
-    """Write `step-<progress.step>/` (replacing a partial one) and return its path."""
-    target = checkpoint_dir_for_step(checkpoint_dir, progress.step)
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    save_file(
-        {name: p.detach().contiguous().cpu() for name, p in params},
-        target / "trainable.safetensors",
-    )
+    write: bool = True,
+) -> Path | None:
+    """Write `step-<progress.step>/` (replacing a partial one) and return its path.
+
+    Under FSDP every rank must call this (sharded tensors are gathered); only the one with
+    `write` writes, and the others get None.
+    """
+    weights = {name: full_tensor(p).contiguous() for name, p in params}
     index = {id(p): i for i, (_, p) in enumerate(params)}
     tensors: dict[str, torch.Tensor] = {}
     for p, state in optimizer.state.items():
         i = index[id(p)]
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{i}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{i}.{key}"] = full_tensor(value).contiguous()
+    if not write:
+        return None
+    target = checkpoint_dir_for_step(checkpoint_dir, progress.step)
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    save_file(weights, target / "trainable.safetensors")
     save_file(tensors, target / "optimizer.safetensors")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -141,11 +147,15 @@ def load_checkpoint(
         )
     with torch.no_grad():
         for name, p in params:
-            p.copy_(weights[name])
+            p.copy_(shard_like(weights[name], p))
     tensors = load_file(path / "optimizer.safetensors")
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         i, name = key.split(".", 1)
+        param = params[int(i)][1]
+        # AdamW's moments have the parameter's shape (and, under FSDP, its sharding).
+        if value.shape == param.shape:
+            value = shard_like(value, param)
         per_param.setdefault(int(i), {})[name] = value
     groups = state["optimizer"]["param_groups"]
     # Param indices follow `params` order: one group holds them all (see the loop).

@@ -37,6 +37,7 @@ from trainer.distributed import DistInfo
 from trainer.events import EventLog
 from trainer.modeling import CausalLMLoss, trainable_parameters
 from trainer.progress import Reporter
+from trainer.sharding import set_gradient_sync
 
 logger = logging.getLogger("trainer")
 
@@ -184,21 +185,26 @@ def train(
     device = next(p.device for p in model.parameters())
     plan = make_plan(config, examples, info)
     total_steps, warmup_steps = plan_steps(config, plan)
+    sharded = info.enabled and not config.is_lora
+    autocast = torch.bfloat16 if device.type == "cuda" and not config.is_lora else None
+    loss_module = CausalLMLoss(model, autocast_dtype=None if sharded else autocast)
+    runner: torch.nn.Module = loss_module
+    if sharded:
+        from trainer.sharding import shard_full_sft
+
+        runner = shard_full_sft(loss_module, device)  # before the optimizer: params change
+    elif info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None
+        )
     named = trainable_parameters(model)
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, warmup_steps, config.scheduler)
     )
-    autocast = torch.bfloat16 if device.type == "cuda" and not config.is_lora else None
-    loss_module = CausalLMLoss(model, autocast_dtype=autocast)
-    runner: torch.nn.Module = loss_module
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        runner = DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None
-        )
 
     checkpoint_dir = config.resolved_checkpoint_dir()
     progress = Progress()
@@ -248,16 +254,17 @@ def train(
     )
 
     def save() -> Path | None:
-        path = None
-        if info.is_main:
-            path = save_checkpoint(
-                checkpoint_dir,
-                params=named,
-                optimizer=optimizer,
-                schedule=schedule,
-                progress=progress,
-                fingerprint=fingerprint,
-            )
+        # Every rank takes part: sharded tensors are gathered (a collective); rank 0 writes.
+        path = save_checkpoint(
+            checkpoint_dir,
+            params=named,
+            optimizer=optimizer,
+            schedule=schedule,
+            progress=progress,
+            fingerprint=fingerprint,
+            write=info.is_main,
+        )
+        if path is not None:
             prune_checkpoints(checkpoint_dir, keep=path)
             reporter.checkpoint(progress.step, str(path))
         distributed.barrier(info)
@@ -281,7 +288,11 @@ def train(
                 for i, batch in enumerate(batches):
                     batch = batch.to(device)
                     sync = i == len(batches) - 1 or not info.enabled
-                    with contextlib.nullcontext() if sync else runner.no_sync():  # type: ignore[operator]
+                    if sharded:
+                        set_gradient_sync(runner, sync)
+                    with (
+                        contextlib.nullcontext() if sync or sharded else runner.no_sync()  # type: ignore[operator]
+                    ):
                         loss = runner(batch.inputs, batch.labels)
                         # DDP averages gradients over ranks: scale so the result is the
                         # token-weighted mean over the whole global batch.
@@ -305,7 +316,7 @@ def train(
                 if eval_examples and (
                     progress.step % eval_every == 0 or progress.step == total_steps
                 ):
-                    value = evaluate(loss_module, eval_examples, config, pad_id, info)
+                    value = evaluate(runner, eval_examples, config, pad_id, info, split=not sharded)
                     progress.eval_losses.append((progress.step, value))
                     reporter.eval(progress.step, value)
                     model.train()
@@ -360,15 +371,23 @@ def train(
 
 @torch.no_grad()
 def evaluate(
-    loss_module: CausalLMLoss,
+    loss_module: torch.nn.Module,
     examples: Sequence[Example],
     config: TrainConfig,
     pad_id: int,
     info: DistInfo,
+    *,
+    split: bool = True,
 ) -> float:
-    """Token-weighted mean loss over `examples` (dropout off), shared out over ranks."""
-    loss_module.model.eval()
+    """Token-weighted mean loss over `examples` (dropout off).
+
+    With `split` the examples are shared out over ranks; a sharded (FSDP) model needs every
+    rank in every forward, so there each rank evaluates them all.
+    """
+    loss_module.train(False)
     device = next(p.device for p in loss_module.parameters())
+    if not split:
+        info = DistInfo()
     mine = list(range(info.rank, len(examples), info.world_size))
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(mine), config.batch_size):

@@ -88,8 +88,9 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.autocast_dtype = autocast_dtype
         lm = causal_lm(model)
-        self._decoder = lm.get_decoder()
-        self._head = lm.get_output_embeddings()
+        # A tuple, not attributes: registering the submodules a second time would give their
+        # parameters two names (state dicts, FSDP) for one tensor.
+        self._parts = (lm.get_decoder(), lm.get_output_embeddings())
 
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """inputs: input_ids [B, L] (+ attention_mask or position_ids [B, L]);
@@ -100,11 +101,12 @@ class CausalLMLoss(nn.Module):
             dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
         ):
-            hidden = self._decoder(**inputs, use_cache=False).last_hidden_state
+            decoder, head = self._parts
+            hidden = decoder(**inputs, use_cache=False).last_hidden_state
             targets = labels[:, 1:]
             keep = targets != IGNORE_INDEX
             selected = hidden[:, :-1][keep]  # [N, H]
-            logits = self._head(selected)  # [N, V]
+            logits = head(selected)  # [N, V]
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 

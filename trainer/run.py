@@ -123,6 +123,8 @@ def _run(
         stop=stop,
         on_step=on_step,
     )
+    if info.enabled and not config.is_lora:
+        result.model = _gather_sharded(result.model, base.path, info)
     outcome = TrainOutcome(ref=None, result=result, output_dir=config.output_dir)
     if info.is_main:
         finish = _Finish(
@@ -156,6 +158,26 @@ def _run(
         _announce(config, outcome)
     distributed.barrier(info)
     return outcome
+
+
+def _gather_sharded(model: Any, base_path: Path, info: distributed.DistInfo) -> Any:
+    """An FSDP-trained model as one plain float32 model on rank 0 (None elsewhere).
+
+    Every rank takes part in the gather; rank 0 copies the whole tensors into a freshly
+    loaded model, by parameter name (tied weights appear once in both).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from trainer.sharding import full_tensor
+
+    whole = {name: full_tensor(p) for name, p in model.named_parameters()}
+    if not info.is_main:
+        return None
+    plain = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            p.copy_(whole[name])
+    return plain.eval()
 
 
 @dataclass

@@ -168,3 +168,56 @@ def test_torchrun_two_cpu_processes_publish_one_version(tiny_base: Path, tmp_pat
     assert [s for s, _ in together] == [s for s, _ in alone]
     for (_, a), (_, b) in zip(together, alone, strict=True):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_torchrun_full_sft_is_sharded_and_resumable(tiny_base: Path, tmp_path: Path):
+    """Full SFT under torchrun runs FSDP: it matches a single process accumulating the same
+    micro-batches, and its checkpoints (gathered from the shards) resume."""
+    from adapterhub_server.registry import Registry
+
+    data = write_data(tmp_path / "train.jsonl")
+    registry = tmp_path / "registry"
+    argv = [*common_args(tiny_base, data, 4), "--batch-size", "2", "--method", "full"]
+    argv[argv.index("--r")] = "--lora-r"
+    argv += ["--lr", "1e-3", "--extract-rank", "4", "--registry", str(registry)]
+    argv += ["--device", "cpu", "--dropout", "0", "--log-every", "1", "--eval-data", str(data)]
+    sharded = [*argv, "--name", "fsdp", "--output-dir", str(tmp_path / "fsdp")]
+    sharded += ["--save-every", "2", "--keep-checkpoints"]
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def torchrun(args: list[str]) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc-per-node", "2", "-m", "trainer", *args]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+
+    torchrun(sharded)
+    assert (
+        main(
+            [
+                *argv,
+                "--grad-accum",
+                "2",
+                "--name",
+                "single",
+                "--output-dir",
+                str(tmp_path / "single"),
+            ]
+        )
+        == 0
+    )
+    # Resume the sharded run from its step-2 checkpoint: the same last steps again.
+    assert latest_checkpoint(tmp_path / "fsdp" / "checkpoints").name == "step-00000002"
+    torchrun([*sharded, "--resume", "--name", "fsdp-resumed"])
+
+    with Registry.open(registry) as reg:
+        runs = {n: reg.resolve(f"{n}@1").lineage for n in ("fsdp", "single", "fsdp-resumed")}
+    losses = {n: [v for _, v in lin.extra["train_loss_history"]] for n, lin in runs.items()}
+    assert losses["fsdp"] == pytest.approx(losses["single"], rel=1e-4)
+    assert losses["fsdp-resumed"] == pytest.approx(losses["fsdp"], rel=1e-4)  # history kept
+    assert runs["fsdp-resumed"].extra["resumed_from_step"] == 2
+    assert runs["fsdp"].extra["eval_loss"] == pytest.approx(
+        runs["single"].extra["eval_loss"], rel=1e-4
+    )
+    assert runs["fsdp"].extra["world_size"] == 2
+    assert 0 < runs["fsdp"].extra["extraction"]["energy"] <= 1
