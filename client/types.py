@@ -623,7 +623,7 @@ class FineTuningHyperparameters(_Wire):
     learning_rate_multiplier: (
         Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal["auto"]
     ) = "auto"
-    """Peak learning rate = 2e-4 x this ("auto": 1)."""
+    """Peak learning rate = the method's default (1e-3 LoRA, 2e-5 full) x this ("auto": 1)."""
     training_method: TrainingMethod | None = None
     """Extension: `lora` (default) or `full`."""
     lora_r: int | None = Field(default=None, ge=1)
@@ -710,7 +710,7 @@ class FineTuningJobHyperparameters(_Wire):
     batch_size: int
     """Sequences per micro-batch."""
     learning_rate_multiplier: float
-    """Multiplier of the base learning rate 2e-4."""
+    """Multiplier of the method's base learning rate (1e-3 LoRA, 2e-5 full)."""
     learning_rate: float | None = None
     """Extension: the resulting peak learning rate."""
     training_method: str | None = None

@@ -31,6 +31,10 @@ METHODS: tuple[str, ...] = ("lora", "full")
 SCHEDULERS: tuple[str, ...] = ("cosine", "linear")
 BATCHINGS: tuple[str, ...] = ("padded", "padding_free", "packed")
 
+DEFAULT_LR = {"lora": 1e-3, "full": 2e-5}
+"""Peak learning rates that fit a small dataset in tens of steps: a LoRA update starts from
+zero and needs a large rate; full SFT moves pretrained weights and needs a small one."""
+
 RUNTIME_FIELDS = frozenset(
     {"checkpoint_dir", "resume", "keep_checkpoints", "log_every", "device", "save_every"}
 )
@@ -71,12 +75,14 @@ class TrainConfig:
     """Leaf names of the linear modules to adapt."""
     rslora: bool = False
     """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
-    epochs: int = 3
-    """Passes over the data; ignored when `max_steps` is set."""
+    epochs: int | None = None
+    """Passes over the data; ignored when `max_steps` is set. None = auto (`auto_epochs`):
+    3, raised for small datasets so that the run has at least 40 optimizer steps."""
     max_steps: int | None = None
     """Optimizer steps to run (cycling through the data as needed); overrides `epochs`."""
-    lr: float = 2e-4
-    """Peak learning rate of AdamW."""
+    lr: float | None = None
+    """Peak learning rate of AdamW; None = the method's default (`DEFAULT_LR`: 1e-3 for
+    LoRA, 2e-5 for full SFT)."""
     warmup_ratio: float = 0.1
     """Fraction of the steps over which the learning rate rises linearly to `lr`, in [0, 1)."""
     scheduler: Scheduler = "cosine"
@@ -143,13 +149,15 @@ class TrainConfig:
 
         if self.method not in METHODS:
             _fail("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.lr is None:
+            set_(self, "lr", DEFAULT_LR[self.method])
         if self.scheduler not in SCHEDULERS:
             _fail("scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.batching not in BATCHINGS:
             _fail("batching", f"must be one of {', '.join(BATCHINGS)}, got {self.batching!r}")
-        _positive_int(self, "r", "epochs", "batch_size", "grad_accum", "log_every")
+        _positive_int(self, "r", "batch_size", "grad_accum", "log_every")
         _positive_int(self, "extract_rank")
-        for name in ("max_steps", "eval_every"):
+        for name in ("epochs", "max_steps", "eval_every"):
             if getattr(self, name) is not None:
                 _positive_int(self, name)
         if not isinstance(self.save_every, int) or self.save_every < 0:
@@ -249,6 +257,19 @@ def _finite(config: TrainConfig, *names: str) -> None:
             or not math.isfinite(value)
         ):
             _fail(name, f"must be a finite number, got {value!r}")
+
+
+AUTO_EPOCHS = 3
+AUTO_MIN_STEPS = 40
+AUTO_MAX_EPOCHS = 25
+
+
+def auto_epochs(num_examples: int, batch_size: int, grad_accum: int = 1) -> int:
+    """Epochs when none are given: 3, or more (up to 25) so that a small dataset still gets
+    40 optimizer steps; a dozen examples seen three times teach a LoRA nothing."""
+    steps_per_epoch = max(1, math.ceil(num_examples / (batch_size * grad_accum)))
+    wanted = math.ceil(AUTO_MIN_STEPS / steps_per_epoch)
+    return min(AUTO_MAX_EPOCHS, max(AUTO_EPOCHS, wanted))
 
 
 def field_names() -> frozenset[str]:

@@ -31,7 +31,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.checkpoint_paths import latest_checkpoint
-from trainer.config import TrainConfig, TrainConfigError
+from trainer.config import TrainConfig, TrainConfigError, auto_epochs
 from trainer.data import Example
 from trainer.distributed import DistInfo
 from trainer.events import EventLog
@@ -150,7 +150,10 @@ def make_plan(config: TrainConfig, examples: Sequence[Example], info: DistInfo) 
 
 def plan_steps(config: TrainConfig, plan: BatchPlan) -> tuple[int, int]:
     """(total optimizer steps, warmup steps)."""
-    total = config.max_steps if config.max_steps is not None else plan.total_steps(config.epochs)
+    if config.max_steps is not None:
+        return config.max_steps, math.ceil(config.warmup_ratio * config.max_steps)
+    epochs = config.epochs or auto_epochs(len(plan.lengths), config.batch_size, config.grad_accum)
+    total = plan.total_steps(epochs)
     return total, math.ceil(config.warmup_ratio * total)
 
 

@@ -6,6 +6,7 @@ every rank runs it; only rank 0 writes events, files and registry versions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 
 from adapterhub_server.errors import AdapterHubError
 from trainer import distributed
-from trainer.config import FINGERPRINT_FIELDS, TrainConfig
+from trainer.config import FINGERPRINT_FIELDS, TrainConfig, auto_epochs
 from trainer.events import EventLog
 from trainer.loop import StopRequest, TrainingInterrupted, TrainResult
 
@@ -95,6 +96,11 @@ def _run(
     eval_examples = (
         load_examples(config.eval_data, tokenizer, config.max_seq_len) if config.eval_data else []
     )
+    if config.epochs is None and config.max_steps is None:
+        epochs = auto_epochs(len(examples), config.batch_size * info.world_size, config.grad_accum)
+        config = dataclasses.replace(config, epochs=epochs)
+        if info.is_main:
+            logger.info("epochs: auto -> %d for %d examples", epochs, len(examples))
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

@@ -1,7 +1,8 @@
 """From an OpenAI job request to the trainer's `TrainConfig`, validated with the trainer's rules.
 
 OpenAI's three hyperparameters map onto the trainer's (`"auto"` = the trainer's default;
-learning rate = the trainer's default 2e-4 x `learning_rate_multiplier`); the AdapterHub
+learning rate = the trainer's default for the method (1e-3 LoRA, 2e-5 full) x
+`learning_rate_multiplier`); the AdapterHub
 extensions map one to one. The config is built as a real `TrainConfig`, so a value the
 trainer would refuse is refused here, with `param` naming the request field, before the job
 is queued. Defaults come from `TrainConfig` itself, so they cannot drift from the trainer's.
@@ -20,7 +21,8 @@ from client.types import (
     FineTuningJobCreateRequest,
     FineTuningJobHyperparameters,
 )
-from trainer.config import TrainConfig, TrainConfigError
+from trainer.config import DEFAULT_LR, TrainConfig, TrainConfigError, auto_epochs
+from trainer.data import read_jsonl
 
 EXTENSIONS: dict[str, str] = {
     "training_method": "method",
@@ -97,7 +99,7 @@ def plan_training(
     """
     hp, prefix = requested_hyperparameters(request)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    default_lr = fields["lr"].default
+    default_lr = DEFAULT_LR[hp.training_method or "lora"]
     multiplier = 1.0 if hp.learning_rate_multiplier == "auto" else hp.learning_rate_multiplier
     kwargs: dict[str, Any] = {
         "data": data,
@@ -138,6 +140,12 @@ def plan_training(
         raise _renamed(exc, prefix) from None
     except AdapterHubError as exc:  # the name check raises AdapterValidationError
         raise InvalidRequestError(exc.message, param=_request_param(exc.param, prefix)) from None
+    if config.epochs is None:
+        # "auto" is resolved now, from the (already validated) file, so that the job reports
+        # the number it runs with.
+        records = len(read_jsonl(data))
+        epochs = auto_epochs(records, config.batch_size, config.grad_accum)
+        config = dataclasses.replace(config, epochs=epochs)
     lora = config.method == "lora"
     return TrainingPlan(
         config=config.to_dict(),

@@ -108,7 +108,7 @@ def test_openai_sdk_job_trains_publishes_and_serves_at_once(
         method={
             "type": "supervised",
             "supervised": {
-                "hyperparameters": {"n_epochs": 1, "learning_rate_multiplier": 25, "batch_size": 4}
+                "hyperparameters": {"n_epochs": 1, "learning_rate_multiplier": 5, "batch_size": 4}
             },
         },
     )

@@ -10,7 +10,7 @@ from adapterhub_server.errors import InvalidRequestError
 from adapterhub_server.finetune import hyperparameters
 from adapterhub_server.finetune.hyperparameters import plan_training
 from client.types import FineTuningJobCreateRequest
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, auto_epochs
 
 
 def plan(tmp_path: Path, **hp: object):
@@ -40,7 +40,9 @@ def plan(tmp_path: Path, **hp: object):
 def test_auto_means_the_trainers_defaults(tmp_path: Path) -> None:
     result = plan(tmp_path)
     defaults = TrainConfig(data=tmp_path / "train.jsonl", name="x")
-    assert result.config["epochs"] == defaults.epochs
+    # "auto" epochs are resolved from the file: one record in batches of 4 -> the maximum.
+    assert defaults.epochs is None
+    assert result.config["epochs"] == auto_epochs(1, defaults.batch_size) == 25
     assert result.config["batch_size"] == defaults.batch_size
     assert result.config["lr"] == defaults.lr
     assert result.config["name"] == "my-adapter"
@@ -49,7 +51,8 @@ def test_auto_means_the_trainers_defaults(tmp_path: Path) -> None:
     assert result.config["base_model_id"] == "served-base"
     assert result.config["output_dir"] is None  # LoRA jobs only publish
     hp = result.hyperparameters
-    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (3, 4, 1.0)
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (25, 4, 1.0)
+    assert hp.learning_rate == 1e-3
     assert hp.lora_r == defaults.r
     assert hp.packing is False
     assert hp.extract_rank is None
@@ -71,7 +74,7 @@ def test_extensions_map_onto_trainer_fields(tmp_path: Path) -> None:
         packing=True,
     )
     config = result.config
-    assert config["lr"] == pytest.approx(1e-4)
+    assert config["lr"] == pytest.approx(5e-4)  # 0.5 x the LoRA default 1e-3
     assert (config["r"], config["alpha"], config["dropout"]) == (4, 8, 0.0)
     assert config["target_modules"] == ["q_proj", "v_proj"]
     assert config["rslora"] is True

@@ -10,7 +10,16 @@ import pytest
 
 from adapterhub_server.finetune import FineTuningService
 from adapterhub_server.finetune.process import is_alive, process_identity
-from tests.finetune.conftest import BASE_ID, all_events, job_body, poll_job, upload, wait_for
+from tests.finetune.conftest import (
+    BASE_ID,
+    TRAIN_LINES,
+    all_events,
+    job_body,
+    poll_job,
+    upload,
+    wait_for,
+)
+from trainer.config import auto_epochs
 
 pytestmark = pytest.mark.anyio
 
@@ -33,10 +42,11 @@ async def test_job_runs_to_success_with_resolved_hyperparameters_and_events(
     assert job["training_file"] == file_id
     assert isinstance(job["seed"], int)  # random, and reported, when not given
     hp = job["hyperparameters"]
-    assert hp["n_epochs"] == 3  # "auto" = the trainer's defaults
+    # "auto" = the trainer's rule, resolved from the file at creation.
+    assert hp["n_epochs"] == auto_epochs(len(TRAIN_LINES), 2)
     assert hp["batch_size"] == 2
     assert hp["learning_rate_multiplier"] == 1.0
-    assert hp["learning_rate"] == pytest.approx(2e-4)
+    assert hp["learning_rate"] == pytest.approx(1e-3)
     assert hp["max_steps"] == 3
     assert hp["training_method"] == "lora"
     assert hp["lora_r"] == 16
@@ -103,7 +113,7 @@ async def test_legacy_top_level_hyperparameters(http: httpx.AsyncClient) -> None
     body = {**job_body(file_id), "hyperparameters": {"n_epochs": 2, "learning_rate_multiplier": 2}}
     job = (await http.post("/v1/fine_tuning/jobs", json=body)).json()
     assert job["hyperparameters"]["n_epochs"] == 2
-    assert job["hyperparameters"]["learning_rate"] == pytest.approx(4e-4)
+    assert job["hyperparameters"]["learning_rate"] == pytest.approx(2e-3)
 
 
 @pytest.mark.parametrize(
