@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.responses import StreamingResponse
 
 from adapterhub_server.api.adapters_service import AdapterAdminService
@@ -39,7 +39,7 @@ AdminDep = Annotated[AdapterAdminService, Depends(get_adapter_service)]
 async def upload_adapter(
     service: AdminDep,
     name: Annotated[str, Form()],
-    files: Annotated[list[UploadFile], Form()],
+    files: Annotated[list[UploadFile], File()],
     alias: Annotated[str | None, Form()] = None,
     description: Annotated[str | None, Form()] = None,
     metadata: Annotated[str | None, Form(description="JSON object")] = None,
