@@ -44,7 +44,12 @@ def build_model(base_path: Path, config: TrainConfig, device: torch.device) -> A
     model.config.use_cache = False
     if config.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) and with DDP, no input grads needed.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed the method (the old name warns; 4.x has only the old one).
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if config.is_lora:
         from peft import LoraConfig, get_peft_model
 
