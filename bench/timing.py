@@ -1,10 +1,16 @@
-"""Shared timing helper for the micro-benchmarks."""
+"""Shared helpers for the benchmarks: timing, peak memory, and the machine description."""
 
 from __future__ import annotations
 
+import os
+import platform
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def median_us(fn: Callable[[], object], repeats: int) -> float:
@@ -16,3 +22,40 @@ def median_us(fn: Callable[[], object], repeats: int) -> float:
         fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples) * 1e6
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (`getrusage` high-water mark)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name where /proc/cpuinfo has it, else `platform.processor()`."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """What a benchmark figure depends on: CPU, cores, load, torch build and threads, GPU."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    if hasattr(os, "getloadavg"):
+        info["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    return info

@@ -52,3 +52,21 @@ def test_profile_bench(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     _run("bench.profile_step", "-n", "2", "-k", "1", "--steps", "1", "--out", str(out))
     assert json.loads(out.read_text())["top_ops"]
+
+
+def test_train_throughput_bench(tiny_base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    stdout = _run(
+        "bench.train_throughput",
+        "--base-model", str(tiny_base),
+        "--examples", "16", "--min-words", "4", "--max-words", "16",
+        "--steps", "2", "--warmup-steps", "1", "--batch-size", "4", "--max-seq-len", "256",
+        "--repeats", "1", "--out", str(out),
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"ours", "trl"}
+    for figures in result["summary"].values():
+        assert figures["tokens_per_s"] > 0 and figures["peak_rss_mib"] > 0
+    assert result["ratios"]["ours/trl"]["tokens_per_s"] > 0
+    assert all(result["checks"].values()), result["checks"]
+    assert "ours/trl" in stdout
