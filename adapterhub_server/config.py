@@ -30,8 +30,13 @@ class EngineConfig:
     """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
     num_threads: int | None = None
     """CPU threads for torch; None keeps torch's default."""
+    max_queued_requests: int = 256
+    """Requests accepted beyond the running batch; past it new requests get HTTP 429 with
+    Retry-After at once, so memory stays flat under overload."""
 
     def __post_init__(self) -> None:
+        if self.max_queued_requests < 0:
+            raise ValueError("max_queued_requests must be >= 0")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -84,9 +89,26 @@ class ServerConfig:
     max_concurrent_jobs: int = 1
     """Fine-tuning jobs that train at once, each in its own trainer process."""
     log_level: str = "info"
+    log_format: str = "text"
+    """`text`, or `json` (one object per line, with the request id) for log shippers."""
+    api_keys: tuple[str, ...] = ()
+    """Keys for the inference scope (completions, chat, models, metrics). Admin keys hold
+    this scope too."""
+    admin_keys: tuple[str, ...] = ()
+    """Keys for the admin scope: adapter upload/delete/aliases, files, fine-tuning jobs."""
+    allow_unauthenticated: bool = False
+    """Permit a non-loopback bind without any key (everyone may do everything)."""
+    shutdown_timeout: float = 30.0
+    """Seconds SIGTERM waits for in-flight requests before aborting them."""
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be text or json")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must be >= 0")
+        if any(not k for k in self.api_keys + self.admin_keys):
+            raise ValueError("API keys must not be empty")
         if not 0 < self.port < 65536:
             raise ValueError("port must be in 1..65535")
         if self.max_concurrent_jobs < 1:

@@ -76,3 +76,34 @@ class NotFoundError(AdapterHubError):
     """An id in the request path names nothing (an unknown file or fine-tuning job)."""
 
     code = "not_found"
+
+
+class QueueFullError(CapacityError):
+    """The bounded request queue is full: retry after a moment (HTTP 429)."""
+
+    code = "queue_full"
+
+
+class ShuttingDownError(CapacityError):
+    """The server is draining for shutdown and admits no new requests (HTTP 503)."""
+
+    code = "shutting_down"
+
+
+class ResourceExhaustedError(AdapterHubError):
+    """The accelerator ran out of memory for this request; the server keeps serving (503)."""
+
+    code = "out_of_memory"
+
+
+class AuthenticationError(AdapterHubError):
+    """No API key, or one the server does not know (HTTP 401)."""
+
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(AdapterHubError):
+    """A valid key without the scope this route needs, e.g. an inference key on an admin
+    route (HTTP 403)."""
+
+    code = "insufficient_scope"

@@ -22,6 +22,7 @@ from adapterhub_server.errors import (
     AdapterHubError,
     AdapterNotFoundError,
     AdapterValidationError,
+    AuthenticationError,
     BaseModelError,
     CapacityError,
     ConflictError,
@@ -29,6 +30,9 @@ from adapterhub_server.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
+    QueueFullError,
+    ResourceExhaustedError,
     UpstreamError,
 )
 from client.types import ErrorDetail, ErrorResponse
@@ -38,10 +42,15 @@ logger = logging.getLogger(__name__)
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 RETRY_AFTER_SECONDS = "1"
-"""Sent with 503s: the queue drains within a few engine steps, so retrying soon is fine."""
+"""Sent with 429s and 503s: the queue drains within a few engine steps, so retrying soon is
+fine."""
 
 # Statuses for the domain errors; the first matching class wins.
 _DOMAIN_STATUS: tuple[tuple[type[AdapterHubError], int], ...] = (
+    (AuthenticationError, 401),
+    (PermissionDeniedError, 403),
+    (QueueFullError, 429),
+    (ResourceExhaustedError, 503),
     (AdapterNotFoundError, 404),
     (NotFoundError, 404),
     (PayloadTooLargeError, 413),
@@ -90,14 +99,20 @@ class ClientDisconnectedError(ApiError):
 
 
 class GenerationFailedError(ApiError):
-    """The engine ended this request with an error (or aborted it) instead of finishing."""
+    """The engine ended this request with an error (or aborted it) instead of finishing.
 
-    def __init__(self, message: str, *, aborted: bool = False) -> None:
+    `code` is the engine's reason: `out_of_memory` and `request_aborted` are transient
+    (503, retry), anything else is a server fault (500).
+    """
+
+    _TRANSIENT = frozenset({"out_of_memory", "request_aborted", "shutting_down"})
+
+    def __init__(self, message: str, *, code: str = "generation_failed") -> None:
         super().__init__(
             message,
-            status=503 if aborted else 500,
+            status=503 if code in self._TRANSIENT else 500,
             type=SERVER_ERROR,
-            code="request_aborted" if aborted else "generation_failed",
+            code=code,
         )
 
 
@@ -106,6 +121,8 @@ def describe_error(exc: BaseException) -> tuple[int, ErrorResponse, dict[str, st
     headers: dict[str, str] = {}
     if isinstance(exc, ApiError):
         status, detail = exc.status, _detail(exc.message, exc.type, exc.param, exc.code)
+        if status == 503:
+            headers["Retry-After"] = RETRY_AFTER_SECONDS
     elif isinstance(exc, SamplingParamsError):
         status, detail = 400, _detail(str(exc), INVALID_REQUEST, exc.param, "invalid_value")
     elif isinstance(exc, AdapterHubError):
@@ -115,8 +132,11 @@ def describe_error(exc: BaseException) -> tuple[int, ErrorResponse, dict[str, st
         if param is None and isinstance(exc, AdapterNotFoundError | AdapterValidationError):
             param = "model"
         detail = _detail(exc.message, kind, param, exc.code)
-        if status == 503:
+        if status in (429, 503):
             headers["Retry-After"] = RETRY_AFTER_SECONDS
+        elif status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+
     elif isinstance(exc, RequestValidationError):
         status, detail = 400, _validation_detail(exc.errors())
     elif isinstance(exc, StarletteHTTPException):

@@ -631,9 +631,13 @@ async def _frames(
 
 def _raise_if_failed(out: RequestOutput) -> None:
     if out.finished and out.finish_reason == "error":
-        raise GenerationFailedError(out.error or "generation failed")
+        raise GenerationFailedError(
+            out.error or "generation failed", code=out.error_code or "generation_failed"
+        )
     if out.finished and out.finish_reason == "abort":
-        raise GenerationFailedError("the request was aborted by the server", aborted=True)
+        raise GenerationFailedError(
+            "the request was aborted by the server", code=out.error_code or "request_aborted"
+        )
 
 
 async def _aclose(iterator: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.outputs import RequestOutput
-from adapterhub_server.engine.protocol import ServableAdapter
+from adapterhub_server.engine.protocol import EngineStats, ServableAdapter
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.errors import AdapterNotFoundError, ConflictError
 from adapterhub_server.lora.cache import display_name
@@ -59,7 +59,9 @@ class AsyncLLMEngine:
 
         def bootstrap() -> None:
             try:
-                built["engine"] = factory()
+                engine = factory()
+                engine.warm_up()
+                built["engine"] = engine
             except BaseException as exc:
                 built["error"] = exc
                 ready.set()
@@ -101,6 +103,26 @@ class AsyncLLMEngine:
     @property
     def running(self) -> bool:
         return self._go.is_set() and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def ready(self) -> bool:
+        # Built means loaded and warmed up (see `build`); the loop must also be turning.
+        return self.running and not self._stop.is_set()
+
+    def stats(self) -> EngineStats:
+        # Plain reads of ints and list lengths: safe from any thread, at worst one step old.
+        engine = self.engine
+        cache = engine.adapters.stats()
+        return EngineStats(
+            running=engine.num_running,
+            waiting=engine.num_waiting,
+            max_num_seqs=engine.scheduler.max_num_seqs,
+            adapter_slots_used=cache.device_resident,
+            adapter_slots_total=engine.adapters.slots.max_slots,
+            adapters_in_host_memory=cache.host_resident,
+            adapter_loads=cache.loads,
+            adapter_evictions=cache.evictions,
+        )
 
     # -- EngineClient -------------------------------------------------------------------
 

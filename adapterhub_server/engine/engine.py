@@ -109,6 +109,14 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def warm_up(self) -> None:
+        """Run one short request through prefill, decode and sampling, so the first real
+        request does not pay for lazy initialisation (allocator, kernels, thread pools)."""
+        request_id = "__warmup__"
+        self.add_request(request_id, [0, 0], SamplingParams(max_tokens=2, ignore_eos=True))
+        while request_id in self._requests:
+            self.step()
+
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)

@@ -38,3 +38,6 @@ class RequestOutput:
     """One entry per token in `token_ids` when the request asked for logprobs."""
     error: str | None = None
     """Set when finish_reason is "error": why this request (alone) failed."""
+    error_code: str | None = None
+    """Machine-readable reason for an "error" or "abort" finish: `out_of_memory` (transient,
+    HTTP 503), `shutting_down`, or `internal_error`."""

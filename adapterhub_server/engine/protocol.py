@@ -26,6 +26,25 @@ class ServableAdapter:
     source: str
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, read at scrape time by `/metrics`."""
+
+    running: int
+    """Sequences in the running batch."""
+    waiting: int
+    """Accepted requests waiting for a batch slot (or their adapter's files)."""
+    max_num_seqs: int
+    adapter_slots_used: int
+    """Adapters resident in device slots."""
+    adapter_slots_total: int
+    adapters_in_host_memory: int
+    adapter_loads: int
+    """Adapters read and validated from files, since start."""
+    adapter_evictions: int
+    """Adapters dropped from a device slot to make room, since start."""
+
+
 class EngineClient(Protocol):
     """What routes call. Implemented by `AsyncLLMEngine`."""
 
@@ -39,6 +58,12 @@ class EngineClient(Protocol):
     @property
     def max_model_len(self) -> int:
         """Prompt tokens + max_tokens must not exceed this."""
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and warm and the engine loop runs."""
+
+    def stats(self) -> EngineStats: ...
 
     def list_adapters(self) -> Sequence[ServableAdapter]: ...
 

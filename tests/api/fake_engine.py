@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
-from adapterhub_server.engine.protocol import ServableAdapter
+from adapterhub_server.engine.protocol import EngineStats, ServableAdapter
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.errors import AdapterNotFoundError, ContextLengthError
 from tests.tiny_models import build_tokenizer
@@ -65,6 +65,8 @@ class FakeEngine:
             for i, name in enumerate(ADAPTER_REPLIES)
         }
     )
+    is_ready: bool = True
+    """What `ready` reports (tests flip it to exercise `/ready`)."""
     calls: list[GenerateCall] = field(default_factory=list)
     """Every generate() call, in order."""
     aborted: list[str] = field(default_factory=list)
@@ -79,6 +81,23 @@ class FakeEngine:
     @property
     def tokenizer(self) -> Any:
         return shared_tokenizer()
+
+    @property
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def stats(self) -> EngineStats:
+        live = len(self.calls) - len(self.aborted) - len(self.finished)
+        return EngineStats(
+            running=max(live, 0),
+            waiting=0,
+            max_num_seqs=8,
+            adapter_slots_used=0,
+            adapter_slots_total=4,
+            adapters_in_host_memory=0,
+            adapter_loads=0,
+            adapter_evictions=0,
+        )
 
     def list_adapters(self) -> Sequence[ServableAdapter]:
         return list(self.adapters.values())
