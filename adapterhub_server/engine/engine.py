@@ -9,6 +9,7 @@ adapter, samples, and turns new tokens into text. It is driven by one thread
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -58,6 +59,8 @@ class LLMEngine:
         self._requests: dict[str, Sequence] = {}
         self.num_steps = 0
         self.idle = False
+        self.step_observer: Callable[[int, int], None] | None = None
+        """Called after every forward step with (sequences, tokens) in it: metrics."""
 
     # -- requests ------------------------------------------------------------------------
 
@@ -135,6 +138,9 @@ class LLMEngine:
         if plan.empty:
             return outputs
         self.num_steps += 1
+        if self.step_observer is not None:
+            tokens = len(plan.decodes) + sum(c.num_tokens for c in plan.prefills)
+            self.step_observer(len(plan.decodes) + len(plan.prefills), tokens)
         try:
             outputs.extend(self._run(plan))
         except Exception as exc:
