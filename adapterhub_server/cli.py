@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,9 @@ from adapterhub_server.config import EngineConfig, ServerConfig
 from adapterhub_server.errors import AdapterHubError
 from adapterhub_server.registry import default_registry_dir
 from adapterhub_server.registry.cli import add_registry_parser, run_registry_command
+
+API_KEY_ENV = "ADAPTERHUB_API_KEY"
+ADMIN_KEY_ENV = "ADAPTERHUB_ADMIN_KEY"
 
 
 def _lora_module(text: str) -> tuple[str, Path]:
@@ -99,9 +103,90 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no /v1/files and /v1/fine_tuning/jobs routes, run no training jobs",
     )
+    serve.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=d.max_queued_requests,
+        help="requests accepted beyond the running batch; more get 429 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for in-flight requests before aborting them "
+        "(default: %(default)s)",
+    )
+    auth = serve.add_argument_group(
+        "authentication",
+        "Keys are sent as 'Authorization: Bearer <key>'. Without any key, every route is "
+        "open, which is only allowed on a loopback address unless --allow-unauthenticated.",
+    )
+    auth.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help=f"inference key; repeatable (env {API_KEY_ENV}, comma-separated)",
+    )
+    auth.add_argument(
+        "--api-key-file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="file with inference keys, one per line ('#' starts a comment)",
+    )
+    auth.add_argument(
+        "--admin-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="admin key (adapter upload/delete/aliases, files, fine-tuning jobs; also "
+        f"inference); repeatable (env {ADMIN_KEY_ENV}, comma-separated)",
+    )
+    auth.add_argument(
+        "--admin-key-file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="file with admin keys, one per line",
+    )
+    auth.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="allow binding a non-loopback address without any key",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object per line, with the request id (default: %(default)s)",
+    )
     add_registry_parser(sub)
     return parser
+
+
+def read_keys(values: Sequence[str], files: Sequence[Path], env_var: str) -> tuple[str, ...]:
+    """Keys from flags and key files, or from `env_var` (comma-separated) when neither is
+    given. Raises ValueError for an empty key, a key with whitespace, or an empty file."""
+    keys = list(values)
+    for path in files:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read key file {path}: {exc.strerror}") from exc
+        in_file = [k for line in lines if (k := line.split("#", 1)[0].strip())]
+        if not in_file:
+            raise ValueError(f"key file {path} holds no key")
+        keys += in_file
+    if not values and not files:
+        keys = [k.strip() for k in os.environ.get(env_var, "").split(",") if k.strip()]
+    for key in keys:
+        if not key or any(c.isspace() for c in key):
+            raise ValueError("API keys must be non-empty and contain no whitespace")
+    return tuple(dict.fromkeys(keys))
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -115,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         device=args.device,
         num_threads=args.num_threads,
+        max_queued_requests=args.max_queued_requests,
     )
     modules = dict(args.lora_modules)
     if len(modules) != len(args.lora_modules):
@@ -132,6 +218,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         jobs_dir=args.jobs_dir,
         max_concurrent_jobs=args.max_concurrent_jobs,
         log_level=args.log_level,
+        log_format=args.log_format,
+        api_keys=read_keys(args.api_key, args.api_key_file, API_KEY_ENV),
+        admin_keys=read_keys(args.admin_key, args.admin_key_file, ADMIN_KEY_ENV),
+        allow_unauthenticated=args.allow_unauthenticated,
+        shutdown_timeout=args.shutdown_timeout,
         engine=engine,
     )
 
@@ -145,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from adapterhub_server.server import run_server
 
         try:
-            run_server(config_from_args(args))
+            return run_server(config_from_args(args))
         except (AdapterHubError, ValueError) as exc:
             print(f"adapterhub-server: error: {exc}", file=sys.stderr)
             return 2

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from adapterhub_server.api.auth import ApiKeys
 from adapterhub_server.base_model import resolve_base_model
 from adapterhub_server.config import ServerConfig
 from adapterhub_server.engine.async_engine import AsyncLLMEngine
@@ -37,6 +39,7 @@ class Server:
     registry: Registry | None
     max_upload_bytes: int
     fine_tuning: FineTuningService | None = None
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
 
 
 def build_server(config: ServerConfig) -> Server:
@@ -85,6 +88,7 @@ def build_server(config: ServerConfig) -> Server:
         registry=registry,
         max_upload_bytes=config.max_upload_bytes,
         fine_tuning=fine_tuning,
+        api_keys=ApiKeys(inference=config.api_keys, admin=config.admin_keys),
     )
 
 
@@ -110,6 +114,7 @@ def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
         adapters=adapters,
         fine_tuning=fine_tuning,
         max_upload_bytes=server.max_upload_bytes if server else 2 * 1024**3,
+        api_keys=server.api_keys if server else None,
     )
     inner = app.router.lifespan_context
 
@@ -132,11 +137,51 @@ def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
     return app
 
 
-def run_server(config: ServerConfig) -> None:
+def check_exposure(config: ServerConfig) -> None:
+    """Refuse to serve an open API on a non-loopback address unless explicitly allowed."""
+    if config.api_keys or config.admin_keys or config.allow_unauthenticated:
+        return
+    if not is_loopback(config.host):
+        raise ValueError(
+            f"refusing to listen on {config.host} without API keys: anyone who can reach it "
+            "could upload adapters and start training jobs. Give --api-key/--admin-key "
+            "(or ADAPTERHUB_API_KEY/ADAPTERHUB_ADMIN_KEY), bind 127.0.0.1, or pass "
+            "--allow-unauthenticated"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def run_server(config: ServerConfig) -> int:
+    """Serve until SIGTERM or SIGINT; returns the process exit code (0 after a graceful stop).
+
+    On SIGTERM the listener closes, the engine refuses new requests with 503, in-flight ones
+    get `shutdown_timeout` seconds to finish and are aborted after that, then the job
+    runner and the engine stop.
+    """
     import uvicorn
 
+    from adapterhub_server.graceful import GracefulServer
+
+    check_exposure(config)
     server = build_server(config)
     engine = server.engine
     app = build_app(engine, server)
     logger.info("serving %s on http://%s:%d", engine.base_model_id, config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        # A backstop only: the drain below ends every request within shutdown_timeout.
+        timeout_graceful_shutdown=config.shutdown_timeout + 5,
+    )
+    GracefulServer(uv_config, drain=lambda: engine.drain(config.shutdown_timeout)).run()
+    return 0

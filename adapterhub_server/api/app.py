@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapterhub_server.api.adapters_service import AdapterAdminService
+from adapterhub_server.api.auth import PUBLIC_PATHS, ApiKeyMiddleware, ApiKeys
 from adapterhub_server.api.errors import error_response, install_error_handlers
 from adapterhub_server.api.routes import adapters as adapter_routes
 from adapterhub_server.api.routes import chat, completions, health, models
@@ -37,6 +38,7 @@ def create_app(
     adapters: AdapterAdminService | None = None,
     fine_tuning: FineTuningService | None = None,
     max_upload_bytes: int = 2 * 1024**3,
+    api_keys: ApiKeys | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible HTTP API over `engine`.
 
@@ -45,7 +47,8 @@ def create_app(
     routes are mounted; with `fine_tuning`, `/v1/files` and `/v1/fine_tuning/jobs`. Uploads
     over `max_upload_bytes` get 413 while the body is read. Neither the engine nor the job
     runner is started or stopped here: whoever owns them wires their lifetime to the app's
-    lifespan.
+    lifespan. With `api_keys`, every route but `/health` and `/ready` needs a bearer key of
+    the right scope.
     """
     app = FastAPI(
         title="AdapterHub",
@@ -65,21 +68,31 @@ def create_app(
         app.include_router(fine_tuning_routes.router)
     if adapters is not None or fine_tuning is not None:
         app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_upload_bytes)
+    keys = api_keys or ApiKeys()
+    # Added after the size limit, so it runs before it: no body is read for a caller
+    # without a key. Inside the request-id middleware, so refusals carry an id too.
+    app.add_middleware(ApiKeyMiddleware, keys=keys)
     app.add_middleware(RequestIdMiddleware)
-    _document_400_not_422(app)
+    _customize_openapi(app, bearer_auth=keys.enabled)
     return app
 
 
-def _document_400_not_422(app: FastAPI) -> None:
-    """Drop FastAPI's generated 422 responses: validation errors are answered with 400."""
+def _customize_openapi(app: FastAPI, *, bearer_auth: bool) -> None:
+    """Drop FastAPI's generated 422 responses (validation errors are answered with 400) and,
+    when keys are required, declare the bearer scheme on every protected operation."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
-            for path in schema.get("paths", {}).values():
+            for route, path in schema.get("paths", {}).items():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
+                    if bearer_auth and route not in PUBLIC_PATHS:
+                        operation["security"] = [{"bearer": []}]
+            if bearer_auth:
+                schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+                schemes["bearer"] = {"type": "http", "scheme": "bearer"}
             app.openapi_schema = schema
         return app.openapi_schema
 

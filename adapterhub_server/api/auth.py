@@ -1,0 +1,132 @@
+"""API-key authentication with two scopes, enforced in front of every route.
+
+* `inference`: completions, chat, models, adapter reads, metrics, the OpenAPI document.
+* `admin`: everything that changes or reveals operator state: adapter upload, delete and
+  aliases, training files, fine-tuning jobs. An admin key also holds the inference scope.
+
+The check is a middleware rather than a per-route dependency so that it denies by default:
+a route added later is protected without anyone remembering to protect it. Only `/health`
+and `/ready` are public, because load balancers and orchestrators probe them without keys.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from adapterhub_server.api.errors import error_response
+from adapterhub_server.errors import AuthenticationError, PermissionDeniedError
+
+PUBLIC_PATHS = frozenset({"/health", "/ready"})
+"""Answered without a key: liveness and readiness probes."""
+
+_ADMIN_PREFIXES = ("/v1/files", "/v1/fine_tuning")
+"""Every method under these needs the admin scope (training data is the operator's)."""
+_ADMIN_WRITE_PREFIXES = ("/v1/adapters",)
+"""Writes under these need the admin scope; reads need the inference scope."""
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class AuthScope(enum.Enum):
+    INFERENCE = "inference"
+    ADMIN = "admin"
+
+
+def required_scope(method: str, path: str) -> AuthScope | None:
+    """The scope a request needs, or None for a public route."""
+    if path in PUBLIC_PATHS:
+        return None
+    if _under(path, _ADMIN_PREFIXES):
+        return AuthScope.ADMIN
+    if _under(path, _ADMIN_WRITE_PREFIXES) and method.upper() not in _READ_METHODS:
+        return AuthScope.ADMIN
+    return AuthScope.INFERENCE
+
+
+def _under(path: str, prefixes: Iterable[str]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """The keys a server accepts. With none at all, authentication is off."""
+
+    inference: tuple[str, ...] = ()
+    admin: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(not key for key in self.inference + self.admin):
+            raise ValueError("API keys must not be empty")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.inference or self.admin)
+
+    def scopes_of(self, token: str) -> frozenset[AuthScope]:
+        """Scopes `token` holds (empty: unknown key). Runs in time independent of which key,
+        if any, matches: every configured key is compared, each through a fixed-length
+        digest so neither content nor length leaks through timing."""
+        given = hashlib.sha256(token.encode()).digest()
+        is_admin = _matches_any(given, self.admin)
+        is_inference = _matches_any(given, self.inference)
+        if is_admin:
+            return frozenset({AuthScope.ADMIN, AuthScope.INFERENCE})
+        if is_inference:
+            return frozenset({AuthScope.INFERENCE})
+        return frozenset()
+
+
+def _matches_any(given: bytes, keys: tuple[str, ...]) -> bool:
+    found = False
+    for key in keys:
+        # No early exit: the loop's duration must not reveal which key matched.
+        found |= hmac.compare_digest(given, hashlib.sha256(key.encode()).digest())
+    return found
+
+
+class ApiKeyMiddleware:
+    """Answers 401 without a valid bearer key and 403 for a key without the route's scope,
+    before the route runs and before any request body is read."""
+
+    def __init__(self, app: ASGIApp, *, keys: ApiKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys.enabled:
+            await self.app(scope, receive, send)
+            return
+        needed = required_scope(scope.get("method", "GET"), scope.get("path", ""))
+        if needed is not None:
+            token = _bearer_token(scope)
+            held = self.keys.scopes_of(token) if token is not None else frozenset()
+            if not held:
+                message = (
+                    "missing API key: send it as 'Authorization: Bearer <key>'"
+                    if token is None
+                    else "invalid API key"
+                )
+                await error_response(AuthenticationError(message))(scope, receive, send)
+                return
+            if needed not in held:
+                denied = PermissionDeniedError(
+                    f"this key lacks the {needed.value} scope this route needs; "
+                    "use an admin key (--admin-key)"
+                )
+                await error_response(denied)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _bearer_token(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            kind, _, token = value.decode("latin-1").partition(" ")
+            token = token.strip()
+            return token if kind.lower() == "bearer" and token else None
+    return None
