@@ -255,9 +255,11 @@ def test_the_client_sends_its_key_and_maps_refusals(url: str, tmp_path: Path) ->
         assert c.models.list().data[0].id == "tiny-base"
         with pytest.raises(PermissionDeniedError):
             c.files.list()
-    with AdapterHubClient(base_url=url, api_key="sk-wrong", max_retries=0) as c:
-        with pytest.raises(AuthenticationError):
-            c.models.list()
+    with (
+        AdapterHubClient(base_url=url, api_key="sk-wrong", max_retries=0) as c,
+        pytest.raises(AuthenticationError),
+    ):
+        c.models.list()
     with AdapterHubClient(base_url=url, api_key=ADMIN_KEY, max_retries=0) as c:
         assert c.files.list().data == []
         assert c.adapters.list().data == []
