@@ -20,6 +20,9 @@ LATEST = "latest"
 _ALIAS_RE = re.compile(ADAPTER_NAME_PATTERN)
 # Leading zeros are refused so that every version has exactly one spelling ("3", not "03").
 _VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
+# The same bound for integers: the index stores versions as SQLite (64-bit) integers, and a
+# larger number must be a 400, not an OverflowError from the driver.
+_MAX_VERSION = 10**18 - 1
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,13 @@ def validate_alias(alias: str) -> str:
 def parse_version(text: str | int) -> int:
     """A version number >= 1 from `3` or `"3"`; raise InvalidReferenceError otherwise."""
     if isinstance(text, int) and not isinstance(text, bool):
-        if text >= 1:
+        if 1 <= text <= _MAX_VERSION:
             return text
     elif isinstance(text, str) and _VERSION_RE.fullmatch(text):
         return int(text)
     raise InvalidReferenceError(
-        f"invalid version {str(text)[:40]!r}: versions are integers from 1", param="version"
+        f"invalid version {str(text)[:40]!r}: versions are integers from 1 to {_MAX_VERSION}",
+        param="version",
     )
 
 

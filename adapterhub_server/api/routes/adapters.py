@@ -28,6 +28,14 @@ _ERRORS = {
 }
 
 
+_BINARY = {
+    200: {
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The file's bytes, checked against its recorded sha256",
+    }
+}
+
+
 def get_adapter_service(request: Request) -> AdapterAdminService:
     return request.app.state.adapter_service  # type: ignore[no-any-return]
 
@@ -74,7 +82,11 @@ async def get_version(service: AdminDep, name: str, version: int) -> AdapterVers
     return await service.version(name, version)
 
 
-@router.get("/v1/adapters/{name}/versions/{version}/files/{filename}", responses=_ERRORS)
+@router.get(
+    "/v1/adapters/{name}/versions/{version}/files/{filename}",
+    response_class=StreamingResponse,
+    responses={**_BINARY, **_ERRORS},
+)
 async def download_file(
     service: AdminDep, name: str, version: int, filename: str
 ) -> StreamingResponse:

@@ -49,7 +49,17 @@ async def get_file(service: FineTuningDep, file_id: str) -> FileObject:
     return await service.get_file(file_id)
 
 
-@router.get("/v1/files/{file_id}/content", responses=_ERRORS)
+@router.get(
+    "/v1/files/{file_id}/content",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/jsonl": {"schema": {"type": "string"}}},
+            "description": "The file as uploaded",
+        },
+        **_ERRORS,
+    },
+)
 async def file_content(service: FineTuningDep, file_id: str) -> FileResponse:
     return FileResponse(await service.file_content(file_id), media_type="application/jsonl")
 
