@@ -71,6 +71,7 @@ __all__ = [
     "HealthStatus",
     "Model",
     "ModelList",
+    "ReadyStatus",
     "StreamOptions",
     "SupervisedMethodRequest",
     "TopLogprob",
@@ -486,6 +487,13 @@ class HealthStatus(_Wire):
 
     status: Literal["ok"] = "ok"
     """`ok` while the process serves requests."""
+
+
+class ReadyStatus(_Wire):
+    """Response of `GET /ready` when the server can take requests (else 503, `not_ready`)."""
+
+    status: Literal["ready"] = "ready"
+    """`ready` once the model is loaded and warm and the engine loop runs."""
 
 
 # -- adapter registry (`/v1/adapters`) ---------------------------------------------------------

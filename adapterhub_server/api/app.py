@@ -12,17 +12,21 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapterhub_server.api.access import AccessMiddleware
 from adapterhub_server.api.adapters_service import AdapterAdminService
 from adapterhub_server.api.auth import PUBLIC_PATHS, ApiKeyMiddleware, ApiKeys
 from adapterhub_server.api.errors import error_response, install_error_handlers
+from adapterhub_server.api.metrics import ApiMetrics
 from adapterhub_server.api.routes import adapters as adapter_routes
 from adapterhub_server.api.routes import chat, completions, health, models
 from adapterhub_server.api.routes import files as file_routes
 from adapterhub_server.api.routes import fine_tuning as fine_tuning_routes
+from adapterhub_server.api.routes import metrics as metrics_routes
 from adapterhub_server.api.service import InferenceService
 from adapterhub_server.engine.protocol import EngineClient
 from adapterhub_server.errors import PayloadTooLargeError
 from adapterhub_server.finetune.service import FineTuningService
+from adapterhub_server.logs import request_id_context
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +59,14 @@ def create_app(
         summary="Many LoRA adapters over one frozen base model, OpenAI-compatible.",
     )
     app.state.engine = engine
-    app.state.service = InferenceService(engine, served_model_name=served_model_name)
+    # One registry per app: several apps in one process must not share counts.
+    app.state.metrics = metrics = ApiMetrics(engine)
+    app.state.service = InferenceService(
+        engine, served_model_name=served_model_name, metrics=metrics
+    )
     install_error_handlers(app)
-    for router in (health.router, models.router, completions.router, chat.router):
+    routers = (health.router, metrics_routes.router, models.router, completions.router)
+    for router in (*routers, chat.router):
         app.include_router(router)
     if adapters is not None:
         app.state.adapter_service = adapters
@@ -72,6 +81,8 @@ def create_app(
     # Added after the size limit, so it runs before it: no body is read for a caller
     # without a key. Inside the request-id middleware, so refusals carry an id too.
     app.add_middleware(ApiKeyMiddleware, keys=keys)
+    # Outside auth (refusals are counted), inside the request id (access lines carry it).
+    app.add_middleware(AccessMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     _customize_openapi(app, bearer_auth=keys.enabled)
     return app
@@ -126,16 +137,18 @@ class RequestIdMiddleware:
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        except ClientDisconnect:
-            # How ASGI 2.4 servers end a stream whose client left: normal, nothing to answer.
-            logger.debug("client of request %s disconnected", request_id)
-        except Exception as exc:
-            if started:  # too late for a status; the server closes the connection
-                raise
-            logger.exception("unhandled error in request %s", request_id)
-            await error_response(exc)(scope, receive, send_with_id)
+        # Every log record written while serving the request carries its id.
+        with request_id_context(request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            except ClientDisconnect:
+                # How ASGI 2.4 servers end a stream whose client left: normal, no answer.
+                logger.debug("client of request %s disconnected", request_id)
+            except Exception as exc:
+                if started:  # too late for a status; the server closes the connection
+                    raise
+                logger.exception("unhandled error in request %s", request_id)
+                await error_response(exc)(scope, receive, send_with_id)
 
 
 def _client_request_id(scope: Scope) -> str | None:

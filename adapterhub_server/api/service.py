@@ -33,6 +33,7 @@ from jinja2.exceptions import TemplateError
 from pydantic import BaseModel
 
 from adapterhub_server.api.errors import GenerationFailedError, describe_error
+from adapterhub_server.api.metrics import ApiMetrics, adapter_label, note_adapter
 from adapterhub_server.engine.outputs import RequestOutput, TokenLogprob
 from adapterhub_server.engine.protocol import EngineClient
 from adapterhub_server.engine.sampling_params import SamplingParams
@@ -73,9 +74,17 @@ DONE_FRAME = "data: [DONE]\n\n"
 class InferenceService:
     """Answers completions, chat completions and model listings from one engine."""
 
-    def __init__(self, engine: EngineClient, *, served_model_name: str | None = None) -> None:
-        """`served_model_name` is the id clients use for the base model (default: its id)."""
+    def __init__(
+        self,
+        engine: EngineClient,
+        *,
+        served_model_name: str | None = None,
+        metrics: ApiMetrics | None = None,
+    ) -> None:
+        """`served_model_name` is the id clients use for the base model (default: its id);
+        `metrics` gets time to first token and token counts per adapter."""
         self._engine = engine
+        self._metrics = metrics
         self._base_name = served_model_name or engine.base_model_id
         self._started = int(time.time())
         # Logprob formatting decodes the same few thousand ids over and over.
@@ -372,9 +381,12 @@ class InferenceService:
 
     def _resolve(self, model: str) -> str | None:
         """The adapter name `model` selects, or None for the base model."""
-        if not model or model == self._base_name:
-            return None
-        return self._engine.resolve_adapter(model)
+        adapter = (
+            None if not model or model == self._base_name else self._engine.resolve_adapter(model)
+        )
+        # Only now is the label known to name a servable adapter (bounded cardinality).
+        note_adapter(adapter_label(adapter))
+        return adapter
 
     def _check_context(
         self, prompt_tokens: int, max_tokens: int, prompt_param: str, max_param: str
@@ -407,6 +419,15 @@ class InferenceService:
         stream, instead of a 200 followed by an error event.
         """
         iterators: list[AsyncIterator[RequestOutput]] = []
+        label = adapter_label(adapter)
+        submitted = time.perf_counter()
+
+        async def first(iterator: AsyncIterator[RequestOutput]) -> RequestOutput:
+            out = await _first(iterator)
+            if self._metrics is not None and out.token_ids:  # not an admission failure
+                self._metrics.observe_first_token(label, time.perf_counter() - submitted)
+            return out
+
         try:
             for i, prompt in enumerate(prompts):
                 request_id = call_id if len(prompts) == 1 else f"{call_id}-{i}"
@@ -419,13 +440,29 @@ class InferenceService:
                     )
                 )
             if len(iterators) == 1:
-                firsts = [await _first(iterators[0])]
+                firsts = [await first(iterators[0])]
             else:
-                firsts = await _gather([_first(it) for it in iterators])
+                firsts = await _gather([first(it) for it in iterators])
         except BaseException:
             await _close_all(iterators)
             raise
-        return [_PrimedStream(it, first) for it, first in zip(iterators, firsts, strict=True)]
+        return [
+            _PrimedStream(it, out, on_close=self._token_counter(label))
+            for it, out in zip(iterators, firsts, strict=True)
+        ]
+
+    def _token_counter(self, label: str) -> Callable[[RequestOutput], None] | None:
+        """What a stream reports its token counts to when it closes, however it ends."""
+        metrics = self._metrics
+        if metrics is None:
+            return None
+
+        def count(last: RequestOutput) -> None:
+            metrics.observe_tokens(
+                label, prompt=last.prompt_tokens, generated=last.completion_tokens
+            )
+
+        return count
 
     def _token(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -493,10 +530,19 @@ class _Result:
 class _PrimedStream:
     """An engine stream whose first output has already been received."""
 
-    def __init__(self, iterator: AsyncIterator[RequestOutput], first: RequestOutput) -> None:
+    def __init__(
+        self,
+        iterator: AsyncIterator[RequestOutput],
+        first: RequestOutput,
+        *,
+        on_close: Callable[[RequestOutput], None] | None = None,
+    ) -> None:
+        """`on_close` gets the last output read (cumulative token counts), once."""
         self._iterator = iterator
         self._first: RequestOutput | None = first
         self._done = first.finished
+        self._last = first
+        self._on_close = on_close
 
     def __aiter__(self) -> _PrimedStream:
         return self
@@ -514,10 +560,17 @@ class _PrimedStream:
                 "the engine ended the request without finishing it"
             ) from None
         self._done = out.finished
+        self._last = out
         return out
 
     async def aclose(self) -> None:
-        await _aclose(self._iterator)
+        # Streams are closed more than once (by their reader and by their owner).
+        report, self._on_close = self._on_close, None
+        try:
+            await _aclose(self._iterator)
+        finally:
+            if report is not None:
+                report(self._last)
 
 
 async def _first(iterator: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -43,6 +43,10 @@ class EngineStats:
     """Adapters read and validated from files, since start."""
     adapter_evictions: int
     """Adapters dropped from a device slot to make room, since start."""
+    adapter_cache_hits: int = 0
+    """Admissions whose adapter was already in a device slot, since start."""
+    adapter_cache_misses: int = 0
+    """Admissions whose adapter had to be written into a device slot, since start."""
 
 
 class EngineClient(Protocol):

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +104,23 @@ def display_name(key: str) -> str:
 
 @dataclass(frozen=True)
 class CacheStats:
+    """Counters since the cache was built (plain ints: readable from any thread)."""
+
     host_resident: int
     device_resident: int
     loads: int
+    """Adapters read and validated from files."""
     device_writes: int
+    """Adapters copied into a device slot."""
     evictions: int
+    """Idle adapters dropped from a device slot to make room for another."""
+    hits: int = 0
+    """Admissions whose adapter was already in a device slot."""
+    misses: int = 0
+    """Admissions whose adapter had to be written into a slot (from host memory, or after
+    loading its files); equals `device_writes`."""
+    load_seconds: float = 0.0
+    """Total wall time spent reading and validating adapter files."""
 
 
 class AdapterCache:
@@ -140,6 +152,11 @@ class AdapterCache:
         self._loads = 0
         self._device_writes = 0
         self._evictions = 0
+        self._hits = 0
+        self._load_seconds = 0.0
+        self.load_observer: Callable[[str, float], None] | None = None
+        """Called with (key, seconds) after each successful file load, on the loader
+        thread: metrics. It must be quick and must not raise."""
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -168,6 +185,7 @@ class AdapterCache:
         route = self.slots.lookup(key)
         if route is not None:
             self.slots.pin(key)
+            self._hits += 1
             return route
         adapter = self._host_get(key)
         if adapter is None:
@@ -212,6 +230,9 @@ class AdapterCache:
             loads=self._loads,
             device_writes=self._device_writes,
             evictions=self._evictions,
+            hits=self._hits,
+            misses=self._device_writes,
+            load_seconds=self._load_seconds,
         )
 
     def _start_load(self, loc: AdapterLocation) -> None:
@@ -225,13 +246,12 @@ class AdapterCache:
         adapter = load_adapter(
             loc.path, name=loc.key, targets=self.targets, max_rank=self.max_lora_rank
         )
+        seconds = time.perf_counter() - t0
         self._loads += 1
-        logger.info(
-            "loaded adapter %s (rank %d) in %.1f ms",
-            loc.key,
-            adapter.rank,
-            (time.perf_counter() - t0) * 1e3,
-        )
+        self._load_seconds += seconds
+        logger.info("loaded adapter %s (rank %d) in %.1f ms", loc.key, adapter.rank, seconds * 1e3)
+        if self.load_observer is not None:
+            self.load_observer(loc.key, seconds)
         return adapter
 
     def _host_get(self, key: str) -> LoRAAdapter | None:

@@ -97,6 +97,8 @@ class FakeEngine:
             adapters_in_host_memory=0,
             adapter_loads=0,
             adapter_evictions=0,
+            adapter_cache_hits=0,
+            adapter_cache_misses=0,
         )
 
     def list_adapters(self) -> Sequence[ServableAdapter]:
