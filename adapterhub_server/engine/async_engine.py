@@ -122,6 +122,8 @@ class AsyncLLMEngine:
             adapters_in_host_memory=cache.host_resident,
             adapter_loads=cache.loads,
             adapter_evictions=cache.evictions,
+            adapter_cache_hits=cache.hits,
+            adapter_cache_misses=cache.misses,
         )
 
     # -- EngineClient -------------------------------------------------------------------
