@@ -29,6 +29,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
     from adapterhub_server.engine.engine import LLMEngine
 
 logger = logging.getLogger(__name__)
+
+# A `*_created` timestamp series beside every labelled counter and histogram would double
+# the series count for nothing (Prometheus derives resets itself). Process-wide setting.
+disable_created_metrics()
 
 PREFIX = "adapterhub"
 BASE_ADAPTER = ""
