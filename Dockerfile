@@ -1,9 +1,15 @@
 # AdapterHub server for NVIDIA GPUs.
 #
 #   docker build -t adapterhub .
-#   docker run --gpus all -p 8000:8000 \
+#   docker run --gpus all -p 8000:8000 --stop-timeout 40 \
+#       -e ADAPTERHUB_API_KEY=sk-... -e ADAPTERHUB_ADMIN_KEY=sk-admin-... \
 #       -v adapterhub-models:/models -v adapterhub-registry:/registry adapterhub
 #   docker run ... adapterhub adapterhub-server serve --host 0.0.0.0 --base-model owner/name
+#
+# The server listens on 0.0.0.0 inside the container, so it refuses to start without keys
+# (ADAPTERHUB_API_KEY / ADAPTERHUB_ADMIN_KEY, comma-separated lists allowed) unless the
+# command adds --allow-unauthenticated. `docker stop` sends SIGTERM: in-flight requests get
+# --shutdown-timeout (30 s) to finish; give docker a longer --stop-timeout than that.
 #
 # Build arguments:
 #   TORCH_INDEX_URL   extra index for torch, e.g. https://download.pytorch.org/whl/cu126 to
@@ -68,4 +74,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
 
-CMD ["adapterhub-server", "serve", "--host", "0.0.0.0", "--port", "8000"]
+STOPSIGNAL SIGTERM
+CMD ["adapterhub-server", "serve", "--host", "0.0.0.0", "--port", "8000", "--log-format", "json"]

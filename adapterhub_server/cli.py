@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 from adapterhub_server import __version__
 from adapterhub_server.config import EngineConfig, ServerConfig
 from adapterhub_server.errors import AdapterHubError
+from adapterhub_server.logs import configure_logging
 from adapterhub_server.registry import default_registry_dir
 from adapterhub_server.registry.cli import add_registry_parser, run_registry_command
 
@@ -229,9 +229,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, getattr(args, "log_format", "text"))
     if args.command == "serve":
         from adapterhub_server.server import run_server
 

@@ -104,6 +104,7 @@ def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
 
     from adapterhub_server.api.adapters_service import AdapterAdminService
     from adapterhub_server.api.app import create_app
+    from adapterhub_server.api.metrics import observe_engine
 
     adapters = None
     if server is not None and server.registry is not None:
@@ -116,6 +117,8 @@ def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
         max_upload_bytes=server.max_upload_bytes if server else 2 * 1024**3,
         api_keys=server.api_keys if server else None,
     )
+    # Batch sizes and adapter load times are observed on the engine's own thread.
+    observe_engine(app, engine.engine)
     inner = app.router.lifespan_context
 
     @asynccontextmanager
@@ -180,6 +183,10 @@ def run_server(config: ServerConfig) -> int:
         host=config.host,
         port=config.port,
         log_level=config.log_level,
+        # uvicorn's records go through our handler (text or JSON); its access log lacks
+        # the request id, so the app writes its own.
+        log_config=None,
+        access_log=False,
         # A backstop only: the drain below ends every request within shutdown_timeout.
         timeout_graceful_shutdown=config.shutdown_timeout + 5,
     )
