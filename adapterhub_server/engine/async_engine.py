@@ -4,6 +4,11 @@ The HTTP event loop never runs model code: requests and aborts are handed to the
 thread as commands applied between steps, and each step's outputs come back to the loop in
 one `call_soon_threadsafe` per event loop. Torch releases the GIL inside its ops, so the
 event loop stays responsive while a step runs.
+
+Admission is decided on the caller's side, at once: requests outstanding (accepted and not
+yet ended) are counted under a lock, and past `max_num_seqs + max_queued_requests` a new
+one is refused with `QueueFullError` before anything is allocated for it. While draining
+for shutdown every new request is refused with `ShuttingDownError`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.outputs import RequestOutput
 from adapterhub_server.engine.protocol import EngineStats, ServableAdapter
 from adapterhub_server.engine.sampling_params import SamplingParams
-from adapterhub_server.errors import AdapterNotFoundError, ConflictError
+from adapterhub_server.errors import (
+    AdapterNotFoundError,
+    ConflictError,
+    InvalidRequestError,
+    QueueFullError,
+    ShuttingDownError,
+)
 from adapterhub_server.lora.cache import display_name
 
 logger = logging.getLogger(__name__)
@@ -29,13 +40,37 @@ T = TypeVar("T")
 
 _Stream = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
 
+SHUTTING_DOWN = "shutting_down"
+# How often `drain` looks at the outstanding count, and how long it lets aborted requests
+# deliver their final output before returning.
+_DRAIN_POLL_S = 0.02
+_ABORT_GRACE_S = 5.0
+
 
 class AsyncLLMEngine:
     """The `EngineClient` the API uses, backed by one `LLMEngine` on a dedicated thread."""
 
-    def __init__(self, engine: LLMEngine, *, base_model_id: str) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        base_model_id: str,
+        max_queued_requests: int | None = None,
+    ) -> None:
+        """`max_queued_requests` (default: the engine's own, from `EngineConfig`) is how many
+        accepted requests may wait beyond the `max_num_seqs` running ones."""
         self.engine = engine
         self._base_model_id = base_model_id
+        if max_queued_requests is None:
+            max_queued_requests = engine.max_queued_requests
+        if max_queued_requests < 0:
+            raise ValueError("max_queued_requests must be >= 0")
+        self.max_outstanding = engine.scheduler.max_num_seqs + max_queued_requests
+        """Accepted, unfinished requests (running + waiting) beyond which new ones are
+        refused."""
+        self._admission = threading.Lock()
+        self._outstanding: set[str] = set()
+        self._draining = False
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
@@ -44,7 +79,13 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def build(cls, factory: Callable[[], LLMEngine], *, base_model_id: str) -> AsyncLLMEngine:
+    def build(
+        cls,
+        factory: Callable[[], LLMEngine],
+        *,
+        base_model_id: str,
+        max_queued_requests: int | None = None,
+    ) -> AsyncLLMEngine:
         """Build the engine ON the engine thread and return once it is ready.
 
         All model work must happen on one thread: with torch's OpenMP pools, running the
@@ -77,7 +118,11 @@ class AsyncLLMEngine:
         if "error" in built:
             thread.join()
             raise built["error"]  # type: ignore[misc]
-        self = cls(built["engine"], base_model_id=base_model_id)  # type: ignore[arg-type]
+        self = cls(
+            built["engine"],  # type: ignore[arg-type]
+            base_model_id=base_model_id,
+            max_queued_requests=max_queued_requests,
+        )
         self._thread = thread
         self._go = gate
         holder.append(self)
@@ -100,14 +145,48 @@ class AsyncLLMEngine:
             self._thread = None
         self.engine.adapters.close()
 
+    async def drain(self, timeout: float) -> None:
+        """Prepare for shutdown: refuse new requests from now on (`ShuttingDownError`), wait
+        up to `timeout` seconds for the outstanding ones to finish, then abort the rest
+        (finish_reason "abort", error_code "shutting_down").
+
+        The engine thread keeps running (aborts need it); `shutdown()` stops it.
+        """
+        with self._admission:
+            self._draining = True
+        if await self._wait_until_idle(timeout):
+            return
+        with self._admission:
+            left = list(self._outstanding)
+        logger.warning(
+            "drain: %d requests still running after %.1f s; aborting", len(left), timeout
+        )
+        for request_id in left:
+            self._submit(lambda rid=request_id: self._abort_now(rid, SHUTTING_DOWN))
+        # Give the aborted streams a moment to hand their final output to their callers.
+        await self._wait_until_idle(_ABORT_GRACE_S)
+
+    @property
+    def draining(self) -> bool:
+        """True once `drain` has been called: new requests are refused."""
+        return self._draining
+
+    @property
+    def num_outstanding(self) -> int:
+        """Requests accepted and not yet ended (running or waiting in the engine)."""
+        return len(self._outstanding)
+
     @property
     def running(self) -> bool:
         return self._go.is_set() and self._thread is not None and self._thread.is_alive()
 
     @property
     def ready(self) -> bool:
-        # Built means loaded and warmed up (see `build`); the loop must also be turning.
-        return self.running and not self._stop.is_set()
+        """True while new requests can be served: built means loaded and warmed up (see
+        `build`), the loop must be turning, and a draining engine refuses new requests, so
+        balancers must stop sending them. A full queue does not count: readiness flapping
+        under load would pile the whole load onto the other replicas."""
+        return self.running and not self._stop.is_set() and not self._draining
 
     def stats(self) -> EngineStats:
         # Plain reads of ints and list lengths: safe from any thread, at worst one step old.
@@ -167,6 +246,8 @@ class AsyncLLMEngine:
         params: SamplingParams,
         adapter: str | None,
     ) -> AsyncIterator[RequestOutput]:
+        # Before anything is allocated: a refused request costs nothing.
+        self._admit(request_id)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         accepted: asyncio.Future[None] = loop.create_future()
@@ -180,9 +261,9 @@ class AsyncLLMEngine:
             self._streams[request_id] = (loop, stream)
             loop.call_soon_threadsafe(_settle_value, accepted, None, None)
 
-        self._submit(add)
         finished = False
         try:
+            self._submit(add)
             # Inside the try: a caller cancelled while its request is being admitted must
             # still abort it (aborting a request that never got in is a no-op).
             await accepted
@@ -195,6 +276,7 @@ class AsyncLLMEngine:
         finally:
             if not finished:
                 self._submit(lambda: self._abort_now(request_id))
+            self._release(request_id)
 
     async def abort(self, request_id: str) -> None:
         self._submit(lambda: self._abort_now(request_id))
@@ -238,14 +320,48 @@ class AsyncLLMEngine:
 
         return await self.call_on_engine(run)
 
+    # -- admission, on the callers' event loops -----------------------------------------
+
+    def _admit(self, request_id: str) -> None:
+        """Count `request_id` as outstanding, or raise if it cannot be accepted now."""
+        with self._admission:
+            if self._draining or self._stop.is_set():
+                raise ShuttingDownError(
+                    "the server is shutting down and accepts no new requests; retry on "
+                    "another replica or after it restarts"
+                )
+            if request_id in self._outstanding:
+                raise InvalidRequestError(f"duplicate request id {request_id!r}")
+            if len(self._outstanding) >= self.max_outstanding:
+                raise QueueFullError(
+                    f"the request queue is full ({self.max_outstanding} requests running or "
+                    "queued); retry in a moment"
+                )
+            self._outstanding.add(request_id)
+
+    def _release(self, request_id: str) -> None:
+        with self._admission:
+            self._outstanding.discard(request_id)
+
+    async def _wait_until_idle(self, timeout: float) -> bool:
+        """Wait until no request is outstanding (True) or `timeout` seconds pass (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._outstanding:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(_DRAIN_POLL_S, remaining))
+        return True
+
     # -- engine thread ------------------------------------------------------------------
 
     def _submit(self, command: Callable[[], None]) -> None:
         self._commands.put(command)
         self._wake.set()
 
-    def _abort_now(self, request_id: str) -> None:
-        out = self.engine.abort(request_id)
+    def _abort_now(self, request_id: str, error_code: str | None = None) -> None:
+        out = self.engine.abort(request_id, error_code)
         stream = self._streams.pop(request_id, None)
         if out is not None and stream is not None:
             stream[0].call_soon_threadsafe(stream[1].put_nowait, out)

@@ -4,6 +4,10 @@ One `step()` schedules (scheduler), lays the step out as one flat batch (attenti
 and LoRA routing, built once for all layers), runs one forward pass over every sequence and
 adapter, samples, and turns new tokens into text. It is driven by one thread
 (`AsyncLLMEngine`); nothing here is thread-safe on purpose.
+
+Failures stay with the sequences that cause them: a step whose forward or sampling raises
+(including an accelerator out-of-memory) is retried in halves until the failing sequences
+run alone, and only those fail; the rest of the batch advances as if nothing had happened.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from adapterhub_server.config import EngineConfig
 from adapterhub_server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from adapterhub_server.engine.sampler import Sampler, make_generator
@@ -27,6 +32,9 @@ from adapterhub_server.models.attention import KVCache, PrefillChunk, build_atte
 from adapterhub_server.models.llama import BatchedLlama
 
 logger = logging.getLogger(__name__)
+
+INTERNAL_ERROR = "internal_error"
+OUT_OF_MEMORY = "out_of_memory"
 
 
 class LLMEngine:
@@ -42,6 +50,7 @@ class LLMEngine:
         max_model_len: int,
         eos_token_ids: set[int],
         device: torch.device,
+        max_queued_requests: int = EngineConfig.max_queued_requests,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -50,6 +59,8 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.device = device
+        self.max_queued_requests = max_queued_requests
+        """Accepted requests allowed beyond `max_num_seqs`; enforced by `AsyncLLMEngine`."""
         self.sampler = Sampler()
         self.scheduler = Scheduler(
             max_num_seqs=max_num_seqs,
@@ -101,11 +112,16 @@ class LLMEngine:
         self._requests[request_id] = seq
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its slot; returns its final output if it was live."""
+    def abort(self, request_id: str, error_code: str | None = None) -> RequestOutput | None:
+        """Stop a request now and free its slot; returns its final output if it was live.
+
+        `error_code` says why the server aborted it (e.g. "shutting_down"); the output
+        carries it so the API can answer with a fitting status.
+        """
         seq = self._requests.get(request_id)
         if seq is None:
             return None
+        seq.error_code = error_code
         self._finish(seq, "abort")
         return self._emit(seq)
 
@@ -141,17 +157,56 @@ class LLMEngine:
         if self.step_observer is not None:
             tokens = len(plan.decodes) + sum(c.num_tokens for c in plan.prefills)
             self.step_observer(len(plan.decodes) + len(plan.prefills), tokens)
-        try:
-            outputs.extend(self._run(plan))
-        except Exception as exc:
-            logger.exception("engine step failed; failing the requests in this step")
-            for seq in plan.decodes + [c.seq for c in plan.prefills]:
-                if not seq.finished:
-                    outputs.append(self._fail(seq, f"internal error: {exc}"))
+        outputs.extend(self._run_isolated(plan))
         self._compact_rows()
         return outputs
 
+    def _run_isolated(self, plan: SchedulerOutput) -> list[RequestOutput]:
+        """Run `plan`; if it raises, retry it in halves until the failing sequences are alone.
+
+        `_run` commits nothing (num_computed, sampled tokens, generator states) unless its
+        forward and sampling succeed, so a retry rewrites the same KV cache positions and
+        the survivors come out exactly as from an undisturbed step. k failing sequences
+        among n cost about 2k*log2(n) extra forwards. An out-of-memory is handled the same
+        way, after freeing cached memory, since a smaller batch may fit.
+        """
+        try:
+            return self._run(plan)
+        except Exception as exc:
+            oom = _is_out_of_memory(exc)
+            code = OUT_OF_MEMORY if oom else INTERNAL_ERROR
+            if oom:
+                message = "the accelerator ran out of memory for this request; retry later"
+            else:
+                message = f"internal error: {type(exc).__name__}: {exc}"
+            if plan.num_seqs > 1:
+                logger.warning(
+                    "a step of %d sequences failed (%s: %s); retrying in halves",
+                    plan.num_seqs,
+                    type(exc).__name__,
+                    exc,
+                )
+            elif oom:
+                logger.warning("request failed alone: out of memory")
+            else:
+                logger.exception("request failed alone in the forward or sampling")
+        # Past the except block the failed attempt's traceback, and with it every
+        # activation its frames still reference, is released before the retry.
+        if oom:
+            self._release_cached_memory()
+        if plan.num_seqs == 1:
+            seq = plan.decodes[0] if plan.decodes else plan.prefills[0].seq
+            return [] if seq.finished else [self._fail(seq, message, code)]
+        first, second = plan.split()
+        return self._run_isolated(first) + self._run_isolated(second)
+
+    def _release_cached_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _run(self, plan: SchedulerOutput) -> list[RequestOutput]:
+        """One forward and sampling over `plan`; raises with nothing committed, or commits
+        every sequence (post-processing failures then fail their own sequence only)."""
         ids: list[int] = []
         positions: list[int] = []
         dense_routes: list[Route | None] = []
@@ -190,21 +245,25 @@ class LLMEngine:
             lora if lora.active else None,
             torch.tensor(logits_index, dtype=torch.long, device=dev),
         )
+        if samplers:
+            generators = [s.generator for s in samplers]
+            # A retry must draw the same random numbers the failed attempt drew.
+            saved = [(g, g.get_state()) for g in generators if g is not None]
+            try:
+                sampled = self.sampler(logits, [s.params for s in samplers], generators)
+                token_ids = sampled.token_ids.tolist()
+                lps = _to_list(sampled.logprobs)
+                top_ids = _to_list(sampled.top_ids)
+                top_lps = _to_list(sampled.top_logprobs)
+            except BaseException:
+                for g, state in saved:
+                    g.set_state(state)
+                raise
         for seq in plan.decodes:
             seq.num_computed += 1
         for chunk in plan.prefills:
             chunk.seq.num_computed += chunk.num_tokens
-        if not samplers:
-            return []
-
-        sampled = self.sampler(
-            logits, [s.params for s in samplers], [s.generator for s in samplers]
-        )
-        token_ids = sampled.token_ids.tolist()
-        lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
-        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
-        top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
-        outputs = []
+        outputs: list[RequestOutput] = []
         for i, seq in enumerate(samplers):
             if seq.finished:  # aborted while the step ran
                 continue
@@ -213,7 +272,11 @@ class LLMEngine:
                 k = seq.params.logprobs
                 top = tuple(zip(top_ids[i][:k], top_lps[i][:k])) if top_ids else ()
                 logprob = TokenLogprob(token_ids[i], lps[i], top)
-            outputs.append(self._append_token(seq, token_ids[i], logprob))
+            try:
+                outputs.append(self._append_token(seq, token_ids[i], logprob))
+            except Exception as exc:
+                logger.exception("post-processing request %s failed", seq.request_id)
+                outputs.append(self._fail(seq, f"internal error: {type(exc).__name__}: {exc}"))
         return outputs
 
     def _append_token(
@@ -269,24 +332,36 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             logprobs=logprobs,
             error=seq.error,
+            error_code=seq.error_code,
         )
 
-    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
-        seq.error = message
+    def _fail(self, seq: Sequence, message: str, code: str = INTERNAL_ERROR) -> RequestOutput:
+        """End `seq` alone with finish_reason "error", even if it had already finished."""
         self._finish(seq, "error")
+        seq.finish_reason = "error"
+        seq.error, seq.error_code = message, code
         return self._emit(seq)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Take `seq` out of the engine and unpin its adapter. The bookkeeping comes first
+        and a failing detokenizer only turns the finish into an error, so a broken request
+        cannot leave its row or adapter pin behind."""
         if seq.finished:
             return
         was_running = seq.row is not None and seq in self.scheduler.running
         self.scheduler.finish(seq)
         seq.finish_reason = reason
-        # Bytes held back as an incomplete character are released at the end.
-        seq.detokenizer.flush()
+        self._requests.pop(seq.request_id, None)
         if was_running and seq.route is not None and seq.adapter is not None:
             self.adapters.release(seq.adapter.key)
-        self._requests.pop(seq.request_id, None)
+        try:
+            # Bytes held back as an incomplete character are released at the end.
+            seq.detokenizer.flush()
+        except Exception as exc:
+            logger.exception("detokenizing the end of request %s failed", seq.request_id)
+            seq.finish_reason = "error"
+            seq.error = f"internal error: {type(exc).__name__}: {exc}"
+            seq.error_code = INTERNAL_ERROR
 
     def _compact_rows(self) -> None:
         for seq, src, dst in self.scheduler.compaction_moves():
@@ -295,3 +370,14 @@ class LLMEngine:
     def _acquire(self, seq: Sequence) -> Route | None:
         assert seq.adapter is not None
         return self.adapters.acquire(seq.adapter)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """An accelerator allocation failure (CUDA raises either form, depending on where)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+    )
+
+
+def _to_list(t: torch.Tensor | None) -> list | None:
+    return t.tolist() if t is not None else None

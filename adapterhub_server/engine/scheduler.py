@@ -42,6 +42,20 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.decodes and not self.prefills
 
+    @property
+    def num_seqs(self) -> int:
+        return len(self.decodes) + len(self.prefills)
+
+    def split(self) -> tuple[SchedulerOutput, SchedulerOutput]:
+        """Two plans with about half the sequences each (decodes, then prefills, in order),
+        to retry a failed step in smaller pieces. `failed` is not carried over."""
+        mid = self.num_seqs // 2
+        cut = max(0, mid - len(self.decodes))
+        return (
+            SchedulerOutput(self.decodes[:mid], self.prefills[:cut]),
+            SchedulerOutput(self.decodes[mid:], self.prefills[cut:]),
+        )
+
 
 class Scheduler:
     def __init__(

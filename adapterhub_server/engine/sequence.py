@@ -43,6 +43,8 @@ class Sequence:
     """Adapter slot while running (None: base model)."""
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_code: str | None = None
+    """Machine-readable reason of an "error" or "abort" finish (see RequestOutput)."""
     text_emitted: int = 0
     """Characters of the detokenized output already handed to the consumer."""
     tokens_emitted: int = 0
