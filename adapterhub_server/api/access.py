@@ -9,10 +9,13 @@ sees every status: auth refusals, 413s, validation errors and 500s.
 from __future__ import annotations
 
 import logging
+import re
 import time
+import weakref
+from typing import Any
 
 from starlette.requests import ClientDisconnect
-from starlette.routing import Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapterhub_server.api.metrics import (
@@ -94,12 +97,40 @@ class AccessMiddleware:
 def route_template(scope: Scope) -> str:
     """The path template of the route that served `scope`, or would have served it."""
     route = scope.get("route")  # set by the router once it has matched
-    if route is None:
-        # Refused before routing (no key, body too large): find the route it was meant for.
-        routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())
-        matches = [(candidate.matches(scope)[0], candidate) for candidate in routes]
-        route = next((r for m, r in matches if m is Match.FULL), None) or next(
-            (r for m, r in matches if m is Match.PARTIAL), None
-        )
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) else UNMATCHED_ROUTE
+    if isinstance(path, str):
+        return path
+    # Refused before routing (no key, body too large): find the route it was meant for.
+    request_path = scope.get("path", "")
+    for template, pattern in _templates(scope.get("app")):
+        if pattern.fullmatch(request_path):
+            return template
+    return UNMATCHED_ROUTE
+
+
+_TEMPLATE_CACHE: weakref.WeakKeyDictionary[Any, list[tuple[str, re.Pattern[str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _templates(app: Any) -> list[tuple[str, re.Pattern[str]]]:
+    """(template, regex) of every route of `app`, included routers flattened; cached."""
+    if app is None:
+        return []
+    cached = _TEMPLATE_CACHE.get(app)
+    if cached is None:
+        routes = getattr(getattr(app, "router", None), "routes", ())
+        cached = [(t, compile_path(t)[0]) for t in _walk(routes, "")]
+        _TEMPLATE_CACHE[app] = cached
+    return cached
+
+
+def _walk(routes: Any, prefix: str) -> list[str]:
+    found: list[str] = []
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:  # FastAPI's record of an `include_router`
+            found += _walk(included.routes, prefix + route.include_context.prefix)
+        elif isinstance(getattr(route, "path", None), str):
+            found.append(prefix + route.path)
+    return found

@@ -181,3 +181,19 @@ async def test_each_app_has_its_own_registry(anyio_backend: str) -> None:
         m = samples(app.state.metrics.render()[0].decode())
         labels = {"route": "/v1/models", "method": "GET", "status": "200", "adapter": ""}
         assert value(m, "adapterhub_http_requests_total", **labels) == n
+
+
+async def test_requests_refused_before_routing_keep_their_route_label() -> None:
+    from adapterhub_server.api.auth import ApiKeys
+
+    app = create_app(FakeEngine(), api_keys=ApiKeys(inference=("k",)))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        assert (await c.get("/v1/models")).status_code == 401
+        assert (await c.post("/v1/chat/completions", json={})).status_code == 401
+        response = await c.get("/metrics", headers={"Authorization": "Bearer k"})
+    m = samples(response.text)
+    total = "adapterhub_http_requests_total"
+    assert value(m, total, route="/v1/models", method="GET", status="401", adapter="") == 1
+    chats = {"route": "/v1/chat/completions", "method": "POST", "status": "401"}
+    assert value(m, total, **chats, adapter=UNKNOWN_ADAPTER) == 1
