@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -200,7 +200,12 @@ def _free_port() -> int:
 
 @contextmanager
 def _server_process(
-    base_path: Path, model_id: str, adapters: dict[str, Path], config
+    base_path: Path,
+    model_id: str,
+    adapters: dict[str, Path],
+    config,
+    extra_args: Sequence[str] = (),
+    on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> Iterator[str]:
     """The real `adapterhub-server serve` in its own process on a free loopback port.
 
@@ -219,7 +224,9 @@ def _server_process(
     ]  # fmt: skip
     if config.max_model_len:
         cmd += ["--max-model-len", str(config.max_model_len)]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen([*cmd, *extra_args])
+    if on_start is not None:
+        on_start(proc)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300

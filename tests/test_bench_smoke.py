@@ -70,3 +70,15 @@ def test_train_throughput_bench(tiny_base: Path, tmp_path: Path) -> None:
     assert result["ratios"]["ours/trl"]["tokens_per_s"] > 0
     assert all(result["checks"].values()), result["checks"]
     assert "ours/trl" in stdout
+
+
+def test_load_test_bench(tmp_path: Path) -> None:
+    # The CI variant of the load test: its own checks (no failure below the queue limit,
+    # the exact 429 count of a burst, flat memory under overload) decide the exit code.
+    out = tmp_path / "load.json"
+    stdout = _run("bench.load_test", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert all(result["checks"].values()), result["checks"]
+    assert result["steady"]["ok"] > 0
+    assert result["burst"]["rejected_429"] == 5
+    assert "[ok] burst" in stdout
