@@ -56,6 +56,8 @@ FUZZ_SETTINGS = settings(
 # silently cover less, so this fails instead.
 REQUIRED_OPERATIONS = {
     ("GET", "/health"),
+    ("GET", "/ready"),
+    ("GET", "/metrics"),
     ("GET", "/v1/models"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
