@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="size limit of adapter and training-file uploads",
     )
     serve.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=16 * 1024**2,
+        help="size limit of every other request body (JSON; default: %(default)s)",
+    )
+    serve.add_argument(
         "--jobs-dir",
         type=Path,
         default=None,
@@ -214,6 +220,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         lora_modules=modules,
         registry=None if args.no_registry else (args.registry or default_registry_dir()),
         max_upload_bytes=args.max_upload_bytes,
+        max_request_bytes=args.max_request_bytes,
         fine_tuning=not args.no_fine_tuning,
         jobs_dir=args.jobs_dir,
         max_concurrent_jobs=args.max_concurrent_jobs,

@@ -81,6 +81,8 @@ class ServerConfig:
     """Adapter registry directory; None serves only ``lora_modules`` (no /v1/adapters)."""
     max_upload_bytes: int = 2 * 1024**3
     """Largest accepted upload, adapter or training file (counted while the body is read)."""
+    max_request_bytes: int = 16 * 1024**2
+    """Largest accepted body of any other request (JSON), counted the same way."""
     fine_tuning: bool = True
     """Serve `/v1/files` and `/v1/fine_tuning/jobs` (only with a registry to publish into)."""
     jobs_dir: Path | None = None
@@ -111,5 +113,7 @@ class ServerConfig:
             raise ValueError("API keys must not be empty")
         if not 0 < self.port < 65536:
             raise ValueError("port must be in 1..65535")
+        if self.max_upload_bytes < 1 or self.max_request_bytes < 1:
+            raise ValueError("max_upload_bytes and max_request_bytes must be >= 1")
         if self.max_concurrent_jobs < 1:
             raise ValueError("max_concurrent_jobs must be >= 1")

@@ -38,6 +38,7 @@ class Server:
     engine: AsyncLLMEngine
     registry: Registry | None
     max_upload_bytes: int
+    max_request_bytes: int = 16 * 1024**2
     fine_tuning: FineTuningService | None = None
     api_keys: ApiKeys = field(default_factory=ApiKeys)
 
@@ -87,6 +88,7 @@ def build_server(config: ServerConfig) -> Server:
         engine=engine,
         registry=registry,
         max_upload_bytes=config.max_upload_bytes,
+        max_request_bytes=config.max_request_bytes,
         fine_tuning=fine_tuning,
         api_keys=ApiKeys(inference=config.api_keys, admin=config.admin_keys),
     )
@@ -115,6 +117,7 @@ def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
         adapters=adapters,
         fine_tuning=fine_tuning,
         max_upload_bytes=server.max_upload_bytes if server else 2 * 1024**3,
+        max_request_bytes=server.max_request_bytes if server else 16 * 1024**2,
         api_keys=server.api_keys if server else None,
     )
     # Batch sizes and adapter load times are observed on the engine's own thread.

@@ -42,6 +42,7 @@ def create_app(
     adapters: AdapterAdminService | None = None,
     fine_tuning: FineTuningService | None = None,
     max_upload_bytes: int = 2 * 1024**3,
+    max_request_bytes: int = 16 * 1024**2,
     api_keys: ApiKeys | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible HTTP API over `engine`.
@@ -49,7 +50,8 @@ def create_app(
     `served_model_name` is the id under which clients address the base model (default: the
     engine's `base_model_id`). With `adapters` (a registry), the `/v1/adapters` management
     routes are mounted; with `fine_tuning`, `/v1/files` and `/v1/fine_tuning/jobs`. Uploads
-    over `max_upload_bytes` get 413 while the body is read. Neither the engine nor the job
+    over `max_upload_bytes`, and other bodies over `max_request_bytes`, get 413 while the
+    body is read. Neither the engine nor the job
     runner is started or stopped here: whoever owns them wires their lifetime to the app's
     lifespan. With `api_keys`, every route but `/health` and `/ready` needs a bearer key of
     the right scope.
@@ -75,8 +77,9 @@ def create_app(
         app.state.fine_tuning_service = fine_tuning
         app.include_router(file_routes.router)
         app.include_router(fine_tuning_routes.router)
-    if adapters is not None or fine_tuning is not None:
-        app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_upload_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_upload_bytes=max_upload_bytes, max_bytes=max_request_bytes
+    )
     keys = api_keys or ApiKeys()
     # Added after the size limit, so it runs before it: no body is read for a caller
     # without a key. Inside the request-id middleware, so refusals carry an id too.
@@ -159,41 +162,64 @@ def _client_request_id(scope: Scope) -> str | None:
     return None
 
 
-class BodySizeLimitMiddleware:
-    """Refuses request bodies over `max_bytes` with 413, counting bytes as they arrive.
+UPLOAD_ROUTES = {"/v1/adapters": "files", "/v1/files": "file"}
+"""POST routes whose bodies are uploads, and the multipart field that carries the payload."""
 
-    Content-Length is checked up front but not trusted: a chunked or lying body is cut off
-    the moment it passes the limit, before it is buffered anywhere.
+
+class BodySizeLimitMiddleware:
+    """Refuses request bodies over the limit with 413, counting bytes as they arrive.
+
+    Uploads (`UPLOAD_ROUTES`) may be up to `max_upload_bytes`; every other body (JSON) up
+    to `max_bytes`. Content-Length is checked up front but not trusted: a chunked or lying
+    body is cut off the moment it passes the limit, before it is buffered anywhere.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_upload_bytes: int, max_bytes: int) -> None:
         self.app = app
+        self.max_upload_bytes = max_upload_bytes
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes
-        # The multipart field that carries the payload: `file` for training data.
-        param = "file" if scope.get("path", "").startswith("/v1/files") else "files"
+        param = UPLOAD_ROUTES.get(scope.get("path", "")) if scope["method"] == "POST" else None
+        limit = self.max_upload_bytes if param is not None else self.max_bytes
         for key, value in scope.get("headers", []):
             if key == b"content-length" and value.isdigit() and int(value) > limit:
                 await error_response(_too_large(limit, param))(scope, receive, send)
                 return
         seen = 0
+        too_large: PayloadTooLargeError | None = None
+        answered = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _too_large(limit, param)
+                    too_large = _too_large(limit, param)
+                    raise too_large
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered
+            if too_large is None:
+                await send(message)
+            elif not answered:
+                # Body parsers turn the error into their own 400 ("error parsing the body");
+                # whatever the app answers then, the client gets the 413.
+                answered = True
+                await error_response(too_large)(scope, receive, send)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except PayloadTooLargeError:
+            if too_large is None or answered:
+                raise
+            await error_response(too_large)(scope, receive, send)
 
 
-def _too_large(limit: int, param: str) -> PayloadTooLargeError:
+def _too_large(limit: int, param: str | None) -> PayloadTooLargeError:
     return PayloadTooLargeError(f"request body exceeds the {limit}-byte limit", param=param)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+
 import anyio
 import httpx
 import pytest
 
+from adapterhub_server.api import create_app
 from adapterhub_server.errors import (
     AdapterNotFoundError,
     AdapterValidationError,
@@ -298,3 +302,28 @@ async def test_bad_requests_beside_a_stream(client: httpx.AsyncClient, engine: F
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
     assert [results[k].status_code for k in ("404", "400", "json")] == [404, 400, 400]
     assert engine.aborted == []
+
+
+@pytest.mark.anyio
+async def test_json_bodies_over_the_request_limit_are_413_while_read() -> None:
+    app = create_app(FakeEngine(), max_request_bytes=1024)
+    transport = httpx.ASGITransport(app=app)
+    body = json.dumps({"model": "tiny-base", "prompt": "x" * 2000}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        # No Content-Length: the limit must be enforced by counting.
+        for i in range(0, len(body), 256):
+            yield body[i : i + 256]
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        declared = await c.post("/v1/completions", content=body)
+        streamed = await c.post(
+            "/v1/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+        small = await c.post(
+            "/v1/completions", json={"model": "tiny-base", "prompt": "hi", "max_tokens": 2}
+        )
+    for response in (declared, streamed):
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "payload_too_large"
+    assert small.status_code == 200
