@@ -610,3 +610,37 @@ def test_invalid_names(name: str) -> None:
         validate_adapter_name(name)
     assert info.value.param == "name"
     assert "invalid adapter name" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "exclude_modules", "accepted"),
+    [
+        (list(ALL_PROJECTIONS), None, True),
+        (r".*\.(q|k|v|o|gate|up|down)_proj", None, True),
+        ("all-linear", None, True),
+        (["q_proj", "v_proj"], None, False),  # weights for 5 modules PEFT would not build
+        (r"model\.layers\.0\..*", None, False),  # a regex must match the whole path
+        (list(ALL_PROJECTIONS), ["down_proj"], False),
+        (list(ALL_PROJECTIONS), r".*\.layers\.1\..*", False),
+        (["lm_head"], None, False),
+    ],
+)
+def test_weights_must_be_for_modules_target_modules_selects(
+    adapter_copy: Path,
+    targets: dict[str, TargetShape],
+    target_modules: object,
+    exclude_modules: object,
+    accepted: bool,
+) -> None:
+    _edit_config(adapter_copy, target_modules=target_modules, exclude_modules=exclude_modules)
+    if accepted:
+        assert len(_load(adapter_copy, targets).modules) == len(targets)
+    else:
+        _rejects(adapter_copy, targets, "target_modules", "PEFT would ignore these weights")
+
+
+def test_malformed_target_modules(adapter_copy: Path, targets: dict[str, TargetShape]) -> None:
+    _edit_config(adapter_copy, target_modules="(unclosed")
+    _rejects(adapter_copy, targets, "regex")
+    _edit_config(adapter_copy, target_modules=[1, 2])
+    _rejects(adapter_copy, targets, "a string or a list of strings")

@@ -417,6 +417,46 @@ def _group_keys(keys: list[str], targets: dict[str, TargetShape]) -> dict[str, d
     return pairs
 
 
+def _check_targeted(pairs: dict[str, dict[str, str]], config: dict[str, Any]) -> None:
+    """Every module with weights must be one the config's `target_modules` selects.
+
+    PEFT builds LoRA layers from `target_modules` (minus `exclude_modules`) and silently
+    drops weights for any other module; serving them would compute something PEFT never
+    does. Matching follows PEFT: a string is a regex that must match the whole module path,
+    a list matches a path equal to an entry or ending in `.<entry>`, and `all-linear` takes
+    every projection.
+    """
+    targets, excluded = config.get("target_modules"), config.get("exclude_modules")
+    if targets is None or targets == "all-linear":
+        return  # None: an old PEFT config without the field; all-linear covers every key
+    for module, keys in pairs.items():
+        if _selects(targets, module) and not (excluded and _selects(excluded, module)):
+            continue
+        reason = "excludes it" if _selects(targets, module) else "does not select it"
+        raise AdapterValidationError(
+            f"{WEIGHTS_FILE}: tensor {keys['lora_A']!r} is for module {module!r}, but "
+            f"{CONFIG_FILE}'s target_modules {_short(targets)}"
+            f"{f' / exclude_modules {_short(excluded)}' if excluded else ''} {reason}: "
+            "PEFT would ignore these weights",
+            param="file",
+        )
+
+
+def _selects(pattern: Any, module: str) -> bool:
+    if isinstance(pattern, str):
+        try:
+            return re.fullmatch(pattern, module) is not None
+        except re.error as exc:
+            raise _config_error(
+                f"target_modules regex {_short(pattern)} is invalid: {exc}"
+            ) from exc
+    if isinstance(pattern, list | tuple | set) and all(isinstance(p, str) for p in pattern):
+        return any(module == p or module.endswith("." + p) for p in pattern)
+    raise _config_error(
+        f"target_modules/exclude_modules must be a string or a list of strings, not {_short(pattern)}"
+    )
+
+
 def _as_float32(key: str, tensor: torch.Tensor) -> torch.Tensor:
     if not tensor.is_floating_point():
         raise AdapterValidationError(
@@ -528,6 +568,7 @@ def load_adapter(
     if not tensors:
         raise AdapterValidationError(f"{WEIGHTS_FILE}: holds no tensors", param="file")
     pairs = _group_keys(list(tensors), targets)
+    _check_targeted(pairs, config)
 
     deadline = time.monotonic() + _PATTERN_BUDGET_S
     modules: dict[str, ModuleLoRA] = {}

@@ -432,20 +432,11 @@ def test_modules_or_shapes_not_of_the_base(
     assert_rejected(served, before, response)
 
 
-# PEFT builds layers from `target_modules` and ignores weights for other modules, while the
-# loader (lora/adapter.py) builds them from the weight keys and never reads target_modules:
-# such an adapter is served with weights PEFT would drop. Strict: fixing it fails this mark.
-TARGET_MODULES_IGNORED = pytest.mark.xfail(
-    strict=True,
-    reason="load_adapter does not check target_modules against the weight keys (reported)",
-)
-
-
 @pytest.mark.parametrize(
     "config_change",
     [
-        pytest.param({"target_modules": ["lm_head"]}, marks=TARGET_MODULES_IGNORED),
-        pytest.param({"target_modules": ["embed_tokens"]}, marks=TARGET_MODULES_IGNORED),
+        {"target_modules": ["lm_head"]},
+        {"target_modules": ["embed_tokens"]},
         {"use_dora": True},
         {"bias": "all"},
         {"modules_to_save": ["lm_head"]},
