@@ -18,32 +18,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
 from adapterhub_server.finetune.process import is_alive
 from adapterhub_server.registry import BaseModelSpec, Registry
-from tests.finetune.conftest import jsonl
+from tests.finetune.conftest import jsonl, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], *, timeout: float = 60.0, what: str) -> T:
-    """Poll another process's state (files, an index, HTTP): there is no event to wait on."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def start(*args: str) -> subprocess.Popen:
