@@ -348,17 +348,41 @@ class _Slot:
         self.pid = -1
 
 
+JOURNAL_MODE_ENV = "ADAPTERHUB_REGISTRY_JOURNAL_MODE"
+JOURNAL_MODES = ("wal", "delete")
+
+
+def journal_mode_from_env() -> str:
+    """`wal` (default: one host), or `delete` for an index on a network file system shared by
+    several hosts, where WAL's shared-memory index cannot work. Every process that opens the
+    registry must use the same mode, hence an environment variable rather than a flag."""
+    mode = os.environ.get(JOURNAL_MODE_ENV, "wal").strip().lower() or "wal"
+    if mode not in JOURNAL_MODES:
+        raise RegistryError(f"{JOURNAL_MODE_ENV}={mode!r}: expected one of {JOURNAL_MODES}")
+    return mode
+
+
 class SQLiteIndex:
-    """`Index` in one SQLite file in WAL mode, safe for many processes and threads.
+    """`Index` in one SQLite file, safe for many processes and threads.
+
+    WAL mode by default: readers never wait for writers, but every process must run on one
+    host. `journal_mode="delete"` (the rollback journal) relies on file locks only, so
+    several hosts can share the index over a network file system with working POSIX locks,
+    at the price of readers and writers briefly waiting for each other.
 
     Every write is one `BEGIN IMMEDIATE` transaction: it takes the database's write lock
     up front, so two writers never both read the same `next_version`. `busy_timeout` makes
     a writer wait for the lock instead of failing.
     """
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, path: Path, *, busy_timeout_s: float = 30.0, journal_mode: str | None = None
+    ) -> None:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
+        self.journal_mode = journal_mode or journal_mode_from_env()
+        if self.journal_mode not in JOURNAL_MODES:
+            raise RegistryError(f"journal_mode must be one of {JOURNAL_MODES}")
         # Two connections, each behind its own lock: a write waiting up to busy_timeout for
         # another process's transaction must not hold up reads on the engine's hot path
         # (WAL readers never wait for writers).
@@ -388,17 +412,21 @@ class SQLiteIndex:
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
         deadline = time.monotonic() + self.busy_timeout_s
         while True:
-            # Switching to WAL needs a moment of exclusive access; when several processes
-            # create the registry at once, some have to wait for it.
+            # Switching the journal mode needs a moment of exclusive access; when several
+            # processes create the registry at once, some have to wait for it.
             try:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = conn.execute(f"PRAGMA journal_mode = {self.journal_mode}").fetchone()[0]
                 break
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        if str(mode).lower() != "wal":
-            raise RegistryError(f"{self.path}: cannot enable WAL mode (got {mode!r})")
+        if str(mode).lower() != self.journal_mode:
+            raise RegistryError(
+                f"{self.path}: cannot switch to journal mode {self.journal_mode!r} (got "
+                f"{mode!r}); every process opening the registry must use the same "
+                f"{JOURNAL_MODE_ENV}"
+            )
         # FULL: a commit is durable once it returns (NORMAL may lose the last ones).
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")

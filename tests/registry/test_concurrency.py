@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -17,9 +18,18 @@ from tests.registry import workers
 CTX = multiprocessing.get_context("spawn")
 
 
+@pytest.mark.parametrize("journal_mode", ["wal", "delete"])
 def test_concurrent_pushes_get_distinct_versions(
-    registry_root: Path, base_spec: BaseModelSpec, tiny_base: Path, adapter_dir: Path
+    registry_root: Path,
+    base_spec: BaseModelSpec,
+    tiny_base: Path,
+    adapter_dir: Path,
+    journal_mode: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # `delete` is the mode for an index shared over network storage; the child processes
+    # inherit the environment, as every process of a deployment must.
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY_JOURNAL_MODE", journal_mode)
     procs, per_proc = 4, 3
     Registry.open(registry_root).close()  # created up front; workers race on writes only
     barrier = CTX.Barrier(procs)
@@ -56,6 +66,8 @@ def test_concurrent_pushes_get_distinct_versions(
     report = registry.verify()
     assert report.ok and report.checked == procs * per_proc
     assert list((registry_root / ".staging").iterdir()) == []
+    with sqlite3.connect(registry_root / "registry.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == journal_mode
 
 
 def _start_hung_writer(root: Path, tiny_base: Path, adapter_dir: Path, point: str, tmp: Path):
@@ -139,3 +151,21 @@ def test_concurrent_pushes_from_threads(registry: Registry, adapter_dir: Path) -
     assert sorted(versions) == list(range(1, 9))
     assert registry.verify().ok
     assert registry.index.pending() == []
+
+
+def test_journal_mode_must_be_known_and_shared(
+    registry_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapterhub_server.registry.errors import RegistryError
+
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY_JOURNAL_MODE", "memory")
+    with pytest.raises(RegistryError, match="expected one of"):
+        Registry.open(registry_root)
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY_JOURNAL_MODE", "wal")
+    holder = Registry.open(registry_root)
+    holder.list_adapters()  # keeps a WAL connection open, as a running server does
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY_JOURNAL_MODE", "delete")
+    # A process configured differently cannot flip the mode under a live one.
+    with pytest.raises(Exception, match="lock|journal mode"):
+        Registry.open(registry_root, busy_timeout_s=0.5)
+    holder.close()
