@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adapterhub_server.api.auth import ApiKeys
-from adapterhub_server.base_model import resolve_base_model
+from adapterhub_server.base_model import ResolvedBaseModel, resolve_base_model
 from adapterhub_server.config import ServerConfig
 from adapterhub_server.engine.async_engine import AsyncLLMEngine
 from adapterhub_server.engine.build import build_engine
@@ -43,15 +43,21 @@ class Server:
     api_keys: ApiKeys = field(default_factory=ApiKeys)
 
 
-def build_server(config: ServerConfig) -> Server:
+def resolve_base(config: ServerConfig) -> ResolvedBaseModel:
+    """Find (download or convert, once) the base model `config` names."""
+    return resolve_base_model(
+        config.base_model, cache_dir=config.model_cache_dir, model_id=config.served_model_name
+    )
+
+
+def build_server(config: ServerConfig, base: ResolvedBaseModel | None = None) -> Server:
     """Load the base model, open the registry, validate start-up adapters.
 
     Adapters resolve first from ``--lora-modules`` (served beside the registry, not copied
-    into it), then from the registry, where every reference form works.
+    into it), then from the registry, where every reference form works. `base` is
+    `resolve_base(config)` when the caller has it already.
     """
-    base = resolve_base_model(
-        config.base_model, cache_dir=config.model_cache_dir, model_id=config.served_model_name
-    )
+    base = base or resolve_base(config)
     model_id = config.served_model_name or base.model_id
     registry = None
     sources: list[AdapterSource] = [StaticAdapterSource(config.lora_modules)]
@@ -166,7 +172,12 @@ def is_loopback(host: str) -> bool:
 
 
 def run_server(config: ServerConfig) -> int:
-    """Serve until SIGTERM or SIGINT; returns the process exit code (0 after a graceful stop).
+    """Serve until SIGTERM or SIGINT; returns the process exit code (0 after a graceful stop,
+    1 if the engine failed to load).
+
+    The base model is resolved first, so a wrong `--base-model` fails at once with a clear
+    message. HTTP then starts while the engine loads: `/health` answers, and every other
+    route is 503 `not_ready` until the model is loaded and warm.
 
     On SIGTERM the listener closes, the engine refuses new requests with 503, in-flight ones
     get `shutdown_timeout` seconds to finish and are aborted after that, then the job
@@ -175,14 +186,23 @@ def run_server(config: ServerConfig) -> int:
     import uvicorn
 
     from adapterhub_server.graceful import GracefulServer
+    from adapterhub_server.startup import StartupApp
 
     check_exposure(config)
-    server = build_server(config)
-    engine = server.engine
-    app = build_app(engine, server)
-    logger.info("serving %s on http://%s:%d", engine.base_model_id, config.host, config.port)
+    base = resolve_base(config)
+
+    def load() -> Any:
+        server = build_server(config, base)
+        return build_app(server.engine, server)
+
+    def stop(_: BaseException) -> None:
+        http.should_exit = True
+
+    startup = StartupApp(load, on_failure=stop)
+    model_id = config.served_model_name or base.model_id
+    logger.info("serving %s on http://%s:%d", model_id, config.host, config.port)
     uv_config = uvicorn.Config(
-        app,
+        startup,
         host=config.host,
         port=config.port,
         log_level=config.log_level,
@@ -193,5 +213,6 @@ def run_server(config: ServerConfig) -> int:
         # A backstop only: the drain below ends every request within shutdown_timeout.
         timeout_graceful_shutdown=config.shutdown_timeout + 5,
     )
-    GracefulServer(uv_config, drain=lambda: engine.drain(config.shutdown_timeout)).run()
-    return 0
+    http = GracefulServer(uv_config, drain=lambda: startup.drain(config.shutdown_timeout))
+    http.run()
+    return 1 if startup.failed is not None else 0

@@ -234,12 +234,12 @@ def _server_process(
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.time() > deadline:
-                raise RuntimeError("server did not become healthy")
+                raise RuntimeError("server did not become ready")
             time.sleep(0.2)
         yield url
     finally:

@@ -98,6 +98,18 @@ class ClientDisconnectedError(ApiError):
         )
 
 
+class NotReadyError(ApiError):
+    """503 with Retry-After: the engine is still starting, or is shutting down."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the server is not ready to take requests",
+            status=503,
+            type=SERVER_ERROR,
+            code="not_ready",
+        )
+
+
 class GenerationFailedError(ApiError):
     """The engine ended this request with an error (or aborted it) instead of finishing.
 

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from adapterhub_server.api.errors import SERVER_ERROR, ApiError
+from adapterhub_server.api.errors import NotReadyError
 from adapterhub_server.api.routes.common import ServiceDep
 from client.types import ErrorResponse, HealthStatus, ReadyStatus
 
 router = APIRouter(tags=["health"])
-
-
-class NotReadyError(ApiError):
-    """503 with Retry-After: the engine is still starting, or is shutting down."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "the server is not ready to take requests",
-            status=503,
-            type=SERVER_ERROR,
-            code="not_ready",
-        )
 
 
 @router.get("/health", response_model=HealthStatus)
