@@ -166,6 +166,6 @@ def test_journal_mode_must_be_known_and_shared(
     holder.list_adapters()  # keeps a WAL connection open, as a running server does
     monkeypatch.setenv("ADAPTERHUB_REGISTRY_JOURNAL_MODE", "delete")
     # A process configured differently cannot flip the mode under a live one.
-    with pytest.raises(Exception, match="lock|journal mode"):
+    with pytest.raises(Exception, match=r"lock|journal mode"):
         Registry.open(registry_root, busy_timeout_s=0.5)
     holder.close()
