@@ -7,6 +7,9 @@
   killed (wherever the kill lands).
 - `serve-jobs JOBS REGISTRY BASE PORT`: an HTTP server with the fine-tuning routes over the
   fake trainer, its job runner started, until killed.
+- `serve-stalling ROOT BASE PORT POINT MARKER`: the real server (tiny engine, registry) whose
+  adapter uploads reach registry write step POINT (`staged`, `allocated`, `published`),
+  touch MARKER and hang there until the server is killed.
 """
 
 from __future__ import annotations
@@ -100,7 +103,40 @@ def serve_jobs(jobs: str, registry: str, base: str, port: str) -> int:
     return 0
 
 
-COMMANDS = {"push-stalled": push_stalled, "push-loop": push_loop, "serve-jobs": serve_jobs}
+def serve_stalling(root: str, base: str, port: str, point: str, marker: str) -> int:
+    import uvicorn
+
+    from adapterhub_server.config import EngineConfig, ServerConfig
+    from adapterhub_server.server import build_app, build_server
+
+    config = ServerConfig(
+        base_model=base,
+        served_model_name="tiny-base",
+        registry=Path(root),
+        fine_tuning=False,
+        engine=EngineConfig(max_num_seqs=2, max_loras=1),
+    )
+    server = build_server(config)
+
+    def stall(reached: str) -> None:
+        if reached == point:
+            Path(marker).write_text(reached)
+            time.sleep(600)
+
+    assert server.registry is not None
+    server.registry._hook = stall
+    uvicorn.run(
+        build_app(server.engine, server), host="127.0.0.1", port=int(port), log_level="warning"
+    )
+    return 0
+
+
+COMMANDS = {
+    "push-stalled": push_stalled,
+    "push-loop": push_loop,
+    "serve-jobs": serve_jobs,
+    "serve-stalling": serve_stalling,
+}
 
 if __name__ == "__main__":
     sys.exit(COMMANDS[sys.argv[1]](*sys.argv[2:]))

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,67 @@ def assert_verifies_clean(root: Path) -> dict[str, Any]:
     report = json.loads(result.stdout)
     assert report["problems"] == [], report
     return report
+
+
+@pytest.mark.parametrize(
+    ("point", "number_used"),
+    [("staged", False), ("allocated", True), ("published", True)],
+)
+def test_server_killed_during_an_http_upload_leaves_no_trace(
+    tmp_path: Path,
+    tiny_base: Path,
+    tiny_adapters: dict[str, Path],
+    spec: BaseModelSpec,
+    point: str,
+    number_used: bool,
+) -> None:
+    root, adapter = tmp_path / "registry", tiny_adapters["r8"]
+    with Registry.open(root, base=spec) as registry:
+        registry.push(tiny_adapters["r4"], "bystander")
+    marker, port = tmp_path / "stalled", _free_port()
+    server = start("serve-stalling", str(root), str(tiny_base), str(port), point, str(marker))
+    url = f"http://127.0.0.1:{port}"
+    upload_error: list[BaseException] = []
+
+    def upload() -> None:
+        files = [
+            ("files", (f.name, f.read_bytes()))
+            for f in (adapter / "adapter_config.json", adapter / "adapter_model.safetensors")
+        ]
+        try:
+            httpx.post(f"{url}/v1/adapters", data={"name": "crashy"}, files=files, timeout=120)
+        except httpx.TransportError as exc:  # the server dies under the request
+            upload_error.append(exc)
+
+    try:
+        wait_for(lambda: _answers(url, server), what="the server to answer")
+        uploader = threading.Thread(target=upload)
+        uploader.start()
+        wait_for(lambda: marker.exists() or server.poll() is not None, what=f"step {point}")
+        assert server.poll() is None, server.communicate()[0]
+    finally:
+        kill_group(server)
+    uploader.join(timeout=60)
+    assert upload_error, "the upload must not have been answered"
+
+    report = assert_verifies_clean(root)  # opening (in the CLI) also recovers
+    assert report["checked"] == 1
+    with Registry.open(root, base=spec) as registry:
+        assert [a.name for a in registry.list_adapters()] == ["bystander"]
+        assert registry.index.pending() == []
+        assert not (root / "adapters" / "crashy" / "1").exists()
+        assert list((root / ".staging").iterdir()) == []
+        # A number taken by the killed upload is never handed out again.
+        assert registry.push(adapter, "crashy").version == (2 if number_used else 1)
+
+
+def _answers(url: str, server: subprocess.Popen) -> bool:
+    if server.poll() is not None:
+        raise AssertionError(server.communicate()[0].decode())
+    try:
+        return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 @pytest.fixture
