@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
     )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    serve.add_argument(
+        "--lora-kernel",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="batched LoRA ops: auto = Triton kernels on CUDA when installed, else torch",
+    )
     serve.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     serve.add_argument(
         "--registry",
@@ -207,6 +213,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.device,
         num_threads=args.num_threads,
         max_queued_requests=args.max_queued_requests,
+        lora_kernel=args.lora_kernel,
     )
     modules = dict(args.lora_modules)
     if len(modules) != len(args.lora_modules):

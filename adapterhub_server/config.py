@@ -30,6 +30,9 @@ class EngineConfig:
     """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
     num_threads: int | None = None
     """CPU threads for torch; None keeps torch's default."""
+    lora_kernel: str = "auto"
+    """`auto` (the Triton kernels on CUDA when Triton is installed, else torch ops),
+    `triton` (require them) or `torch`."""
     max_queued_requests: int = 256
     """Requests accepted beyond the running batch; past it new requests get HTTP 429 with
     Retry-After at once, so memory stays flat under overload."""
@@ -46,6 +49,8 @@ class EngineConfig:
             self.max_cpu_loras = 2 * self.max_loras
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras")
+        if self.lora_kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"unknown lora_kernel {self.lora_kernel!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -55,6 +60,18 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def use_lora_kernels(self) -> bool:
+        """Whether LoRA runs through the Triton kernels on this config's device."""
+        from adapterhub_server.lora.kernels import triton_available
+
+        if self.lora_kernel == "torch":
+            return False
+        if self.lora_kernel == "triton":
+            if not triton_available():
+                raise ValueError("lora_kernel='triton' but Triton is not installed")
+            return True
+        return self.torch_device().type == "cuda" and triton_available()
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

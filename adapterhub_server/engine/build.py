@@ -92,13 +92,15 @@ def build_engine(
         adapters.load_now(adapters.locate(name))
 
     eos = _eos_token_ids(hf, tokenizer)
+    use_kernels = config.use_lora_kernels()
     logger.info(
-        "engine ready: %s on %s/%s, max_model_len=%d, kv cache %.0f MiB, load %.1f s",
+        "engine ready: %s on %s/%s, max_model_len=%d, kv cache %.0f MiB, LoRA ops %s, load %.1f s",
         base.model_id,
         device,
         str(dtype).removeprefix("torch."),
         max_model_len,
         kv.nbytes / 2**20,
+        "triton" if use_kernels else "torch",
         time.perf_counter() - t0,
     )
     return LLMEngine(
@@ -112,6 +114,7 @@ def build_engine(
         eos_token_ids=eos,
         device=device,
         max_queued_requests=config.max_queued_requests,
+        use_lora_kernels=use_kernels,
     )
 
 

@@ -51,6 +51,7 @@ class LLMEngine:
         eos_token_ids: set[int],
         device: torch.device,
         max_queued_requests: int = EngineConfig.max_queued_requests,
+        use_lora_kernels: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -59,6 +60,8 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.device = device
+        self.use_lora_kernels = use_lora_kernels
+        """Route LoRA through the Triton kernels (`lora/kernels.py`) instead of torch ops."""
         self.max_queued_requests = max_queued_requests
         """Accepted requests allowed beyond `max_num_seqs`; enforced by `AsyncLLMEngine`."""
         self.sampler = Sampler()
@@ -236,7 +239,13 @@ class LLMEngine:
 
         dev = self.device
         attn = build_attention_metadata(decode_rows, positions[: len(decode_rows)], chunks, dev)
-        lora = build_lora_batch(dense_routes, segments, device=dev, dtype=self.kv_cache.k.dtype)
+        lora = build_lora_batch(
+            dense_routes,
+            segments,
+            device=dev,
+            dtype=self.kv_cache.k.dtype,
+            use_kernels=self.use_lora_kernels,
+        )
         logits = self.model(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),

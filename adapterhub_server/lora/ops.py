@@ -26,6 +26,10 @@ Two routing forms, whose best strategies differ (measured by ``bench/lora_ops.py
 
 Tokens with no adapter appear in no group and no segment, so they pay nothing; a step in
 which no token uses an adapter does no LoRA work at all.
+
+On CUDA the same semantics run as two Triton kernels per rank class (`lora/kernels.py`,
+custom ops `torch.ops.adapterhub.lora_shrink` / `lora_expand`), selected by
+``build_lora_batch(..., use_kernels=True)``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from adapterhub_server.lora.kernels import KernelMapping, add_lora_kernels, build_kernel_mappings
 
 Route = tuple[int, int]
 """(rank_class, slot) of one token's adapter."""
@@ -84,10 +90,12 @@ class LoRABatch:
 
     groups: list[TokenGroup] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
+    kernel_mappings: list[KernelMapping] = field(default_factory=list)
+    """Set instead of groups and segments when the Triton kernels serve this step."""
 
     @property
     def active(self) -> bool:
-        return bool(self.groups or self.segments)
+        return bool(self.groups or self.segments or self.kernel_mappings)
 
 
 def build_lora_batch(
@@ -96,6 +104,7 @@ def build_lora_batch(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    use_kernels: bool = False,
 ) -> LoRABatch:
     """Build one step's routing.
 
@@ -103,7 +112,13 @@ def build_lora_batch(
         dense_routes: per dense token, in token order (tokens ``0..len-1``), its
             ``(rank_class, slot)`` or None for the base model.
         segments: prefill runs that use an adapter; their token ranges follow the dense ones.
+        use_kernels: route through the Triton kernels (every token grouped by adapter).
     """
+    if use_kernels:
+        routes: list[Route | None] = list(dense_routes)
+        for s in segments:
+            routes += [None] * (s.t0 - len(routes)) + [(s.rank_class, s.slot)] * (s.t1 - s.t0)
+        return LoRABatch(kernel_mappings=build_kernel_mappings(routes, device))
     batch = LoRABatch(segments=list(segments))
     by_class: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     for t, route in enumerate(dense_routes):
@@ -161,6 +176,9 @@ def add_lora(
     Semantics: for each token t routed to (c, s), each module j:
     ``y[t, cols_j] += (A[c][s, j*c:(j+1)*c] @ x[t]) @ B_j[c][s]``.
     """
+    if batch.kernel_mappings:
+        add_lora_kernels(y, x, pools, batch.kernel_mappings)
+        return
     for g in batch.groups:
         a, bs = pools[g.rank_class]
         c = g.rank_class

@@ -17,6 +17,7 @@ from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.errors import AdapterNotFoundError, ContextLengthError
 from adapterhub_server.lora.cache import AdapterLocation, StaticAdapterSource
+from adapterhub_server.lora.kernels import triton_available
 
 PROMPTS = [
     "hello world",
@@ -39,7 +40,7 @@ class Result:
     logprobs: list = field(default_factory=list)
 
 
-def _engine(base: Path, adapters: dict[str, Path], **overrides: int) -> LLMEngine:
+def _engine(base: Path, adapters: dict[str, Path], **overrides: int | str) -> LLMEngine:
     config = EngineConfig(
         **{"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_loras": 3, **overrides}
     )
@@ -126,6 +127,27 @@ def test_mixed_batch_greedy_equals_peft(tiny_base, tiny_adapters, peft_greedy) -
         assert results[rid].finish_reason == "length"
     assert engine.adapters.stats().evictions > 0  # the slot cache really churned
     assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_triton_kernel_path_greedy_equals_peft(tiny_base, tiny_adapters, peft_greedy) -> None:
+    """The engine with LoRA through the Triton kernels (Triton's interpreter on CPU): mixed
+    ranks and patterns, base rows, chunked prefill, a slot cache that churns."""
+    engine = _engine(
+        tiny_base, tiny_adapters, max_num_batched_tokens=24, max_loras=3, lora_kernel="triton"
+    )
+    assert engine.use_lora_kernels
+    names = [*tiny_adapters, None]
+    reqs = _requests(engine.tokenizer, names, max_tokens=[6, 9, 4])
+    for rid, ids, adapter, n in reqs:
+        engine.add_request(
+            rid, ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter
+        )
+    results: dict[str, Result] = {}
+    _drain(engine, results, timeout=600)
+    for rid, ids, adapter, n in reqs:
+        assert results[rid].token_ids == peft_greedy(adapter, ids, n), (rid, adapter)
+    assert engine.adapters.stats().evictions > 0
 
 
 def test_all_requests_on_one_adapter(tiny_base, tiny_adapters, peft_greedy) -> None:

@@ -1,0 +1,237 @@
+"""Triton kernels for the batched LoRA shrink and expand (SGMV style, one rank class).
+
+Tokens are grouped by adapter: ``token_indices[starts[g] : starts[g] + counts[g]]`` are the
+tokens that use the adapter in slot ``slots[g]``. One program handles a block of one
+group's tokens against a block of output columns, so the adapter's weight tile is read once
+per block of tokens (a decode step with many sequences on one adapter reads it once; a
+prefill segment is a group of many tokens). Tokens without an adapter appear in no group
+and cost nothing. Products accumulate in float32 whatever the input dtype.
+
+Import this module only where Triton is installed; `lora/kernels.py` decides when to use it
+and registers these launches as torch custom ops. Under ``TRITON_INTERPRET=1`` the kernels
+run on CPU tensors (slowly), which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# tl.dot needs every block dimension >= 16.
+_BLOCK_M = 16
+_BLOCK_K = 64
+_BLOCK_R = 16
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,
+    a_ptr,
+    h_ptr,
+    token_ptr,
+    slot_ptr,
+    start_ptr,
+    count_ptr,
+    K,
+    N,
+    stride_xt,
+    stride_xk,
+    stride_as,
+    stride_an,
+    stride_ak,
+    stride_ht,
+    stride_hn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    group = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    count = tl.load(count_ptr + group)
+    if pid_m * BLOCK_M < count:
+        start = tl.load(start_ptr + group)
+        slot = tl.load(slot_ptr + group).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        tokens = tl.load(token_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            xb = tl.load(
+                x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            # A is [slots, N, K]; this tile is read as [BLOCK_K, BLOCK_N] (A transposed).
+            ab = tl.load(
+                a_ptr
+                + slot * stride_as
+                + offs_n[None, :] * stride_an
+                + offs_k[:, None] * stride_ak,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            if IEEE:
+                acc += tl.dot(xb, ab, input_precision="ieee")
+            else:
+                acc += tl.dot(xb, ab)
+        tl.store(
+            h_ptr + tokens[:, None] * stride_ht + offs_n[None, :] * stride_hn,
+            acc,
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
+
+
+@triton.jit
+def _expand_kernel(
+    h_ptr,
+    b_ptr,
+    y_ptr,
+    token_ptr,
+    slot_ptr,
+    start_ptr,
+    count_ptr,
+    R,
+    N,
+    h_col0,
+    y_col0,
+    stride_ht,
+    stride_hr,
+    stride_bs,
+    stride_br,
+    stride_bn,
+    stride_yt,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    group = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    count = tl.load(count_ptr + group)
+    if pid_m * BLOCK_M < count:
+        start = tl.load(start_ptr + group)
+        slot = tl.load(slot_ptr + group).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        tokens = tl.load(token_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            hb = tl.load(
+                h_ptr + tokens[:, None] * stride_ht + (h_col0 + offs_r[None, :]) * stride_hr,
+                mask=mask_m[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            bb = tl.load(
+                b_ptr
+                + slot * stride_bs
+                + offs_r[:, None] * stride_br
+                + offs_n[None, :] * stride_bn,
+                mask=mask_r[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            # The float32 rank-space activations meet B in B's dtype (bf16 on a GPU), as
+            # the tensor cores want; the sum stays in float32.
+            if IEEE:
+                acc += tl.dot(hb.to(bb.dtype), bb, input_precision="ieee")
+            else:
+                acc += tl.dot(hb.to(bb.dtype), bb)
+        y_ptrs = y_ptr + tokens[:, None] * stride_yt + (y_col0 + offs_n[None, :]) * stride_yn
+        y_mask = mask_m[:, None] & mask_n[None, :]
+        old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        tl.store(y_ptrs, (old.to(tl.float32) + acc).to(old.dtype), mask=y_mask)
+
+
+def _block_n(n: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(n)))
+
+
+def shrink(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    token_indices: torch.Tensor,
+    slots: torch.Tensor,
+    starts: torch.Tensor,
+    counts: torch.Tensor,
+    max_count: int,
+) -> torch.Tensor:
+    """``h[t] = A[slot(t)] @ x[t]`` for every grouped token; other rows of h are zero.
+
+    Args:
+        x: ``[T, K]`` activations.
+        a: ``[slots, N, K]`` the rank class's A pool (``N = m * c``).
+        token_indices: ``[n]`` int32 token ids, grouped by adapter.
+        slots, starts, counts: ``[G]`` int32 per group: its slot, first index into
+            `token_indices`, and number of tokens.
+        max_count: the largest count (sizes the grid without reading the device).
+    Returns:
+        ``[T, N]`` float32.
+    """
+    num_tokens, k = x.shape
+    n = a.shape[1]
+    h = torch.zeros((num_tokens, n), dtype=torch.float32, device=x.device)
+    groups = slots.shape[0]
+    if groups == 0 or max_count == 0:
+        return h
+    block_n = _block_n(n)
+    grid = (groups, triton.cdiv(max_count, _BLOCK_M), triton.cdiv(n, block_n))
+    _shrink_kernel[grid](
+        x, a, h, token_indices, slots, starts, counts,
+        k, n,
+        x.stride(0), x.stride(1),
+        a.stride(0), a.stride(1), a.stride(2),
+        h.stride(0), h.stride(1),
+        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=_BLOCK_K,
+        IEEE=x.dtype == torch.float32,
+    )  # fmt: skip
+    return h
+
+
+def expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    token_indices: torch.Tensor,
+    slots: torch.Tensor,
+    starts: torch.Tensor,
+    counts: torch.Tensor,
+    max_count: int,
+    h_col0: int,
+    y_col0: int,
+) -> None:
+    """``y[t, y_col0 : y_col0 + N] += h[t, h_col0 : h_col0 + R] @ B[slot(t)]`` in place.
+
+    Args:
+        y: ``[T, out]`` output of the base layer (modified).
+        h: ``[T, >= h_col0 + R]`` float32 from `shrink`.
+        b: ``[slots, R, N]`` one module's B pool (transposed, scale folded in).
+        token_indices, slots, starts, counts, max_count: as for `shrink`.
+        h_col0, y_col0: first column of this module in h and in y.
+    """
+    groups = slots.shape[0]
+    if groups == 0 or max_count == 0:
+        return
+    r, n = b.shape[1], b.shape[2]
+    block_n = _block_n(n)
+    grid = (groups, triton.cdiv(max_count, _BLOCK_M), triton.cdiv(n, block_n))
+    _expand_kernel[grid](
+        h, b, y, token_indices, slots, starts, counts,
+        r, n, h_col0, y_col0,
+        h.stride(0), h.stride(1),
+        b.stride(0), b.stride(1), b.stride(2),
+        y.stride(0), y.stride(1),
+        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_R=_BLOCK_R,
+        IEEE=b.dtype == torch.float32,
+    )  # fmt: skip
