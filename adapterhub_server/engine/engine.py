@@ -30,6 +30,7 @@ from adapterhub_server.lora.cache import AdapterCache
 from adapterhub_server.lora.ops import Route, Segment, build_lora_batch
 from adapterhub_server.models.attention import KVCache, PrefillChunk, build_attention_metadata
 from adapterhub_server.models.llama import BatchedLlama
+from adapterhub_server.models.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -247,12 +248,12 @@ class LLMEngine:
             use_kernels=self.use_lora_kernels,
         )
         logits = self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
+            to_device(ids, torch.long, dev),
+            to_device(positions, torch.long, dev),
             attn,
             self.kv_cache,
             lora if lora.active else None,
-            torch.tensor(logits_index, dtype=torch.long, device=dev),
+            to_device(logits_index, torch.long, dev),
         )
         if samplers:
             generators = [s.generator for s in samplers]

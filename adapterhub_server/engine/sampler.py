@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.models.transfer import to_device
 
 __all__ = ["Sampler", "SamplerOutput", "make_generator"]
 
@@ -94,7 +95,7 @@ class Sampler:
         else:
             # Argmax over every row costs one pass; the random rows' entries are overwritten.
             token_ids = raw.argmax(dim=-1)
-            random_idx = torch.tensor(random_rows, dtype=torch.long, device=device)
+            random_idx = to_device(random_rows, torch.long, device)
             token_ids[random_idx] = self._sample_random(
                 raw.index_select(0, random_idx),
                 [params[i] for i in random_rows],
@@ -118,7 +119,7 @@ class Sampler:
         """
         rows, vocab = logits.shape
         device = logits.device
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        temps = to_device([p.temperature for p in params], torch.float32, device)
         scaled = logits / temps.unsqueeze(1)
 
         # k <= 0 means "off": keeping all V tokens is the same thing and keeps the mask uniform.
@@ -143,7 +144,7 @@ class Sampler:
                     # random stream advances identically in every batch it could be part of.
                     noise[j].exponential_(generator=gen)
             if unseeded:
-                idx = torch.tensor(unseeded, dtype=torch.long, device=device)
+                idx = to_device(unseeded, torch.long, device)
                 noise[idx] = torch.empty(len(unseeded), vocab, device=device).exponential_()
         # exponential_ can return exactly 0, which would turn a masked 0/0 into NaN.
         noise.clamp_(min=torch.finfo(torch.float32).tiny)
@@ -193,11 +194,11 @@ def _apply_top_k_top_p(
     # so top_k=1 and a tiny top_p reduce exactly to greedy.
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
-    k = torch.tensor(top_ks, dtype=torch.long, device=device).unsqueeze(1)
+    k = to_device(top_ks, torch.long, device).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
 
-    p = torch.tensor(top_ps, dtype=torch.float32, device=device).unsqueeze(1)
-    if bool((p < 1.0).any()):
+    p = to_device(top_ps, torch.float32, device).unsqueeze(1)
+    if any(value < 1.0 for value in top_ps):  # decided on the host: no device sync
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         preceding = sorted_probs.cumsum(dim=-1) - sorted_probs
         # Rows with top_p == 1 are left alone: float round-off in the cumsum could otherwise

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adapterhub_server.models.transfer import to_device
+
 Route = tuple[int, int]
 
 
@@ -73,8 +75,7 @@ def build_kernel_mappings(
         starts = [sum(counts[:i]) for i in range(len(counts))]
         tokens = [t for s in slots for t in groups[s]]
         # One host tensor, one copy: [tokens | slots | starts | counts].
-        packed = torch.tensor(tokens + slots + starts + counts, dtype=torch.int32)
-        packed = packed.to(device, non_blocking=True)
+        packed = to_device(tokens + slots + starts + counts, torch.int32, device)
         n, g = len(tokens), len(slots)
         mappings.append(
             KernelMapping(

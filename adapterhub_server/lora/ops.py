@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapterhub_server.lora.kernels import KernelMapping, add_lora_kernels, build_kernel_mappings
+from adapterhub_server.models.transfer import to_device
 
 Route = tuple[int, int]
 """(rank_class, slot) of one token's adapter."""
@@ -150,9 +151,9 @@ def build_lora_batch(
                 rank_class=cls,
                 slot_lo=lo,
                 slot_hi=hi,
-                token_index=index.to(device),
-                flat_index=index.flatten().to(device),
-                valid=valid.to(device) if valid is not None else None,
+                token_index=to_device(index, torch.long, device),
+                flat_index=to_device(index.flatten(), torch.long, device),
+                valid=to_device(valid, dtype, device) if valid is not None else None,
                 contiguous=None,
             )
         )

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from adapterhub_server.models.transfer import to_device
+
 
 @dataclass
 class PrefillChunk:
@@ -54,17 +56,16 @@ def build_attention_metadata(
     device: torch.device | str = "cpu",
 ) -> AttentionMetadata:
     n = len(decode_rows)
-    rows = torch.tensor(decode_rows, dtype=torch.long)
     pos = torch.tensor(decode_positions, dtype=torch.long)
     decode_len = max(decode_positions) + 1 if n else 0
     mask = None
     if n:
         mask = (torch.arange(decode_len)[None, :] <= pos[:, None])[:, None, None, :]
-        mask = mask.to(device)
+        mask = to_device(mask, torch.bool, device)
     return AttentionMetadata(
         num_decode=n,
-        decode_rows=rows.to(device),
-        decode_positions=pos.to(device),
+        decode_rows=to_device(decode_rows, torch.long, device),
+        decode_positions=to_device(pos, torch.long, device),
         decode_rows_are_prefix=decode_rows == list(range(n)),
         decode_len=decode_len,
         decode_mask=mask,
