@@ -82,3 +82,29 @@ def test_load_test_bench(tmp_path: Path) -> None:
     assert result["steady"]["ok"] > 0
     assert result["burst"]["rejected_429"] == 5
     assert "[ok] burst" in stdout
+
+
+def test_gpu_lora_bench(tmp_path: Path) -> None:
+    # On CPU: a tiny random model, and the Triton kernels in Triton's interpreter.
+    out = tmp_path / "gpu_lora.json"
+    stdout = _run("bench.gpu_lora", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {"decode", "cold_load", "kernels", "checks", "meta"} <= set(result)
+    decode = result["decode"]["rows"]
+    assert [(r["seqs"], r["adapters"]) for r in decode] == [(4, 1), (4, 4)]
+    for row in decode:
+        for config in ("engine", "engine-base", "peft"):
+            assert row[config]["decode_tokens_per_s"] > 0 and row[config]["per_token_ms"] > 0
+        assert row["ratios"]["engine/peft"] > 0
+    cold = result["cold_load"]["rows"]
+    assert [r["rank"] for r in cold] == [8, 16, 64]
+    assert all(r["read_ms"] > 0 and r["write_ms"] > 0 for r in cold)
+    kernels = result["kernels"]["rows"]
+    methods = ["torch_grouped", "gather_bmm"] + (["triton"] if result["kernels"]["triton"] else [])
+    assert kernels and all(r[f"{m}_us"] > 0 for r in kernels for m in methods)
+    assert any(r.get("reference_us", 0) > 0 for r in kernels)
+    # Float32 on CPU: engine greedy tokens equal PEFT's, every kernel matches the reference.
+    assert "decode/n4/k4/engine==peft" in result["checks"]
+    assert all(result["checks"].values()), [k for k, ok in result["checks"].items() if not ok]
+    assert "checks:" in stdout
+    assert out.with_suffix(".png").exists()
