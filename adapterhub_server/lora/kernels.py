@@ -8,8 +8,8 @@ against.
 
 Semantics, for every group g and every token t in it (slot s = ``slots[g]``):
 
-    shrink:  h[t] = A[s] @ x[t]                                  (float32)
-    expand:  y[t, y0 : y0 + N] += h[t, h0 : h0 + R] @ B[s]       (in place)
+    shrink:  h[t] = A[s] @ x[t]                                      (float32)
+    expand:  y[t, o_j : o_j + N_j] += h[t, j*R : (j+1)*R] @ B_j[s]   (each module j, in place)
 """
 
 from __future__ import annotations
@@ -123,33 +123,29 @@ def _lora_shrink_fake(
 def lora_expand(
     y: torch.Tensor,
     h: torch.Tensor,
-    b: torch.Tensor,
+    bs: list[torch.Tensor],
     token_indices: torch.Tensor,
     slots: torch.Tensor,
     starts: torch.Tensor,
     counts: torch.Tensor,
     max_count: int,
-    h_col0: int,
-    y_col0: int,
 ) -> None:
-    """``y[t, y_col0:+N] += h[t, h_col0:+R] @ B[slot]`` with B ``[slots, R, N]``, in place."""
+    """``y[t, o_j:+N_j] += h[t, j*R:(j+1)*R] @ bs[j][slot]`` for every module j, in place."""
     from adapterhub_server.lora import triton_kernels
 
-    triton_kernels.expand(y, h, b, token_indices, slots, starts, counts, max_count, h_col0, y_col0)
+    triton_kernels.expand(y, h, bs, token_indices, slots, starts, counts, max_count)
 
 
 @lora_expand.register_fake
 def _lora_expand_fake(
     y: torch.Tensor,
     h: torch.Tensor,
-    b: torch.Tensor,
+    bs: list[torch.Tensor],
     token_indices: torch.Tensor,
     slots: torch.Tensor,
     starts: torch.Tensor,
     counts: torch.Tensor,
     max_count: int,
-    h_col0: int,
-    y_col0: int,
 ) -> None:
     return None
 
@@ -160,8 +156,8 @@ def add_lora_kernels(
     pools: Mapping[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]],
     mappings: Sequence[KernelMapping],
 ) -> None:
-    """`add_lora` through the custom ops: one shrink per rank class for the whole packed
-    group, then one expand per module.
+    """`add_lora` through the custom ops: per rank class, one shrink for the whole packed
+    group and one expand for all its modules.
 
     Args:
         y: ``[T, sum(out_j)]`` (modified in place); x: ``[T, in]``.
@@ -172,7 +168,4 @@ def add_lora_kernels(
         a, bs = pools[m.rank_class]
         index = (m.token_indices, m.slots, m.starts, m.counts, m.max_count)
         h = torch.ops.adapterhub.lora_shrink(x, a, *index)
-        o = 0
-        for j, b in enumerate(bs):
-            torch.ops.adapterhub.lora_expand(y, h, b, *index, j * m.rank_class, o)
-            o += b.shape[-1]
+        torch.ops.adapterhub.lora_expand(y, h, list(bs), *index)

@@ -14,6 +14,9 @@ run on CPU tensors (slowly), which is how the tests check them without a GPU.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -91,23 +94,21 @@ def _shrink_kernel(
 @triton.jit
 def _expand_kernel(
     h_ptr,
-    b_ptr,
+    b_table_ptr,
     y_ptr,
     token_ptr,
     slot_ptr,
     start_ptr,
     count_ptr,
+    out_ptr,
+    y_col_ptr,
     R,
-    N,
-    h_col0,
-    y_col0,
+    n_blocks,
     stride_ht,
     stride_hr,
-    stride_bs,
-    stride_br,
-    stride_bn,
     stride_yt,
     stride_yn,
+    B_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -115,16 +116,23 @@ def _expand_kernel(
 ):
     group = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    # Axis 2 enumerates (module, column block): every module of the packed group in one
+    # launch, each reading its own B through the pointer table.
+    module = tl.program_id(2) // n_blocks
+    pid_n = tl.program_id(2) % n_blocks
     count = tl.load(count_ptr + group)
-    if pid_m * BLOCK_M < count:
+    n = tl.load(out_ptr + module)
+    if (pid_m * BLOCK_M < count) & (pid_n * BLOCK_N < n):
         start = tl.load(start_ptr + group)
         slot = tl.load(slot_ptr + group).to(tl.int64)
+        b_ptr = tl.load(b_table_ptr + module).to(tl.pointer_type(B_DTYPE))
+        y_col0 = tl.load(y_col_ptr + module)
+        h_col0 = module * R
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < count
         tokens = tl.load(token_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+        mask_n = offs_n < n
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -134,24 +142,48 @@ def _expand_kernel(
                 mask=mask_m[:, None] & mask_r[None, :],
                 other=0.0,
             )
+            # B_j is contiguous [slots, R, n]: its strides follow from n.
             bb = tl.load(
-                b_ptr
-                + slot * stride_bs
-                + offs_r[:, None] * stride_br
-                + offs_n[None, :] * stride_bn,
+                b_ptr + slot * R * n + offs_r[:, None] * n + offs_n[None, :],
                 mask=mask_r[:, None] & mask_n[None, :],
                 other=0.0,
             )
             # The float32 rank-space activations meet B in B's dtype (bf16 on a GPU), as
             # the tensor cores want; the sum stays in float32.
             if IEEE:
-                acc += tl.dot(hb.to(bb.dtype), bb, input_precision="ieee")
+                acc += tl.dot(hb.to(B_DTYPE), bb, input_precision="ieee")
             else:
-                acc += tl.dot(hb.to(bb.dtype), bb)
+                acc += tl.dot(hb.to(B_DTYPE), bb)
         y_ptrs = y_ptr + tokens[:, None] * stride_yt + (y_col0 + offs_n[None, :]) * stride_yn
         y_mask = mask_m[:, None] & mask_n[None, :]
         old = tl.load(y_ptrs, mask=y_mask, other=0.0)
         tl.store(y_ptrs, (old.to(tl.float32) + acc).to(old.dtype), mask=y_mask)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TABLES: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+"""Device-side (B pointers, out sizes, y columns) per pool layout. The key holds the
+pointers themselves, so a hit is always right; pools only change when they grow."""
+
+
+def _tables(bs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    outs = [b.shape[2] for b in bs]
+    key = (bs[0].device, *(b.data_ptr() for b in bs), *outs)
+    tables = _TABLES.get(key)
+    if tables is None:
+        columns = [sum(outs[:j]) for j in range(len(outs))]
+        device = bs[0].device
+        tables = (
+            torch.tensor([b.data_ptr() for b in bs], dtype=torch.int64, device=device),
+            torch.tensor(outs, dtype=torch.int32, device=device),
+            torch.tensor(columns, dtype=torch.int32, device=device),
+        )
+        _TABLES[key] = tables
+        if len(_TABLES) > 1024:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return tables
 
 
 def _block_n(n: int) -> int:
@@ -202,36 +234,39 @@ def shrink(
 def expand(
     y: torch.Tensor,
     h: torch.Tensor,
-    b: torch.Tensor,
+    bs: Sequence[torch.Tensor],
     token_indices: torch.Tensor,
     slots: torch.Tensor,
     starts: torch.Tensor,
     counts: torch.Tensor,
     max_count: int,
-    h_col0: int,
-    y_col0: int,
 ) -> None:
-    """``y[t, y_col0 : y_col0 + N] += h[t, h_col0 : h_col0 + R] @ B[slot(t)]`` in place.
+    """``y[t, o_j : o_j + N_j] += h[t, j*R : (j+1)*R] @ B_j[slot(t)]`` for every module j
+    of the packed group, in place, in one launch (``o_j`` = the sum of the earlier N).
 
     Args:
-        y: ``[T, out]`` output of the base layer (modified).
-        h: ``[T, >= h_col0 + R]`` float32 from `shrink`.
-        b: ``[slots, R, N]`` one module's B pool (transposed, scale folded in).
+        y: ``[T, sum(N_j)]`` output of the base layer (modified).
+        h: ``[T, m * R]`` float32 from `shrink`.
+        bs: per module, its contiguous B pool ``[slots, R, N_j]`` (transposed, scale folded
+            in), all of one dtype.
         token_indices, slots, starts, counts, max_count: as for `shrink`.
-        h_col0, y_col0: first column of this module in h and in y.
     """
     groups = slots.shape[0]
     if groups == 0 or max_count == 0:
         return
-    r, n = b.shape[1], b.shape[2]
-    block_n = _block_n(n)
-    grid = (groups, triton.cdiv(max_count, _BLOCK_M), triton.cdiv(n, block_n))
+    if any(not b.is_contiguous() for b in bs) or len({b.dtype for b in bs}) != 1:
+        raise ValueError("B pools must be contiguous and of one dtype")
+    r = bs[0].shape[1]
+    block_n = _block_n(max(b.shape[2] for b in bs))
+    n_blocks = triton.cdiv(max(b.shape[2] for b in bs), block_n)
+    b_table, out_sizes, y_columns = _tables(bs)
+    grid = (groups, triton.cdiv(max_count, _BLOCK_M), len(bs) * n_blocks)
     _expand_kernel[grid](
-        h, b, y, token_indices, slots, starts, counts,
-        r, n, h_col0, y_col0,
+        h, b_table, y, token_indices, slots, starts, counts, out_sizes, y_columns,
+        r, n_blocks,
         h.stride(0), h.stride(1),
-        b.stride(0), b.stride(1), b.stride(2),
         y.stride(0), y.stride(1),
+        B_DTYPE=_TL_DTYPES[bs[0].dtype],
         BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_R=_BLOCK_R,
-        IEEE=b.dtype == torch.float32,
+        IEEE=bs[0].dtype == torch.float32,
     )  # fmt: skip

@@ -152,7 +152,7 @@ def test_custom_ops_pass_opcheck() -> None:
     torch.library.opcheck(torch.ops.adapterhub.lora_shrink.default, (x, a, *index))
     h = torch.ops.adapterhub.lora_shrink(x, a, *index)
     y = torch.zeros(4, sum(OUTS))
-    torch.library.opcheck(torch.ops.adapterhub.lora_expand.default, (y, h, bs[1], *index, 16, 48))
+    torch.library.opcheck(torch.ops.adapterhub.lora_expand.default, (y, h, list(bs), *index))
 
 
 def test_kernels_compose_with_torch_compile() -> None:
