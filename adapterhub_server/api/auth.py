@@ -12,6 +12,7 @@ and `/ready` are public, because load balancers and orchestrators probe them wit
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 from collections.abc import Iterable
@@ -71,21 +72,33 @@ class ApiKeys:
         """Scopes `token` holds (empty: unknown key). Runs in time independent of which key,
         if any, matches: every configured key is compared, each through a fixed-length
         digest so neither content nor length leaks through timing."""
-        given = hashlib.sha256(token.encode()).digest()
-        is_admin = _matches_any(given, self.admin)
-        is_inference = _matches_any(given, self.inference)
+        given = _digest(token)
+        is_admin = _matches_any(given, self._admin_digests)
+        is_inference = _matches_any(given, self._inference_digests)
         if is_admin:
             return frozenset({AuthScope.ADMIN, AuthScope.INFERENCE})
         if is_inference:
             return frozenset({AuthScope.INFERENCE})
         return frozenset()
 
+    @functools.cached_property
+    def _admin_digests(self) -> tuple[bytes, ...]:
+        return tuple(_digest(key) for key in self.admin)
 
-def _matches_any(given: bytes, keys: tuple[str, ...]) -> bool:
+    @functools.cached_property
+    def _inference_digests(self) -> tuple[bytes, ...]:
+        return tuple(_digest(key) for key in self.inference)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _matches_any(given: bytes, digests: tuple[bytes, ...]) -> bool:
     found = False
-    for key in keys:
+    for digest in digests:
         # No early exit: the loop's duration must not reveal which key matched.
-        found |= hmac.compare_digest(given, hashlib.sha256(key.encode()).digest())
+        found |= hmac.compare_digest(given, digest)
     return found
 
 
