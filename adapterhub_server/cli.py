@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapterhub_server import __version__
-from adapterhub_server.config import EngineConfig, ServerConfig
+from adapterhub_server.config import DEFAULT_MAX_REQUEST_BYTES, EngineConfig, ServerConfig
 from adapterhub_server.errors import AdapterHubError
 from adapterhub_server.logs import configure_logging
 from adapterhub_server.registry import default_registry_dir
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-request-bytes",
         type=int,
-        default=16 * 1024**2,
+        default=DEFAULT_MAX_REQUEST_BYTES,
         help="size limit of every other request body (JSON; default: %(default)s)",
     )
     serve.add_argument(

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024**2
+"""Largest JSON request body by default (uploads have their own, larger limit)."""
+
 
 @dataclass
 class EngineConfig:
@@ -98,7 +101,7 @@ class ServerConfig:
     """Adapter registry directory; None serves only ``lora_modules`` (no /v1/adapters)."""
     max_upload_bytes: int = 2 * 1024**3
     """Largest accepted upload, adapter or training file (counted while the body is read)."""
-    max_request_bytes: int = 16 * 1024**2
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     """Largest accepted body of any other request (JSON), counted the same way."""
     fine_tuning: bool = True
     """Serve `/v1/files` and `/v1/fine_tuning/jobs` (only with a registry to publish into)."""

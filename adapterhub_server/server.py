@@ -10,7 +10,7 @@ from typing import Any
 
 from adapterhub_server.api.auth import ApiKeys
 from adapterhub_server.base_model import ResolvedBaseModel, resolve_base_model
-from adapterhub_server.config import ServerConfig
+from adapterhub_server.config import DEFAULT_MAX_REQUEST_BYTES, ServerConfig
 from adapterhub_server.engine.async_engine import AsyncLLMEngine
 from adapterhub_server.engine.build import build_engine
 from adapterhub_server.finetune import (
@@ -38,7 +38,7 @@ class Server:
     engine: AsyncLLMEngine
     registry: Registry | None
     max_upload_bytes: int
-    max_request_bytes: int = 16 * 1024**2
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     fine_tuning: FineTuningService | None = None
     api_keys: ApiKeys = field(default_factory=ApiKeys)
 
@@ -123,7 +123,7 @@ def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
         adapters=adapters,
         fine_tuning=fine_tuning,
         max_upload_bytes=server.max_upload_bytes if server else 2 * 1024**3,
-        max_request_bytes=server.max_request_bytes if server else 16 * 1024**2,
+        max_request_bytes=server.max_request_bytes if server else DEFAULT_MAX_REQUEST_BYTES,
         api_keys=server.api_keys if server else None,
     )
     # Batch sizes and adapter load times are observed on the engine's own thread.

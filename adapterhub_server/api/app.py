@@ -23,6 +23,7 @@ from adapterhub_server.api.routes import files as file_routes
 from adapterhub_server.api.routes import fine_tuning as fine_tuning_routes
 from adapterhub_server.api.routes import metrics as metrics_routes
 from adapterhub_server.api.service import InferenceService
+from adapterhub_server.config import DEFAULT_MAX_REQUEST_BYTES
 from adapterhub_server.engine.protocol import EngineClient
 from adapterhub_server.errors import PayloadTooLargeError
 from adapterhub_server.finetune.service import FineTuningService
@@ -42,7 +43,7 @@ def create_app(
     adapters: AdapterAdminService | None = None,
     fine_tuning: FineTuningService | None = None,
     max_upload_bytes: int = 2 * 1024**3,
-    max_request_bytes: int = 16 * 1024**2,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     api_keys: ApiKeys | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible HTTP API over `engine`.
