@@ -28,6 +28,17 @@ _BLOCK_R = 16
 
 
 @triton.jit
+def _group_tokens(token_ptr, slot_ptr, start_ptr, group, pid_m, count, BLOCK_M: tl.constexpr):
+    """Block `pid_m` of `group`'s tokens: (its slot, token ids ``[BLOCK_M]``, their mask)."""
+    start = tl.load(start_ptr + group)
+    slot = tl.load(slot_ptr + group).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < count
+    tokens = tl.load(token_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    return slot, tokens, mask_m
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr,
     a_ptr,
@@ -55,11 +66,9 @@ def _shrink_kernel(
     pid_n = tl.program_id(2)
     count = tl.load(count_ptr + group)
     if pid_m * BLOCK_M < count:
-        start = tl.load(start_ptr + group)
-        slot = tl.load(slot_ptr + group).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < count
-        tokens = tl.load(token_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+        slot, tokens, mask_m = _group_tokens(
+            token_ptr, slot_ptr, start_ptr, group, pid_m, count, BLOCK_M
+        )
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -123,14 +132,12 @@ def _expand_kernel(
     count = tl.load(count_ptr + group)
     n = tl.load(out_ptr + module)
     if (pid_m * BLOCK_M < count) & (pid_n * BLOCK_N < n):
-        start = tl.load(start_ptr + group)
-        slot = tl.load(slot_ptr + group).to(tl.int64)
+        slot, tokens, mask_m = _group_tokens(
+            token_ptr, slot_ptr, start_ptr, group, pid_m, count, BLOCK_M
+        )
         b_ptr = tl.load(b_table_ptr + module).to(tl.pointer_type(B_DTYPE))
         y_col0 = tl.load(y_col_ptr + module)
         h_col0 = module * R
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < count
-        tokens = tl.load(token_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
