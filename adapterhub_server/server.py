@@ -80,6 +80,7 @@ def build_server(config: ServerConfig, base: ResolvedBaseModel | None = None) ->
             source=ChainedAdapterSource(sources),
         ),
         base_model_id=model_id,
+        max_queued_requests=config.engine.max_queued_requests,
     )
     fine_tuning = None
     if config.registry is not None and config.fine_tuning:

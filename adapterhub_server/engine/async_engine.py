@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
+from adapterhub_server.config import EngineConfig
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.outputs import RequestOutput
 from adapterhub_server.engine.protocol import EngineStats, ServableAdapter
@@ -55,14 +56,12 @@ class AsyncLLMEngine:
         engine: LLMEngine,
         *,
         base_model_id: str,
-        max_queued_requests: int | None = None,
+        max_queued_requests: int = EngineConfig.max_queued_requests,
     ) -> None:
-        """`max_queued_requests` (default: the engine's own, from `EngineConfig`) is how many
-        accepted requests may wait beyond the `max_num_seqs` running ones."""
+        """`max_queued_requests` is how many accepted requests may wait beyond the
+        `max_num_seqs` running ones."""
         self.engine = engine
         self._base_model_id = base_model_id
-        if max_queued_requests is None:
-            max_queued_requests = engine.max_queued_requests
         if max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
         self.max_outstanding = engine.scheduler.max_num_seqs + max_queued_requests
@@ -84,7 +83,7 @@ class AsyncLLMEngine:
         factory: Callable[[], LLMEngine],
         *,
         base_model_id: str,
-        max_queued_requests: int | None = None,
+        max_queued_requests: int = EngineConfig.max_queued_requests,
     ) -> AsyncLLMEngine:
         """Build the engine ON the engine thread and return once it is ready.
 

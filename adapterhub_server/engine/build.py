@@ -113,7 +113,6 @@ def build_engine(
         max_model_len=max_model_len,
         eos_token_ids=eos,
         device=device,
-        max_queued_requests=config.max_queued_requests,
         use_lora_kernels=use_kernels,
     )
 

@@ -18,7 +18,6 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from adapterhub_server.config import EngineConfig
 from adapterhub_server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from adapterhub_server.engine.sampler import Sampler, make_generator
@@ -51,7 +50,6 @@ class LLMEngine:
         max_model_len: int,
         eos_token_ids: set[int],
         device: torch.device,
-        max_queued_requests: int = EngineConfig.max_queued_requests,
         use_lora_kernels: bool = False,
     ) -> None:
         self.model = model
@@ -63,8 +61,6 @@ class LLMEngine:
         self.device = device
         self.use_lora_kernels = use_lora_kernels
         """Route LoRA through the Triton kernels (`lora/kernels.py`) instead of torch ops."""
-        self.max_queued_requests = max_queued_requests
-        """Accepted requests allowed beyond `max_num_seqs`; enforced by `AsyncLLMEngine`."""
         self.sampler = Sampler()
         self.scheduler = Scheduler(
             max_num_seqs=max_num_seqs,

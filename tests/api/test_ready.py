@@ -40,7 +40,6 @@ async def test_engine_not_ready_answers_503_with_retry_after(
 def _idle_engine() -> SimpleNamespace:
     """Just enough of an `LLMEngine` for the loop to turn with nothing to do."""
     return SimpleNamespace(
-        max_queued_requests=0,
         scheduler=SimpleNamespace(max_num_seqs=1),
         has_work=lambda: False,
         adapters=SimpleNamespace(close=lambda: None),

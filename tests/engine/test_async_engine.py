@@ -28,7 +28,7 @@ def _params(max_tokens: int) -> SamplingParams:
 
 @pytest.fixture
 def client(tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AsyncLLMEngine]:
-    engine = _engine(tiny_base, {}, max_num_seqs=2, max_queued_requests=1)
+    engine = _engine(tiny_base, {}, max_num_seqs=2)
     real = engine.model.forward
 
     def slow_forward(*args, **kwargs):
@@ -37,7 +37,7 @@ def client(tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AsyncLL
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine.model, "forward", slow_forward)
-    client = AsyncLLMEngine(engine, base_model_id="tiny")
+    client = AsyncLLMEngine(engine, base_model_id="tiny", max_queued_requests=1)
     client.start()
     yield client
     client.shutdown()
