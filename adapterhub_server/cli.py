@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "triton", "torch"],
         help="batched LoRA ops: auto = Triton kernels on CUDA when installed, else torch",
     )
+    serve.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="run decode steps eagerly on CUDA instead of replaying captured CUDA graphs",
+    )
     serve.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     serve.add_argument(
         "--registry",
@@ -214,6 +220,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         num_threads=args.num_threads,
         max_queued_requests=args.max_queued_requests,
         lora_kernel=args.lora_kernel,
+        cuda_graphs=args.cuda_graphs,
     )
     modules = dict(args.lora_modules)
     if len(modules) != len(args.lora_modules):

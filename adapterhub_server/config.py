@@ -36,6 +36,9 @@ class EngineConfig:
     lora_kernel: str = "auto"
     """`auto` (the Triton kernels on CUDA when Triton is installed, else torch ops),
     `triton` (require them) or `torch`."""
+    cuda_graphs: bool = True
+    """On CUDA with the Triton LoRA kernels, replay decode steps from CUDA graphs captured
+    per batch and key-length bucket; False runs every step eagerly (for debugging)."""
     max_queued_requests: int = 256
     """Requests accepted beyond the running batch; past it new requests get HTTP 429 with
     Retry-After at once, so memory stays flat under overload."""
@@ -75,6 +78,10 @@ class EngineConfig:
                 raise ValueError("lora_kernel='triton' but Triton is not installed")
             return True
         return self.torch_device().type == "cuda" and triton_available()
+
+    def use_cuda_graphs(self) -> bool:
+        """Whether decode steps replay CUDA graphs on this config's device."""
+        return self.cuda_graphs and self.torch_device().type == "cuda" and self.use_lora_kernels()
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -7,10 +7,14 @@ Three sections, each measured side by side in one run (medians of `--repeats`):
               Llama-architecture model with random weights (TinyLlama-1.1B shape, the
               embedded default model's tokenizer and vocabulary), through:
 
-                engine        this engine, LoRA ops as `--lora-kernel` picks (Triton on CUDA)
-                engine-torch  the same engine with the torch LoRA ops (only when the first
-                              runs the Triton kernels)
-                engine-base   the same engine and requests with no adapter (the baseline)
+                engine        this engine as configured: LoRA ops as `--lora-kernel` picks
+                              (Triton on CUDA), decode steps replayed from CUDA graphs
+                engine-eager  the same, every step run eagerly (only when `engine` replays
+                              graphs)
+                engine-torch  the same engine with the torch LoRA ops, eager (only when
+                              `engine` runs the Triton kernels)
+                engine-base   the same engine and requests with no adapter (the baseline;
+                              its steps replay graphs without LoRA kernels)
                 peft          HF PEFT, one batched ``generate(adapter_names=...)``
 
               Decode only is timed: from the end of the step in which the last sequence got
@@ -49,6 +53,7 @@ triton), in float32: the figures then only show that everything runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import itertools
@@ -59,7 +64,7 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +295,20 @@ def run_peft(model, prompts, adapters, new_tokens: int, device: torch.device, pa
     }
 
 
+@contextlib.contextmanager
+def engine_variant(engine, variant: str) -> Iterator[None]:
+    """Run `engine` as `variant` (see the module docstring) for the duration."""
+    saved = engine.use_lora_kernels, engine.decode_graphs
+    if variant in ("engine-eager", "engine-torch"):
+        engine.decode_graphs = None
+    if variant == "engine-torch":
+        engine.use_lora_kernels = False
+    try:
+        yield
+    finally:
+        engine.use_lora_kernels, engine.decode_graphs = saved
+
+
 def _token_check(ours: list[list[int]], theirs: list[list[int]], n: int) -> dict:
     prefixes = []
     for a, b in zip(ours[:n], theirs[:n]):
@@ -350,6 +369,7 @@ def bench_decode(args, base_dir: Path, device: torch.device, dtype: torch.dtype)
     rows = []
     checks: dict[str, bool] = {}
     lora_ops = None
+    graphs = False
     for n, ks in plan.items():
         prompts = torch.randint(low, vocab, (n, args.prompt_len), generator=gen).tolist()
         config = EngineConfig(
@@ -366,13 +386,19 @@ def bench_decode(args, base_dir: Path, device: torch.device, dtype: torch.dtype)
         print(f"  engine for {n} seqs ready in {time.perf_counter() - t0:.1f} s")
         kernels = engine.use_lora_kernels
         lora_ops = "triton" if kernels else "torch"
-        # Warm-up: every adapter into its slot, allocator, Triton compiles.
-        run_engine(engine, prompts, [names[i % max(ks)] for i in range(n)], 2)
-        run_engine(engine, prompts, [None] * n, 2)
+        graphs = engine.decode_graphs is not None
+        variants = ["engine"]
+        if graphs and "engine-eager" not in args.skip:
+            variants.append("engine-eager")
         if kernels and "engine-torch" not in args.skip:
-            engine.use_lora_kernels = False
-            run_engine(engine, prompts, [names[i % max(ks)] for i in range(n)], 2)
-            engine.use_lora_kernels = True
+            variants.append("engine-torch")
+        # Warm-up: every adapter into its slot, allocator, Triton compiles, and (replaying
+        # graphs) a capture of every batch and key-length bucket the runs go through.
+        warm = args.new_tokens if graphs else 2
+        for variant in variants:
+            with engine_variant(engine, variant):
+                run_engine(engine, prompts, [names[i % max(ks)] for i in range(n)], warm)
+        run_engine(engine, prompts, [None] * n, warm)
 
         runs: dict[tuple[int, str], list[dict]] = {}
         base_runs: list[dict] = []
@@ -381,17 +407,11 @@ def bench_decode(args, base_dir: Path, device: torch.device, dtype: torch.dtype)
                 base_runs.append(run_engine(engine, prompts, [None] * n, args.new_tokens))
             for k in ks:
                 with_adapters = [names[i % k] for i in range(n)]
-                runs.setdefault((k, "engine"), []).append(
-                    run_engine(engine, prompts, with_adapters, args.new_tokens)
-                )
-                if kernels and "engine-torch" not in args.skip:
-                    engine.use_lora_kernels = False
-                    try:
-                        runs.setdefault((k, "engine-torch"), []).append(
+                for variant in variants:
+                    with engine_variant(engine, variant):
+                        runs.setdefault((k, variant), []).append(
                             run_engine(engine, prompts, with_adapters, args.new_tokens)
                         )
-                    finally:
-                        engine.use_lora_kernels = True
                 peft_ok = n <= (args.peft_max_seqs or n) and k <= peft_k
                 peft_ok = peft_ok and len(runs.get((k, "peft"), [])) < args.peft_repeats
                 if peft_model is not None and peft_ok:
@@ -407,15 +427,20 @@ def bench_decode(args, base_dir: Path, device: torch.device, dtype: torch.dtype)
 
         base_summary = _median(base_runs) if base_runs else None
         for k in ks:
-            row: dict[str, Any] = {"seqs": n, "adapters": k, "lora_ops": lora_ops}
-            for m in ("engine", "engine-torch", "peft"):
+            row: dict[str, Any] = {
+                "seqs": n,
+                "adapters": k,
+                "lora_ops": lora_ops,
+                "cuda_graphs": graphs,
+            }
+            for m in ("engine", "engine-eager", "engine-torch", "peft"):
                 if (k, m) in runs:
                     row[m] = _median(runs[(k, m)])
             if base_summary is not None:
                 row["engine-base"] = base_summary
             ratios = {}
             eng = row["engine"]["decode_tokens_per_s"]
-            for other in ("engine-base", "engine-torch", "peft"):
+            for other in ("engine-base", "engine-eager", "engine-torch", "peft"):
                 if other in row:
                     ratios[f"engine/{other}"] = eng / row[other]["decode_tokens_per_s"]
             row["ratios"] = ratios
@@ -438,7 +463,13 @@ def bench_decode(args, base_dir: Path, device: torch.device, dtype: torch.dtype)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"rows": rows, "checks": checks, "lora_ops": lora_ops, "peft_adapters": peft_k}
+    return {
+        "rows": rows,
+        "checks": checks,
+        "lora_ops": lora_ops,
+        "cuda_graphs": graphs,
+        "peft_adapters": peft_k,
+    }
 
 
 # -- 2. adapter cold load -----------------------------------------------------------------
@@ -715,7 +746,7 @@ def main() -> None:
         "--skip",
         nargs="*",
         default=[],
-        help="configs to skip: engine-torch engine-base peft triton",
+        help="configs to skip: engine-eager engine-torch engine-base peft triton",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny random model and sizes on CPU, 1 repeat (CI)"
@@ -813,9 +844,14 @@ def main() -> None:
 def _print_tables(result: dict) -> None:
     if "decode" in result:
         print()
-        print(f"decode (LoRA ops: {result['decode']['lora_ops']}): decode tokens/s, ms per token")
-        print(f"{'seqs':>5} {'K':>4} {'engine':>9} {'ms/tok':>7} {'torch-ops':>9} {'base':>9} "
-              f"{'peft':>9} {'ms/tok':>7} {'eng/base':>8} {'eng/peft':>8} {'eng/torch':>9} {'=peft':>7}")  # fmt: skip
+        d = result["decode"]
+        print(
+            f"decode (LoRA ops: {d['lora_ops']}, CUDA graphs: {d['cuda_graphs']}): "
+            "decode tokens/s, ms per token"
+        )
+        print(f"{'seqs':>5} {'K':>4} {'engine':>9} {'ms/tok':>7} {'eager':>9} {'torch-ops':>9} "
+              f"{'base':>9} {'peft':>9} {'ms/tok':>7} {'eng/base':>8} {'eng/peft':>8} "
+              f"{'eng/eager':>9} {'eng/torch':>9} {'=peft':>7}")  # fmt: skip
         for r in result["decode"]["rows"]:
 
             def tps(m: str, r=r) -> str:
@@ -830,9 +866,11 @@ def _print_tables(result: dict) -> None:
 
             agree = r["checks"].get("engine_vs_peft")
             same = "-" if agree is None else f"{agree['min_common_prefix']}/{agree['tokens']}"
-            print(f"{r['seqs']:5d} {r['adapters']:4d} {tps('engine')} {ms('engine')} {tps('engine-torch')} "
-                  f"{tps('engine-base')} {tps('peft')} {ms('peft')} {ratio('engine/engine-base', 8)} "
-                  f"{ratio('engine/peft', 8)} {ratio('engine/engine-torch', 9)} {same:>7}")  # fmt: skip
+            print(f"{r['seqs']:5d} {r['adapters']:4d} {tps('engine')} {ms('engine')} "
+                  f"{tps('engine-eager')} {tps('engine-torch')} {tps('engine-base')} {tps('peft')} "
+                  f"{ms('peft')} {ratio('engine/engine-base', 8)} {ratio('engine/peft', 8)} "
+                  f"{ratio('engine/engine-eager', 9)} {ratio('engine/engine-torch', 9)} "
+                  f"{same:>7}")  # fmt: skip
     if "cold_load" in result:
         print()
         print("cold load (files -> device slot), ms")
@@ -868,7 +906,12 @@ def _plot(result: dict, meta: dict, path: Path) -> None:
     if "decode" in result:
         ax = axes[0]
         rows = result["decode"]["rows"]
-        colours = {"engine": "#2b6cb0", "engine-torch": "#68d391", "peft": "#e53e3e"}
+        colours = {
+            "engine": "#2b6cb0",
+            "engine-eager": "#90cdf4",
+            "engine-torch": "#68d391",
+            "peft": "#e53e3e",
+        }
         for n, style in zip(sorted({r["seqs"] for r in rows}), ("-o", "--s", ":^", "-.v")):
             sub = [r for r in rows if r["seqs"] == n]
             for m, colour in colours.items():

@@ -11,6 +11,7 @@ import torch
 
 from adapterhub_server.base_model import ResolvedBaseModel
 from adapterhub_server.config import EngineConfig
+from adapterhub_server.engine.decode_graphs import DecodeGraphs
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.errors import BaseModelError
 from adapterhub_server.lora.adapter import adaptable_modules
@@ -93,14 +94,19 @@ def build_engine(
 
     eos = _eos_token_ids(hf, tokenizer)
     use_kernels = config.use_lora_kernels()
+    graphs = None
+    if config.use_cuda_graphs():
+        graphs = DecodeGraphs(model, kv, pool, max_num_seqs=config.max_num_seqs)
     logger.info(
-        "engine ready: %s on %s/%s, max_model_len=%d, kv cache %.0f MiB, LoRA ops %s, load %.1f s",
+        "engine ready: %s on %s/%s, max_model_len=%d, kv cache %.0f MiB, LoRA ops %s, "
+        "decode %s, load %.1f s",
         base.model_id,
         device,
         str(dtype).removeprefix("torch."),
         max_model_len,
         kv.nbytes / 2**20,
         "triton" if use_kernels else "torch",
+        "CUDA graphs" if graphs else "eager",
         time.perf_counter() - t0,
     )
     return LLMEngine(
@@ -114,6 +120,7 @@ def build_engine(
         eos_token_ids=eos,
         device=device,
         use_lora_kernels=use_kernels,
+        decode_graphs=graphs,
     )
 
 

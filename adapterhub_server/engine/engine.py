@@ -2,7 +2,8 @@
 
 One `step()` schedules (scheduler), lays the step out as one flat batch (attention metadata
 and LoRA routing, built once for all layers), runs one forward pass over every sequence and
-adapter, samples, and turns new tokens into text. It is driven by one thread
+adapter, samples, and turns new tokens into text. On CUDA, decode-only steps replay a
+captured CUDA graph instead (`engine/decode_graphs.py`). It is driven by one thread
 (`AsyncLLMEngine`); nothing here is thread-safe on purpose.
 
 Failures stay with the sequences that cause them: a step whose forward or sampling raises
@@ -18,6 +19,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from adapterhub_server.engine.decode_graphs import DecodeGraphs
 from adapterhub_server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from adapterhub_server.engine.sampler import Sampler, make_generator
@@ -51,6 +53,7 @@ class LLMEngine:
         eos_token_ids: set[int],
         device: torch.device,
         use_lora_kernels: bool = False,
+        decode_graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -61,6 +64,8 @@ class LLMEngine:
         self.device = device
         self.use_lora_kernels = use_lora_kernels
         """Route LoRA through the Triton kernels (`lora/kernels.py`) instead of torch ops."""
+        self.decode_graphs = decode_graphs
+        """Runs decode-only steps from CUDA graphs (`engine/decode_graphs.py`); None: eager."""
         self.sampler = Sampler()
         self.scheduler = Scheduler(
             max_num_seqs=max_num_seqs,
@@ -234,23 +239,17 @@ class LLMEngine:
                 samplers.append(seq)
             t += n
 
-        dev = self.device
-        attn = build_attention_metadata(decode_rows, positions[: len(decode_rows)], chunks, dev)
-        lora = build_lora_batch(
-            dense_routes,
-            segments,
-            device=dev,
-            dtype=self.kv_cache.k.dtype,
-            use_kernels=self.use_lora_kernels,
-        )
-        logits = self.model(
-            to_device(ids, torch.long, dev),
-            to_device(positions, torch.long, dev),
-            attn,
-            self.kv_cache,
-            lora if lora.active else None,
-            to_device(logits_index, torch.long, dev),
-        )
+        logits = None
+        if (
+            self.decode_graphs is not None
+            and not plan.prefills
+            and decode_rows == list(range(len(decode_rows)))
+        ):
+            logits = self.decode_graphs.run(ids, positions, dense_routes)
+        if logits is None:
+            logits = self._forward(
+                ids, positions, decode_rows, chunks, dense_routes, segments, logits_index
+            )
         if samplers:
             generators = [s.generator for s in samplers]
             # A retry must draw the same random numbers the failed attempt drew.
@@ -284,6 +283,35 @@ class LLMEngine:
                 logger.exception("post-processing request %s failed", seq.request_id)
                 outputs.append(self._fail(seq, f"internal error: {type(exc).__name__}: {exc}"))
         return outputs
+
+    def _forward(
+        self,
+        ids: list[int],
+        positions: list[int],
+        decode_rows: list[int],
+        chunks: list[PrefillChunk],
+        dense_routes: list[Route | None],
+        segments: list[Segment],
+        logits_index: list[int],
+    ) -> torch.Tensor:
+        """The eager forward of any step: decode tokens first, then prefill chunks."""
+        dev = self.device
+        attn = build_attention_metadata(decode_rows, positions[: len(decode_rows)], chunks, dev)
+        lora = build_lora_batch(
+            dense_routes,
+            segments,
+            device=dev,
+            dtype=self.kv_cache.k.dtype,
+            use_kernels=self.use_lora_kernels,
+        )
+        return self.model(
+            to_device(ids, torch.long, dev),
+            to_device(positions, torch.long, dev),
+            attn,
+            self.kv_cache,
+            lora if lora.active else None,
+            to_device(logits_index, torch.long, dev),
+        )
 
     def _append_token(
         self, seq: Sequence, token: int, logprob: TokenLogprob | None

@@ -6,7 +6,7 @@ are used on CUDA when Triton is installed (`EngineConfig.lora_kernel`); elsewher
 ops in `lora/ops.py` serve, and `add_lora_reference` there is the loop both are tested
 against.
 
-Semantics, for every group g and every token t in it (slot s = ``slots[g]``):
+Semantics, for every chunk c and every token t in it (slot s = ``chunk_slots[c]``):
 
     shrink:  h[t] = A[s] @ x[t]                                      (float32)
     expand:  y[t, o_j : o_j + N_j] += h[t, j*R : (j+1)*R] @ B_j[s]   (each module j, in place)
@@ -37,54 +37,93 @@ def triton_available() -> bool:
     return True
 
 
+CHUNK_TOKENS = 16
+"""Tokens per work item: the kernels' block of rows (``tl.dot`` needs at least 16)."""
+
+
 @dataclass(frozen=True)
 class KernelMapping:
-    """One step's tokens of one rank class, grouped by adapter slot (device tensors)."""
+    """One step's tokens of one rank class as work items ("chunks") of at most
+    `CHUNK_TOKENS` tokens that share an adapter slot (device tensors).
+
+    A kernel launches one program per chunk (and output tile), so the launch grid is the
+    chunk tensors' length, known on the host without reading the device. Chunks with count
+    0 are padding: a CUDA graph captures a fixed number of them and serves any mix.
+    """
 
     rank_class: int
     token_indices: torch.Tensor
-    """``[n]`` int32 token ids, group after group."""
-    slots: torch.Tensor
-    """``[G]`` int32 slot of each group."""
-    starts: torch.Tensor
-    """``[G]`` int32 first index of each group in `token_indices`."""
-    counts: torch.Tensor
-    """``[G]`` int32 tokens in each group."""
-    max_count: int
-    """Largest group (host int: sizes the launch grid without a device sync)."""
+    """``[n]`` int32 token ids, grouped by slot."""
+    chunk_slots: torch.Tensor
+    """``[C]`` int32 slot of each chunk."""
+    chunk_starts: torch.Tensor
+    """``[C]`` int32 first index of each chunk in `token_indices`."""
+    chunk_counts: torch.Tensor
+    """``[C]`` int32 tokens in each chunk, 0 to `CHUNK_TOKENS`."""
+
+    @property
+    def index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The arguments the custom ops take after their data tensors."""
+        return self.token_indices, self.chunk_slots, self.chunk_starts, self.chunk_counts
 
 
-def build_kernel_mappings(
-    routes: Sequence[Route | None], device: torch.device | str
-) -> list[KernelMapping]:
-    """Group the tokens of a step by (rank class, slot).
+@dataclass
+class ChunkPlan:
+    """Host-side chunks of one rank class (what `KernelMapping` holds on the device)."""
+
+    tokens: list[int]
+    slots: list[int]
+    starts: list[int]
+    counts: list[int]
+
+
+def plan_chunks(routes: Sequence[Route | None]) -> dict[int, ChunkPlan]:
+    """Group the tokens of a step by (rank class, slot) and cut each group into chunks.
 
     Args:
         routes: per token of the flat batch, ``(rank_class, slot)`` or None (base model).
     Returns:
-        One mapping per rank class in use, its tensors copied to `device` in one transfer.
+        rank class -> its chunks, classes in ascending order. A class with g slots in use
+        and n tokens has at most ``min(n, g + n // CHUNK_TOKENS)`` chunks.
     """
     by_class: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     for t, route in enumerate(routes):
         if route is not None:
             by_class[route[0]][route[1]].append(t)
-    mappings = []
+    plans = {}
     for cls, groups in sorted(by_class.items()):
-        slots = sorted(groups)
-        counts = [len(groups[s]) for s in slots]
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        tokens = [t for s in slots for t in groups[s]]
+        plan = ChunkPlan([], [], [], [])
+        for slot in sorted(groups):
+            members = groups[slot]
+            for i in range(0, len(members), CHUNK_TOKENS):
+                plan.slots.append(slot)
+                plan.starts.append(len(plan.tokens) + i)
+                plan.counts.append(min(CHUNK_TOKENS, len(members) - i))
+            plan.tokens.extend(members)
+        plans[cls] = plan
+    return plans
+
+
+def build_kernel_mappings(
+    routes: Sequence[Route | None], device: torch.device | str
+) -> list[KernelMapping]:
+    """One mapping per rank class in use, its tensors copied to `device` in one transfer.
+
+    Args:
+        routes: per token of the flat batch, ``(rank_class, slot)`` or None (base model).
+    """
+    mappings = []
+    for cls, p in plan_chunks(routes).items():
         # One host tensor, one copy: [tokens | slots | starts | counts].
-        packed = to_device(tokens + slots + starts + counts, torch.int32, device)
-        n, g = len(tokens), len(slots)
+        packed = to_device(p.tokens + p.slots + p.starts + p.counts, torch.int32, device)
+        n, c = len(p.tokens), len(p.slots)
         mappings.append(
             KernelMapping(
                 rank_class=cls,
                 token_indices=packed[:n],
-                slots=packed[n : n + g],
-                starts=packed[n + g : n + 2 * g],
-                counts=packed[n + 2 * g :],
-                max_count=max(counts),
+                chunk_slots=packed[n : n + c],
+                chunk_starts=packed[n + c : n + 2 * c],
+                chunk_counts=packed[n + 2 * c :],
             )
         )
     return mappings
@@ -95,15 +134,14 @@ def lora_shrink(
     x: torch.Tensor,
     a: torch.Tensor,
     token_indices: torch.Tensor,
-    slots: torch.Tensor,
-    starts: torch.Tensor,
-    counts: torch.Tensor,
-    max_count: int,
+    chunk_slots: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    chunk_counts: torch.Tensor,
 ) -> torch.Tensor:
     """``[T, K] x [slots, N, K] -> [T, N]`` float32 (see the module docstring)."""
     from adapterhub_server.lora import triton_kernels
 
-    return triton_kernels.shrink(x, a, token_indices, slots, starts, counts, max_count)
+    return triton_kernels.shrink(x, a, token_indices, chunk_slots, chunk_starts, chunk_counts)
 
 
 @lora_shrink.register_fake
@@ -111,10 +149,9 @@ def _lora_shrink_fake(
     x: torch.Tensor,
     a: torch.Tensor,
     token_indices: torch.Tensor,
-    slots: torch.Tensor,
-    starts: torch.Tensor,
-    counts: torch.Tensor,
-    max_count: int,
+    chunk_slots: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    chunk_counts: torch.Tensor,
 ) -> torch.Tensor:
     return x.new_empty((x.shape[0], a.shape[1]), dtype=torch.float32)
 
@@ -125,15 +162,14 @@ def lora_expand(
     h: torch.Tensor,
     bs: list[torch.Tensor],
     token_indices: torch.Tensor,
-    slots: torch.Tensor,
-    starts: torch.Tensor,
-    counts: torch.Tensor,
-    max_count: int,
+    chunk_slots: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    chunk_counts: torch.Tensor,
 ) -> None:
     """``y[t, o_j:+N_j] += h[t, j*R:(j+1)*R] @ bs[j][slot]`` for every module j, in place."""
     from adapterhub_server.lora import triton_kernels
 
-    triton_kernels.expand(y, h, bs, token_indices, slots, starts, counts, max_count)
+    triton_kernels.expand(y, h, bs, token_indices, chunk_slots, chunk_starts, chunk_counts)
 
 
 @lora_expand.register_fake
@@ -142,10 +178,9 @@ def _lora_expand_fake(
     h: torch.Tensor,
     bs: list[torch.Tensor],
     token_indices: torch.Tensor,
-    slots: torch.Tensor,
-    starts: torch.Tensor,
-    counts: torch.Tensor,
-    max_count: int,
+    chunk_slots: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    chunk_counts: torch.Tensor,
 ) -> None:
     return None
 
@@ -166,6 +201,5 @@ def add_lora_kernels(
     """
     for m in mappings:
         a, bs = pools[m.rank_class]
-        index = (m.token_indices, m.slots, m.starts, m.counts, m.max_count)
-        h = torch.ops.adapterhub.lora_shrink(x, a, *index)
-        torch.ops.adapterhub.lora_expand(y, h, list(bs), *index)
+        h = torch.ops.adapterhub.lora_shrink(x, a, *m.index)
+        torch.ops.adapterhub.lora_expand(y, h, list(bs), *m.index)

@@ -82,6 +82,9 @@ class LoRAWeightPool:
         self.device = torch.device(device)
         self._pools: dict[str, dict[int, PackedPool]] = {g.key: {} for g in groups}
         self._capacity: dict[int, int] = {}
+        self.version = 0
+        """Bumped whenever tensors are reallocated (a class grows or appears): anything
+        holding their addresses, such as a captured CUDA graph, is stale after that."""
 
     def group_pools(self, group: str) -> dict[int, PackedPool]:
         """Rank class -> packed pool for one group; the mapping handed to `add_lora`."""
@@ -118,6 +121,11 @@ class LoRAWeightPool:
                     b[:current].copy_(b_old)
             self._pools[key][c] = (a, bs)
         self._capacity[c] = new
+        self.version += 1
+
+    def rank_classes(self) -> list[int]:
+        """The classes that have device tensors, ascending."""
+        return sorted(self._capacity)
 
     def write(self, route: Route, adapter: LoRAAdapter) -> None:
         """Copy an adapter into its slot; modules it does not adapt are zeroed."""

@@ -1,11 +1,13 @@
 """Triton kernels for the batched LoRA shrink and expand (SGMV style, one rank class).
 
-Tokens are grouped by adapter: ``token_indices[starts[g] : starts[g] + counts[g]]`` are the
-tokens that use the adapter in slot ``slots[g]``. One program handles a block of one
-group's tokens against a block of output columns, so the adapter's weight tile is read once
-per block of tokens (a decode step with many sequences on one adapter reads it once; a
-prefill segment is a group of many tokens). Tokens without an adapter appear in no group
-and cost nothing. Products accumulate in float32 whatever the input dtype.
+Tokens are grouped by adapter and cut into chunks of at most ``CHUNK_TOKENS``:
+``token_indices[chunk_starts[c] : chunk_starts[c] + chunk_counts[c]]`` use the adapter in
+slot ``chunk_slots[c]``. One program handles one chunk against a block of output columns,
+so the adapter's weight tile is read once per chunk of tokens (up to 16 decoding sequences
+on one adapter share one read; a prefill segment is many chunks). Tokens without an adapter
+appear in no chunk and cost nothing; padding chunks (count 0) return at once, which is what
+lets a captured CUDA graph serve any adapter mix. Products accumulate in float32 whatever
+the input dtype.
 
 Import this module only where Triton is installed; `lora/kernels.py` decides when to use it
 and registers these launches as torch custom ops. Under ``TRITON_INTERPRET=1`` the kernels
@@ -21,18 +23,20 @@ import torch
 import triton
 import triton.language as tl
 
+from adapterhub_server.lora.kernels import CHUNK_TOKENS
+
 # tl.dot needs every block dimension >= 16.
-_BLOCK_M = 16
+_BLOCK_M = CHUNK_TOKENS
 _BLOCK_K = 64
 _BLOCK_R = 16
 
 
 @triton.jit
-def _group_tokens(token_ptr, slot_ptr, start_ptr, group, pid_m, count, BLOCK_M: tl.constexpr):
-    """Block `pid_m` of `group`'s tokens: (its slot, token ids ``[BLOCK_M]``, their mask)."""
-    start = tl.load(start_ptr + group)
-    slot = tl.load(slot_ptr + group).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _chunk_tokens(token_ptr, slot_ptr, start_ptr, chunk, count, BLOCK_M: tl.constexpr):
+    """`chunk`'s adapter slot, token ids ``[BLOCK_M]`` and their mask."""
+    start = tl.load(start_ptr + chunk)
+    slot = tl.load(slot_ptr + chunk).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
     tokens = tl.load(token_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
     return slot, tokens, mask_m
@@ -61,14 +65,11 @@ def _shrink_kernel(
     BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    group = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    count = tl.load(count_ptr + group)
-    if pid_m * BLOCK_M < count:
-        slot, tokens, mask_m = _group_tokens(
-            token_ptr, slot_ptr, start_ptr, group, pid_m, count, BLOCK_M
-        )
+    chunk = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    count = tl.load(count_ptr + chunk)
+    if count > 0:
+        slot, tokens, mask_m = _chunk_tokens(token_ptr, slot_ptr, start_ptr, chunk, count, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -123,18 +124,15 @@ def _expand_kernel(
     BLOCK_R: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    group = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    # Axis 2 enumerates (module, column block): every module of the packed group in one
+    chunk = tl.program_id(0)
+    # Axis 1 enumerates (module, column block): every module of the packed group in one
     # launch, each reading its own B through the pointer table.
-    module = tl.program_id(2) // n_blocks
-    pid_n = tl.program_id(2) % n_blocks
-    count = tl.load(count_ptr + group)
+    module = tl.program_id(1) // n_blocks
+    pid_n = tl.program_id(1) % n_blocks
+    count = tl.load(count_ptr + chunk)
     n = tl.load(out_ptr + module)
-    if (pid_m * BLOCK_M < count) & (pid_n * BLOCK_N < n):
-        slot, tokens, mask_m = _group_tokens(
-            token_ptr, slot_ptr, start_ptr, group, pid_m, count, BLOCK_M
-        )
+    if (count > 0) & (pid_n * BLOCK_N < n):
+        slot, tokens, mask_m = _chunk_tokens(token_ptr, slot_ptr, start_ptr, chunk, count, BLOCK_M)
         b_ptr = tl.load(b_table_ptr + module).to(tl.pointer_type(B_DTYPE))
         y_col0 = tl.load(y_col_ptr + module)
         h_col0 = module * R
@@ -201,10 +199,9 @@ def shrink(
     x: torch.Tensor,
     a: torch.Tensor,
     token_indices: torch.Tensor,
-    slots: torch.Tensor,
-    starts: torch.Tensor,
-    counts: torch.Tensor,
-    max_count: int,
+    chunk_slots: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    chunk_counts: torch.Tensor,
 ) -> torch.Tensor:
     """``h[t] = A[slot(t)] @ x[t]`` for every grouped token; other rows of h are zero.
 
@@ -212,22 +209,21 @@ def shrink(
         x: ``[T, K]`` activations.
         a: ``[slots, N, K]`` the rank class's A pool (``N = m * c``).
         token_indices: ``[n]`` int32 token ids, grouped by adapter.
-        slots, starts, counts: ``[G]`` int32 per group: its slot, first index into
-            `token_indices`, and number of tokens.
-        max_count: the largest count (sizes the grid without reading the device).
+        chunk_slots, chunk_starts, chunk_counts: ``[C]`` int32 per chunk: its slot, first
+            index into `token_indices`, and number of tokens (0 for a padding chunk).
     Returns:
         ``[T, N]`` float32.
     """
     num_tokens, k = x.shape
     n = a.shape[1]
     h = torch.zeros((num_tokens, n), dtype=torch.float32, device=x.device)
-    groups = slots.shape[0]
-    if groups == 0 or max_count == 0:
+    chunks = chunk_slots.shape[0]
+    if chunks == 0:
         return h
     block_n = _block_n(n)
-    grid = (groups, triton.cdiv(max_count, _BLOCK_M), triton.cdiv(n, block_n))
+    grid = (chunks, triton.cdiv(n, block_n))
     _shrink_kernel[grid](
-        x, a, h, token_indices, slots, starts, counts,
+        x, a, h, token_indices, chunk_slots, chunk_starts, chunk_counts,
         k, n,
         x.stride(0), x.stride(1),
         a.stride(0), a.stride(1), a.stride(2),
@@ -243,10 +239,9 @@ def expand(
     h: torch.Tensor,
     bs: Sequence[torch.Tensor],
     token_indices: torch.Tensor,
-    slots: torch.Tensor,
-    starts: torch.Tensor,
-    counts: torch.Tensor,
-    max_count: int,
+    chunk_slots: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    chunk_counts: torch.Tensor,
 ) -> None:
     """``y[t, o_j : o_j + N_j] += h[t, j*R : (j+1)*R] @ B_j[slot(t)]`` for every module j
     of the packed group, in place, in one launch (``o_j`` = the sum of the earlier N).
@@ -256,10 +251,10 @@ def expand(
         h: ``[T, m * R]`` float32 from `shrink`.
         bs: per module, its contiguous B pool ``[slots, R, N_j]`` (transposed, scale folded
             in), all of one dtype.
-        token_indices, slots, starts, counts, max_count: as for `shrink`.
+        token_indices, chunk_slots, chunk_starts, chunk_counts: as for `shrink`.
     """
-    groups = slots.shape[0]
-    if groups == 0 or max_count == 0:
+    chunks = chunk_slots.shape[0]
+    if chunks == 0:
         return
     if any(not b.is_contiguous() for b in bs) or len({b.dtype for b in bs}) != 1:
         raise ValueError("B pools must be contiguous and of one dtype")
@@ -267,9 +262,10 @@ def expand(
     block_n = _block_n(max(b.shape[2] for b in bs))
     n_blocks = triton.cdiv(max(b.shape[2] for b in bs), block_n)
     b_table, out_sizes, y_columns = _tables(bs)
-    grid = (groups, triton.cdiv(max_count, _BLOCK_M), len(bs) * n_blocks)
+    grid = (chunks, len(bs) * n_blocks)
     _expand_kernel[grid](
-        h, b_table, y, token_indices, slots, starts, counts, out_sizes, y_columns,
+        h, b_table, y, token_indices, chunk_slots, chunk_starts, chunk_counts, out_sizes,
+        y_columns,
         r, n_blocks,
         h.stride(0), h.stride(1),
         y.stride(0), y.stride(1),

@@ -73,6 +73,30 @@ def build_attention_metadata(
     )
 
 
+def decode_only_metadata(positions: torch.Tensor, key_len: int) -> AttentionMetadata:
+    """Layout of a decode-only step over cache rows ``0..B-1``, built on the device from
+    `positions` alone: the only host values are B and `key_len`, so a captured CUDA graph
+    of the step serves any positions below `key_len`.
+
+    Args:
+        positions: ``[B]`` int64, where each sequence's token is written; padding rows
+            (beyond the live sequences) write position 0 of a free cache row, which the
+            prefill of whichever sequence gets that row later overwrites.
+        key_len: keys attended per row (a bucket >= every live position + 1).
+    """
+    b = positions.shape[0]
+    keys = torch.arange(key_len, device=positions.device)
+    mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
+    return AttentionMetadata(
+        num_decode=b,
+        decode_rows=torch.arange(b, device=positions.device),
+        decode_positions=positions,
+        decode_rows_are_prefix=True,
+        decode_len=key_len,
+        decode_mask=mask,
+    )
+
+
 class KVCache:
     """Preallocated keys and values: ``[layers, rows, kv_heads, max_len, head_dim]`` each."""
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from adapterhub_server.lora.kernels import (
+    KernelMapping,
     add_lora_kernels,
     build_kernel_mappings,
     triton_available,
@@ -119,11 +120,40 @@ def test_mapping_groups_tokens_by_slot_per_rank_class() -> None:
     mappings = build_kernel_mappings(routes, "cpu")
     assert [m.rank_class for m in mappings] == [8, 16]
     m8, m16 = mappings
-    assert m8.slots.tolist() == [1, 2] and m8.counts.tolist() == [1, 2]
-    assert m8.starts.tolist() == [0, 1] and m8.token_indices.tolist() == [4, 0, 3]
-    assert m8.max_count == 2
-    assert m16.slots.tolist() == [0] and m16.token_indices.tolist() == [2, 6]
+    assert m8.chunk_slots.tolist() == [1, 2] and m8.chunk_counts.tolist() == [1, 2]
+    assert m8.chunk_starts.tolist() == [0, 1] and m8.token_indices.tolist() == [4, 0, 3]
+    assert m16.chunk_slots.tolist() == [0] and m16.token_indices.tolist() == [2, 6]
     assert build_kernel_mappings([None, None], "cpu") == []
+
+
+def test_large_groups_are_cut_into_chunks_of_at_most_16_tokens() -> None:
+    routes: list[Route | None] = [(8, 0)] * 35 + [(8, 1)] * 16 + [(8, 2)]
+    (m,) = build_kernel_mappings(routes, "cpu")
+    assert m.chunk_slots.tolist() == [0, 0, 0, 1, 2]
+    assert m.chunk_counts.tolist() == [16, 16, 3, 16, 1]
+    assert m.chunk_starts.tolist() == [0, 16, 32, 35, 51]
+    assert m.token_indices.tolist() == list(range(52))
+
+
+def test_padding_chunks_change_nothing() -> None:
+    """Chunks of count 0 (what a captured CUDA graph launches beyond the live ones) are
+    no-ops, so one launch shape serves any mix."""
+    pools = _pools(torch.float32, "cpu")
+    routes: list[Route | None] = [(16, 2), None, (16, 5), (16, 2)]
+    (m,) = build_kernel_mappings(routes, "cpu")
+    pad = torch.zeros(5, dtype=torch.int32)
+    padded = KernelMapping(
+        16,
+        torch.cat([m.token_indices, pad]),
+        torch.cat([m.chunk_slots, pad + 3]),  # a real slot: only the count makes it empty
+        torch.cat([m.chunk_starts, pad]),
+        torch.cat([m.chunk_counts, pad]),
+    )
+    x, y0 = torch.randn(4, IN), torch.randn(4, sum(OUTS))
+    expected, got = y0.clone(), y0.clone()
+    add_lora_kernels(expected, x, pools, [m])
+    add_lora_kernels(got, x, pools, [padded])
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_lora_batch_with_kernels_equals_the_torch_path() -> None:
@@ -148,7 +178,7 @@ def test_custom_ops_pass_opcheck() -> None:
     (m,) = build_kernel_mappings(routes, "cpu")
     a, bs = pools[16]
     x = torch.randn(4, IN)
-    index = (m.token_indices, m.slots, m.starts, m.counts, m.max_count)
+    index = m.index
     torch.library.opcheck(torch.ops.adapterhub.lora_shrink.default, (x, a, *index))
     h = torch.ops.adapterhub.lora_shrink(x, a, *index)
     y = torch.zeros(4, sum(OUTS))

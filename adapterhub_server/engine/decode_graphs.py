@@ -1,0 +1,269 @@
+"""Decode steps replayed from CUDA graphs, one per (batch bucket, key-length bucket, LoRA).
+
+A decode step of a 1B model at tens of sequences launches hundreds of small kernels; on a
+GPU the host's launch overhead, not the math, then sets the step time. A CUDA graph records
+the step's kernels once and replays them with one launch. A graph replays the exact
+kernels, shapes and addresses it recorded, so everything a step varies must live in device
+buffers the graph reads, and every host-side value must be fixed per graph:
+
+* the batch is padded to a bucket B (1, 2, 4, 8, then multiples of 8 up to
+  ``max_num_seqs``); padding rows decode token 0 at position 0 of a free cache row with
+  no adapter, and their logits are dropped;
+* attention reads a bucketed key length L (powers of two from 64 up to the cache length)
+  and builds its mask on the device from the positions buffer
+  (`models.attention.decode_only_metadata`);
+* LoRA runs through the Triton kernels with static per-rank-class chunk tables sized for
+  the worst case of B tokens (`lora.kernels.KernelMapping`): padding chunks have count 0,
+  so one graph serves any adapter mix. The adapter weights are read from the pool's slot
+  tensors; when the pool reallocates them (it grew), every graph is dropped and recaptured.
+  A step in which no sequence uses an adapter replays a graph without the LoRA kernels.
+
+Per step the host writes ids, positions and chunk tables into pinned memory, issues one
+non-blocking copy per buffer, and replays. Graphs are captured on first use of a bucket.
+
+With ``capture=False`` the same static buffers and padded layout run eagerly: that is how
+the tests check on CPU that the padded, bucketed step computes what the dynamic one does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adapterhub_server.lora.kernels import CHUNK_TOKENS, KernelMapping, plan_chunks
+from adapterhub_server.lora.ops import LoRABatch, Route
+from adapterhub_server.lora.pool import LoRAWeightPool
+from adapterhub_server.models.attention import KVCache, decode_only_metadata
+from adapterhub_server.models.llama import BatchedLlama
+
+logger = logging.getLogger(__name__)
+
+_MIN_KEY_LEN = 64
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """Padded batch sizes: 1, 2, 4, 8, 16, 24, ... and `max_num_seqs` itself."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
+    sizes += list(range(8, max_num_seqs, 8))
+    return [*sizes, max_num_seqs]
+
+
+def key_len_buckets(max_len: int) -> list[int]:
+    """Attended key lengths: powers of two from 64, and the cache length itself."""
+    sizes = []
+    n = _MIN_KEY_LEN
+    while n < max_len:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, max_len]
+
+
+def _bucket(buckets: Sequence[int], n: int) -> int | None:
+    return next((b for b in buckets if b >= n), None)
+
+
+def chunk_capacity(batch: int, slots: int) -> int:
+    """Most chunks `batch` tokens can form over `slots` slots of one rank class.
+
+    Each slot in use contributes ``ceil(n_g / 16) <= 1 + (n_g - 1) // 16`` chunks, so the
+    total is at most ``min(batch, slots + batch // 16)``.
+    """
+    return min(batch, slots + batch // CHUNK_TOKENS)
+
+
+@dataclass
+class _Step:
+    """The static buffers of one (B, L) bucket and, on CUDA, its captured graph."""
+
+    batch: int
+    key_len: int
+    classes: tuple[tuple[int, int], ...]
+    """(rank class, chunk capacity) per class the graph launches the kernels for."""
+    ids_positions: torch.Tensor
+    """``[2, B]`` int64: token ids, then positions."""
+    tables: torch.Tensor
+    """int32, per class ``[tokens B | slots C | starts C | counts C]``."""
+    lora: LoRABatch | None
+    logits_index: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
+    """``[B, vocab]`` float32, the captured output (rewritten by every replay)."""
+
+
+class DecodeGraphs:
+    """Runs eligible decode steps from per-bucket static buffers (and CUDA graphs)."""
+
+    def __init__(
+        self,
+        model: BatchedLlama,
+        cache: KVCache,
+        pool: LoRAWeightPool,
+        *,
+        max_num_seqs: int,
+        capture: bool = True,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.pool = pool
+        self.capture = capture
+        self.batch_buckets = batch_buckets(min(max_num_seqs, cache.rows))
+        self.key_len_buckets = key_len_buckets(cache.max_len)
+        self._device = cache.k.device
+        self._steps: dict[tuple[int, int, bool], _Step] = {}
+        """(batch bucket, key-length bucket, any adapter in the step) -> buffers, graph."""
+        self._failed: set[tuple[int, int, bool]] = set()
+        self._pool_version = pool.version
+        self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        self.num_captures = 0
+        self.num_runs = 0
+        """Steps served from the static buffers (replayed, or run eagerly without capture)."""
+
+    @property
+    def num_graphs(self) -> int:
+        return sum(s.graph is not None for s in self._steps.values())
+
+    def run(
+        self, ids: Sequence[int], positions: Sequence[int], routes: Sequence[Route | None]
+    ) -> torch.Tensor | None:
+        """Decode one token for each of n sequences in cache rows ``0..n-1``.
+
+        Args:
+            ids, positions: per sequence, its input token and where it is written.
+            routes: per sequence, ``(rank_class, slot)`` or None.
+        Returns:
+            ``[n, vocab]`` float32 logits (a view of a static buffer, valid until the next
+            call), or None when this step does not fit a bucket: the caller runs it eagerly.
+        """
+        n = len(ids)
+        batch = _bucket(self.batch_buckets, n)
+        key_len = _bucket(self.key_len_buckets, max(positions) + 1)
+        # Steps without any adapter replay a graph without LoRA kernels: base traffic pays
+        # nothing for the adapters resident in the pool.
+        key = (batch, key_len, any(r is not None for r in routes))
+        if batch is None or key_len is None or key in self._failed:
+            return None
+        if self.pool.version != self._pool_version:
+            self._drop_all("the adapter pool was reallocated")
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = self._new_step(batch, key_len, lora=key[2])
+        if any(r is not None and r[0] not in dict(step.classes) for r in routes):
+            return None  # a rank class the pool did not have when the buffers were made
+        self._fill(step, ids, positions, routes)
+        if not self.capture:
+            self.num_runs += 1
+            return self._forward(step)[:n]
+        if step.graph is None:
+            try:
+                self._capture(step)
+            except Exception:
+                logger.exception(
+                    "capturing the decode graph for batch %d, key length %d failed; "
+                    "that bucket runs eagerly",
+                    batch,
+                    key_len,
+                )
+                self._failed.add(key)
+                del self._steps[key]
+                return None
+        assert step.graph is not None and step.logits is not None
+        step.graph.replay()
+        self.num_runs += 1
+        return step.logits[:n]
+
+    # -- buffers -------------------------------------------------------------------------
+
+    def _new_step(self, batch: int, key_len: int, *, lora: bool) -> _Step:
+        dev = self._device
+        classes = tuple(
+            (c, chunk_capacity(batch, self.pool.capacity(c)))
+            for c in (self.pool.rank_classes() if lora else ())
+        )
+        tables = torch.zeros(
+            sum(batch + 3 * cap for _, cap in classes), dtype=torch.int32, device=dev
+        )
+        mappings = []
+        o = 0
+        for c, cap in classes:
+            views = []
+            for size in (batch, cap, cap, cap):
+                views.append(tables[o : o + size])
+                o += size
+            mappings.append(KernelMapping(c, *views))
+        return _Step(
+            batch=batch,
+            key_len=key_len,
+            classes=classes,
+            ids_positions=torch.zeros(2, batch, dtype=torch.long, device=dev),
+            tables=tables,
+            lora=LoRABatch(kernel_mappings=mappings) if mappings else None,
+            logits_index=torch.arange(batch, device=dev),
+        )
+
+    def _fill(
+        self,
+        step: _Step,
+        ids: Sequence[int],
+        positions: Sequence[int],
+        routes: Sequence[Route | None],
+    ) -> None:
+        pad = step.batch - len(ids)
+        _copy_in(step.ids_positions, [[*ids, *[0] * pad], [*positions, *[0] * pad]])
+        if not step.classes:
+            return
+        plans = plan_chunks(routes)
+        values: list[int] = []
+        for c, cap in step.classes:
+            p = plans.get(c)
+            tokens, slots, starts, counts = (
+                (p.tokens, p.slots, p.starts, p.counts) if p else ([], [], [], [])
+            )
+            values += tokens + [0] * (step.batch - len(tokens))
+            for column in (slots, starts, counts):
+                values += column + [0] * (cap - len(column))
+        _copy_in(step.tables, values)
+
+    # -- running -------------------------------------------------------------------------
+
+    def _forward(self, step: _Step) -> torch.Tensor:
+        ids, positions = step.ids_positions[0], step.ids_positions[1]
+        attn = decode_only_metadata(positions, step.key_len)
+        return self.model(ids, positions, attn, self.cache, step.lora, step.logits_index)
+
+    def _capture(self, step: _Step) -> None:
+        # Warm-up outside the graph compiles the Triton kernels, sets up cuBLAS workspaces
+        # and fills the kernels' pointer-table cache; capture forbids all of that. The
+        # warm-up computes this very step, so its cache writes are the ones replay repeats.
+        side = torch.cuda.Stream(self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(step)
+        torch.cuda.current_stream(self._device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA work on other threads (adapter loads) must not abort capture.
+        with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
+            logits = self._forward(step)
+        step.graph, step.logits = graph, logits
+        self.num_captures += 1
+        logger.info(
+            "captured the decode graph for batch %d, key length %d", step.batch, step.key_len
+        )
+
+    def _drop_all(self, reason: str) -> None:
+        if self._steps:
+            logger.info("dropping %d decode graphs: %s", len(self._steps), reason)
+        self._steps.clear()
+        self._failed.clear()
+        self._pool_version = self.pool.version
+
+
+def _copy_in(static: torch.Tensor, values: list) -> None:
+    """Write host `values` into a static device buffer without a host-device sync."""
+    host = torch.tensor(values, dtype=static.dtype)
+    if static.device.type == "cuda":
+        host = host.pin_memory()
+    static.copy_(host.view_as(static), non_blocking=True)
