@@ -89,8 +89,6 @@ class _Step:
     lora: LoRABatch | None
     logits_index: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
-    logits: torch.Tensor | None = None
-    """``[B, vocab]`` float32, the captured output (rewritten by every replay)."""
 
 
 class DecodeGraphs:
@@ -117,6 +115,12 @@ class DecodeGraphs:
         self._failed: set[tuple[int, int, bool]] = set()
         self._pool_version = pool.version
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        # Every graph writes its logits here rather than into its own output tensor: one
+        # [B, vocab] float32 output per captured bucket would add up to gigabytes, while
+        # the graphs' intermediates share one memory pool (they never run concurrently).
+        self._logits = torch.empty(
+            self.batch_buckets[-1], model.shape.vocab_size, device=self._device
+        )
         self.num_captures = 0
         self.num_runs = 0
         """Steps served from the static buffers (replayed, or run eagerly without capture)."""
@@ -154,8 +158,9 @@ class DecodeGraphs:
             return None  # a rank class the pool did not have when the buffers were made
         self._fill(step, ids, positions, routes)
         if not self.capture:
+            self._forward(step)
             self.num_runs += 1
-            return self._forward(step)[:n]
+            return self._logits[:n]
         if step.graph is None:
             try:
                 self._capture(step)
@@ -169,10 +174,10 @@ class DecodeGraphs:
                 self._failed.add(key)
                 del self._steps[key]
                 return None
-        assert step.graph is not None and step.logits is not None
+        assert step.graph is not None
         step.graph.replay()
         self.num_runs += 1
-        return step.logits[:n]
+        return self._logits[:n]
 
     # -- buffers -------------------------------------------------------------------------
 
@@ -229,9 +234,14 @@ class DecodeGraphs:
     # -- running -------------------------------------------------------------------------
 
     def _forward(self, step: _Step) -> torch.Tensor:
+        """The step, from the static buffers into the shared logits buffer (whose first
+        B rows it returns)."""
         ids, positions = step.ids_positions[0], step.ids_positions[1]
         attn = decode_only_metadata(positions, step.key_len)
-        return self.model(ids, positions, attn, self.cache, step.lora, step.logits_index)
+        logits = self.model(ids, positions, attn, self.cache, step.lora, step.logits_index)
+        out = self._logits[: step.batch]
+        out.copy_(logits)
+        return out
 
     def _capture(self, step: _Step) -> None:
         # Warm-up outside the graph compiles the Triton kernels, sets up cuBLAS workspaces
@@ -246,8 +256,8 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA work on other threads (adapter loads) must not abort capture.
         with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
-            logits = self._forward(step)
-        step.graph, step.logits = graph, logits
+            self._forward(step)
+        step.graph = graph
         self.num_captures += 1
         logger.info(
             "captured the decode graph for batch %d, key length %d", step.batch, step.key_len
