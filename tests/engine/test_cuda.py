@@ -64,7 +64,7 @@ def test_graph_replay_equals_the_eager_step(tiny_base: Path, tiny_adapters) -> N
         routes = [s.route for s in chosen]
         replayed = graphs.run(ids, positions, routes).clone()
         eager = engine._forward(ids, positions, list(range(6)), [], routes, [], list(range(6)))
-        torch.testing.assert_close(replayed, eager, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(replayed, eager, rtol=5e-2, atol=5e-2)
     assert graphs.num_captures == 1 and graphs.num_runs == 3
 
 
