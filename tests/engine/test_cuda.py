@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adapterhub_server.engine.sampling_params import SamplingParams
-from tests.engine.test_engine import Result, _drain, _engine, _requests
+from tests.engine.test_engine import _engine, _greedy_equals_peft, _requests
 
 pytestmark = pytest.mark.gpu
 
@@ -32,14 +32,7 @@ def test_cuda_triton_path_greedy_equals_peft(
     )
     assert (engine.decode_graphs is not None) == cuda_graphs
     reqs = _requests(engine.tokenizer, [*tiny_adapters, None], max_tokens=[8, 5])
-    for rid, ids, adapter, n in reqs:
-        engine.add_request(
-            rid, ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter
-        )
-    results: dict[str, Result] = {}
-    _drain(engine, results)
-    for rid, ids, adapter, n in reqs:
-        assert results[rid].token_ids == peft_greedy(adapter, ids, n), (rid, adapter)
+    _greedy_equals_peft(engine, reqs, peft_greedy)
     if engine.decode_graphs is not None:
         assert engine.decode_graphs.num_captures > 0
         assert engine.decode_graphs.num_runs > engine.decode_graphs.num_captures

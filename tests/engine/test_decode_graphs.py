@@ -25,7 +25,7 @@ from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.lora.kernels import plan_chunks, triton_available
 from adapterhub_server.lora.ops import Route
-from tests.engine.test_engine import Result, _drain, _engine, _requests
+from tests.engine.test_engine import _engine, _greedy_equals_peft, _requests
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 
@@ -78,16 +78,8 @@ def test_static_decode_greedy_equals_peft(tiny_base, tiny_adapters, peft_greedy)
     engine = _static_engine(tiny_base, tiny_adapters, max_num_batched_tokens=24, max_loras=6)
     graphs = engine.decode_graphs
     assert graphs is not None
-    names = [*tiny_adapters, None]
-    reqs = _requests(engine.tokenizer, names, max_tokens=[7, 3, 5])
-    for rid, ids, adapter, n in reqs:
-        engine.add_request(
-            rid, ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter
-        )
-    results: dict[str, Result] = {}
-    _drain(engine, results, timeout=600)
-    for rid, ids, adapter, n in reqs:
-        assert results[rid].token_ids == peft_greedy(adapter, ids, n), (rid, adapter)
+    reqs = _requests(engine.tokenizer, [*tiny_adapters, None], max_tokens=[7, 3, 5])
+    _greedy_equals_peft(engine, reqs, peft_greedy, timeout=600)
     assert graphs.num_runs >= 3  # the decode-only steps went through the static path
     assert len(engine.adapters.pool.rank_classes()) >= 3
 

@@ -72,6 +72,19 @@ def _requests(tokenizer, adapters: Iterable[str | None], max_tokens: list[int]):
     return reqs
 
 
+def _greedy_equals_peft(engine: LLMEngine, reqs, peft_greedy, timeout: float = 120.0) -> None:
+    """Submit `reqs` (from `_requests`) greedily, run them to the end, and compare every
+    request's tokens with HF / PEFT generating it alone."""
+    for rid, ids, adapter, n in reqs:
+        engine.add_request(
+            rid, ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter
+        )
+    results: dict[str, Result] = {}
+    _drain(engine, results, timeout=timeout)
+    for rid, ids, adapter, n in reqs:
+        assert results[rid].token_ids == peft_greedy(adapter, ids, n), (rid, adapter)
+
+
 def test_mixed_batch_greedy_equals_peft(tiny_base, tiny_adapters, peft_greedy) -> None:
     """Every adapter kind (ranks 4-32, rsLoRA, rank/alpha patterns, attention-only) and base
     requests in one batch, with fewer device slots than adapters, chunked prefill,
@@ -106,30 +119,15 @@ def test_triton_kernel_path_greedy_equals_peft(tiny_base, tiny_adapters, peft_gr
         tiny_base, tiny_adapters, max_num_batched_tokens=24, max_loras=3, lora_kernel="triton"
     )
     assert engine.use_lora_kernels
-    names = [*tiny_adapters, None]
-    reqs = _requests(engine.tokenizer, names, max_tokens=[6, 9, 4])
-    for rid, ids, adapter, n in reqs:
-        engine.add_request(
-            rid, ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter
-        )
-    results: dict[str, Result] = {}
-    _drain(engine, results, timeout=600)
-    for rid, ids, adapter, n in reqs:
-        assert results[rid].token_ids == peft_greedy(adapter, ids, n), (rid, adapter)
+    reqs = _requests(engine.tokenizer, [*tiny_adapters, None], max_tokens=[6, 9, 4])
+    _greedy_equals_peft(engine, reqs, peft_greedy, timeout=600)
     assert engine.adapters.stats().evictions > 0
 
 
 def test_all_requests_on_one_adapter(tiny_base, tiny_adapters, peft_greedy) -> None:
     engine = _engine(tiny_base, tiny_adapters)
     reqs = _requests(engine.tokenizer, ["r8"] * 6, max_tokens=[8])
-    for rid, ids, adapter, n in reqs:
-        engine.add_request(
-            rid, ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter
-        )
-    results: dict[str, Result] = {}
-    _drain(engine, results)
-    for rid, ids, adapter, n in reqs:
-        assert results[rid].token_ids == peft_greedy(adapter, ids, n)
+    _greedy_equals_peft(engine, reqs, peft_greedy)
 
 
 def test_seeded_sampling_is_independent_of_the_batch(tiny_base, tiny_adapters) -> None:
