@@ -132,7 +132,8 @@ class DecodeGraphs:
     def run(
         self, ids: Sequence[int], positions: Sequence[int], routes: Sequence[Route | None]
     ) -> torch.Tensor | None:
-        """Decode one token for each of n sequences in cache rows ``0..n-1``.
+        """Decode one token for each of n sequences in cache rows ``0..n-1``; the rows
+        after them, up to the bucket, must hold no live sequence (padding writes there).
 
         Args:
             ids, positions: per sequence, its input token and where it is written.

@@ -240,9 +240,13 @@ class LLMEngine:
             t += n
 
         logits = None
+        # The graphs pad the batch with rows beyond the last sequence, writing position 0
+        # of each: only safe when the step holds every running sequence, in rows 0..n-1
+        # (not so for the parts of a failed step being retried).
         if (
             self.decode_graphs is not None
             and not plan.prefills
+            and len(plan.decodes) == self.num_running
             and decode_rows == list(range(len(decode_rows)))
         ):
             logits = self.decode_graphs.run(ids, positions, dense_routes)

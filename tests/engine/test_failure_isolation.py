@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapterhub_server.engine.decode_graphs import DecodeGraphs
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.lora.kernels import triton_available
 from tests.engine.test_engine import PROMPTS, Result, _engine
 
 ADAPTERS = [None, "r4", "r8", None, "r4", "r16-rslora"]
@@ -102,12 +104,16 @@ def _unused_token(engine: LLMEngine, results: dict[str, Result], reqs: list[Requ
     return next(t for t in range(engine.model.shape.vocab_size - 1, 0, -1) if t not in used)
 
 
-def _decode_poison(clean: dict[str, Result], reqs: list[Request]) -> tuple[str, int, int]:
+def _decode_poison(
+    clean: dict[str, Result], reqs: list[Request], order: list[int] | None = None
+) -> tuple[str, int, int]:
     """A request and the index j of one of its generated tokens that appears nowhere else in
     any request (prompt or output), nor earlier in its own: a forward that fails on that
-    token id hits that request alone, mid-decode, when the token is fed back."""
-    middle_first = sorted(range(len(reqs)), key=lambda i: abs(i - len(reqs) // 2))
-    for i in middle_first:
+    token id hits that request alone, mid-decode, when the token is fed back. Requests are
+    tried in `order` (default: from the middle of the batch outwards)."""
+    if order is None:
+        order = sorted(range(len(reqs)), key=lambda i: abs(i - len(reqs) // 2))
+    for i in order:
         rid, ids, _ = reqs[i]
         others = {t for r, p, _ in reqs if r != rid for t in p}
         others |= {t for r, res in clean.items() if r != rid for t in res.token_ids}
@@ -336,3 +342,35 @@ def test_an_internal_failure_carries_the_internal_error_code(
     )
     bad: Request = ("bad", [poison, 5, 6], None)
     assert _error_codes(_run(engine, [*reqs, bad], max_tokens=3)) == {"bad": "internal_error"}
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_isolation_through_the_decode_graph_path(
+    tiny_base: Path, tiny_adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With decode steps on the static (CUDA-graph) buffers, a failing step is retried in
+    parts of the batch; a part padded to its bucket must not write its padding into the
+    cache rows of the sequences that are not in it."""
+    engine = _engine(tiny_base, tiny_adapters, max_loras=4, lora_kernel="triton")
+    engine.decode_graphs = DecodeGraphs(
+        engine.model,
+        engine.kv_cache,
+        engine.adapters.pool,
+        max_num_seqs=engine.scheduler.max_num_seqs,
+        capture=False,
+    )
+    reqs = _requests(engine)
+    clean = _run(engine, reqs)
+    # A victim in the first half: that half (rows 0-2, padded to 4) runs first and fails.
+    victim, _, poison = _decode_poison(clean, reqs, order=[0, 1, 2])
+    _failing_forward(
+        monkeypatch,
+        engine,
+        lambda ids, n: RuntimeError("boom") if poison in ids.tolist() else None,
+    )
+    got = _run(engine, reqs)
+    assert _error_codes(got) == {victim: "internal_error"}
+    for rid, _, _ in reqs:
+        if rid != victim:
+            assert got[rid].token_ids == clean[rid].token_ids, rid
+    assert engine.decode_graphs.num_runs > 0
