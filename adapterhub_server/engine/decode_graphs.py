@@ -76,7 +76,7 @@ def chunk_capacity(batch: int, slots: int) -> int:
 
 @dataclass
 class _Step:
-    """The static buffers of one (B, L) bucket and, on CUDA, its captured graph."""
+    """The static buffers of one (B, L, LoRA) bucket and, on CUDA, its captured graph."""
 
     batch: int
     key_len: int
