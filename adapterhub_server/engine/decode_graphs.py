@@ -155,7 +155,8 @@ class DecodeGraphs:
         step = self._steps.get(key)
         if step is None:
             step = self._steps[key] = self._new_step(batch, key_len, lora=key[2])
-        if any(r is not None and r[0] not in dict(step.classes) for r in routes):
+        known = {c for c, _ in step.classes}
+        if any(r is not None and r[0] not in known for r in routes):
             return None  # a rank class the pool did not have when the buffers were made
         self._fill(step, ids, positions, routes)
         if not self.capture:
