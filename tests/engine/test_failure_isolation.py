@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterhub_server.engine.decode_graphs import DecodeGraphs
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.lora.kernels import triton_available
+from tests.engine.test_decode_graphs import _static_engine
 from tests.engine.test_engine import PROMPTS, Result, _engine
 
 ADAPTERS = [None, "r4", "r8", None, "r4", "r16-rslora"]
@@ -351,14 +351,8 @@ def test_isolation_through_the_decode_graph_path(
     """With decode steps on the static (CUDA-graph) buffers, a failing step is retried in
     parts of the batch; a part padded to its bucket must not write its padding into the
     cache rows of the sequences that are not in it."""
-    engine = _engine(tiny_base, tiny_adapters, max_loras=4, lora_kernel="triton")
-    engine.decode_graphs = DecodeGraphs(
-        engine.model,
-        engine.kv_cache,
-        engine.adapters.pool,
-        max_num_seqs=engine.scheduler.max_num_seqs,
-        capture=False,
-    )
+    engine = _static_engine(tiny_base, tiny_adapters, max_loras=4)
+    assert engine.decode_graphs is not None
     reqs = _requests(engine)
     clean = _run(engine, reqs)
     # A victim in the first half: that half (rows 0-2, padded to 4) runs first and fails.
