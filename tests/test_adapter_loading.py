@@ -7,6 +7,7 @@ import math
 import shutil
 import struct
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,16 @@ from adapterhub_server.lora.adapter import (
     TargetShape,
     adaptable_modules,
     load_adapter,
+    magnitude_limit,
     validate_adapter_name,
+)
+from adapterhub_server.lora.patterns import (
+    MAX_PATTERN_KEYS,
+    ModuleSelector,
+    PatternError,
+    first_matches,
+    full_pattern,
+    pattern_key,
 )
 from adapterhub_server.lora.safetensors_check import read_safetensors_header
 from tests.tiny_models import ALL_PROJECTIONS, make_peft_adapter, make_tiny_llama
@@ -239,13 +249,179 @@ def test_base_model_mismatch_is_ignored(
     assert _load(adapter_copy, targets).config["base_model_name_or_path"] == "someone/other-model"
 
 
-def test_rejects_pathological_pattern(
-    adapter_copy: Path, targets: dict[str, TargetShape], monkeypatch: pytest.MonkeyPatch
+# Patterns that make Python's backtracking `re` take time exponential in the module path
+# (2**25 steps and more on these paths: minutes). RE2 answers in microseconds.
+BACKTRACKING = "model(.|.)*Z"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"exclude_modules": BACKTRACKING},  # matches nothing: PEFT would accept the adapter
+        {"rank_pattern": {"(.|.)*Z": 4}, "alpha_pattern": {"(.|.)*Z": 2}},
+        {"target_modules": r"(model(.|.)*)?(q|k|v|o|gate|up|down)_proj"},
+    ],
+)
+def test_backtracking_patterns_load_in_linear_time(
+    adapter_copy: Path, targets: dict[str, TargetShape], changes: dict
 ) -> None:
-    # Catastrophic backtracking on every module path: must be cut off, not hang the loader.
-    monkeypatch.setattr("adapterhub_server.lora.adapter._PATTERN_BUDGET_S", 0.2)
-    _edit_config(adapter_copy, rank_pattern={r"(.|.)*\d": 8})
-    _rejects(adapter_copy, targets, "took too long", "rank_pattern/alpha_pattern")
+    _edit_config(adapter_copy, **changes)
+    start = time.monotonic()
+    adapter = _load(adapter_copy, targets)
+    assert time.monotonic() - start < 5  # liveness, not speed: Python's re would take minutes
+    assert len(adapter.modules) == len(targets)
+    assert {m.rank for m in adapter.modules.values()} == {8}
+
+
+def test_backtracking_target_modules_is_refused_quickly(
+    adapter_copy: Path, targets: dict[str, TargetShape]
+) -> None:
+    _edit_config(adapter_copy, target_modules=BACKTRACKING)
+    start = time.monotonic()
+    _rejects(adapter_copy, targets, "target_modules", "does not select it")
+    assert time.monotonic() - start < 5
+
+
+_PY311_ONLY = "linear time" if sys.version_info >= (3, 11) else "not a valid regular expression"
+
+
+@pytest.mark.parametrize(
+    ("field", "pattern", "fragment"),
+    [
+        ("target_modules", r"(q)_proj\1", "linear time"),  # backreference
+        ("target_modules", r".*(?=q_proj)q_proj", "linear time"),  # lookahead
+        ("exclude_modules", r".*(?<!self_attn)\.q_proj", "linear time"),  # lookbehind
+        # Atomic groups and possessive quantifiers: Python >= 3.11 has them, RE2 does not.
+        ("exclude_modules", r"(?>.*)q_proj", _PY311_ONLY),
+        ("exclude_modules", r".*q_proj*+", _PY311_ONLY),
+        ("exclude_modules", r".*q_proj{1001}", "linear time"),
+        ("exclude_modules", r".*\.q_proj{,3}", "'{0,n}'"),  # Python: repeat; RE2: literal
+        ("exclude_modules", r".*[[:digit:]].*", "character class"),  # RE2: class; Python: set
+        ("exclude_modules", ".*\u0131", "ASCII"),  # Python folds (?i)ı to i, RE2 does not
+        ("exclude_modules", "q" * 1025, "over the 1024 limit"),
+        ("target_modules", "(unclosed", "not a valid regular expression"),
+        ("rank_pattern", r"(?P<x>q)(?P=x)_proj", "linear time"),
+        ("alpha_pattern", r"(?=q)q_proj", "linear time"),
+        ("rank_pattern", "\\d" * 600, "over the 1024 limit"),
+    ],
+)
+def test_rejects_patterns_rejected_or_read_differently_by_re2(
+    adapter_copy: Path, targets: dict[str, TargetShape], field: str, pattern: str, fragment: str
+) -> None:
+    value = {pattern: 8} if field in ("rank_pattern", "alpha_pattern") else pattern
+    _edit_config(adapter_copy, **{field: value})
+    _rejects(adapter_copy, targets, CONFIG_FILE, field, fragment)
+
+
+def test_rejects_too_many_pattern_keys(adapter_copy: Path, targets: dict[str, TargetShape]) -> None:
+    _edit_config(adapter_copy, rank_pattern={f"x{i}": 8 for i in range(MAX_PATTERN_KEYS + 1)})
+    _rejects(adapter_copy, targets, "rank_pattern has 1025 keys", "1024 limit")
+    _edit_config(
+        adapter_copy, rank_pattern={}, alpha_pattern={"x" * 1000 + str(i): 8 for i in range(66)}
+    )
+    _rejects(adapter_copy, targets, "alpha_pattern's keys hold", "65536 limit")
+
+
+def test_per_module_keys_take_the_first_match() -> None:
+    """EVA-style configs: one key per module. `first_matches` gives each module the first
+    key (in order) that selects it, as PEFT's get_pattern_key does."""
+    from peft.utils.other import get_pattern_key
+
+    keys = [*(p for p in _PATHS[:10]), r"layers\.1\..*", "q_proj", ".*"]
+    found = first_matches([pattern_key(k) for k in keys], _PATHS)
+    for path in _PATHS:
+        expected = get_pattern_key(keys, path)
+        assert keys[found[path]] == expected, path
+
+
+# Module paths of every kind (and of none the base model has), matched by PEFT's own rules:
+# the RE2 matcher must agree with Python's re on each.
+_PATHS = [
+    f"model.layers.{i}.{sub}.{p}"
+    for i in (0, 1, 11)
+    for sub, names in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+    for p in (f"{n}_proj" for n in names)
+] + ["model.embed_tokens", "lm_head", "q_proj", "model.layers.1"]
+_REGEXES = [
+    r".*\.(q|k|v|o|gate|up|down)_proj",
+    r"model\.layers\.1\..*",
+    r"model\.layers\.\d+\.mlp\.(up|down)_proj",
+    "q_proj|v_proj",
+    r".*q_proj$",
+    r".*q_proj\Z",
+    r"^model\.layers\.0\..*",
+    r"(?i).*\.Q_PROJ",
+    r"(?i:MODEL)\.layers\.[0-9]\.self_attn\.[^.]_proj",
+    r".*\b(up|gate)_proj",
+    r"\w+\.\w+\.1\w?\.\S+",
+    r".*layers\.1{2}\..*",
+    r".*layers\.1{1,}\..*",
+    "[]a-z._0-9]+",
+    "[^]A-Z]+_proj",
+    r"\A.*\.o_proj",
+    ".*proj",
+    "proj",
+    "",
+    r"lm_head|model\.embed_tokens",
+]
+_KEYS = [*_REGEXES, "q_proj)|(v_proj", "layers.1.mlp.up_proj", r"self_attn\.(k|v)_proj"]
+
+
+@pytest.mark.parametrize("pattern", _REGEXES)
+def test_target_modules_regex_matches_like_peft(pattern: str) -> None:
+    import re
+
+    from peft.utils.other import match_target_against_key
+
+    selects = full_pattern(pattern).matcher()
+    for path in _PATHS:
+        expected = match_target_against_key(pattern, path) is not None
+        assert expected == (re.fullmatch(pattern, path) is not None)
+        assert selects(path) == expected, (pattern, path)
+
+
+@pytest.mark.parametrize("key", _KEYS)
+def test_rank_pattern_key_matches_like_peft(key: str) -> None:
+    import re
+
+    from peft.utils.other import get_pattern_key
+
+    try:
+        re.compile(rf"(.*\.)?({key})$")
+    except re.error:
+        # Global flags inside PEFT's wrapper, e.g. "(?i)...": PEFT itself would fail.
+        with pytest.raises(PatternError, match="not a valid regular expression"):
+            pattern_key(key)
+        return
+    selects = pattern_key(key).matcher()
+    for path in _PATHS:
+        # get_pattern_key returns the key when it matches, else the module path itself.
+        expected = get_pattern_key([key], path) == key and (key != path)
+        if key == path:
+            continue  # the fallback lookup by name, not a regex match
+        assert selects(path) == expected, (key, path)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        ["q_proj", "v_proj"],
+        ["self_attn.q_proj", "mlp.up_proj"],
+        ["1.mlp.down_proj"],
+        ["proj"],
+        [""],
+        [".q_proj"],
+        ["lm_head", "model.layers.1"],
+    ],
+)
+def test_target_modules_list_matches_like_peft(entries: list[str]) -> None:
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = LoraConfig(target_modules=entries)
+    selector = ModuleSelector.parse(entries)
+    for path in _PATHS:
+        assert selector.selects(path) == bool(check_target_module_exists(config, path)), path
 
 
 # --- directory and config ---------------------------------------------------------------------
@@ -285,7 +461,8 @@ def test_rejects_missing_files(
     _rejects(adapter_copy, targets, "missing adapter_config.json")
     (adapter_copy / WEIGHTS_FILE).unlink()
     _rejects(adapter_copy, targets, f"missing {WEIGHTS_FILE}")
-    _rejects(tmp_path / "nope", targets, "is not a directory")
+    message = _rejects(tmp_path / "nope", targets, "'nope' does not exist")
+    assert str(tmp_path) not in message  # messages reach clients: no server paths
 
 
 @pytest.mark.parametrize(
@@ -306,7 +483,8 @@ def test_rejects_missing_files(
         ({"r": 8.5}, ["r must be a positive integer"]),
         ({"lora_alpha": -1}, ["lora_alpha must be a positive finite number"]),
         ({"lora_alpha": "16"}, ["lora_alpha must be a positive finite number"]),
-        ({"lora_alpha": math.inf}, ["lora_alpha must be a positive finite number"]),
+        # Infinity is not JSON: refused by the parser (json_limits) before any field is read.
+        ({"lora_alpha": math.inf}, ["not valid JSON", "Infinity"]),
         ({"rank_pattern": {"q_proj": 0}}, ["rank_pattern['q_proj'] must be a positive integer"]),
         ({"alpha_pattern": {"(unclosed": 4}}, ["'(unclosed' is not a valid regular expression"]),
         ({"rank_pattern": ["q_proj"]}, ["rank_pattern must be an object"]),
@@ -466,6 +644,92 @@ def test_rejects_f64_overflowing_float32(
 
     _edit_tensors(adapter_copy, blow_up)
     _rejects(adapter_copy, targets, A0, "1 Inf")
+
+
+# --- magnitudes the serving dtype cannot hold -------------------------------------------------
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DOWN1 = "model.layers.1.mlp.down_proj"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_accepts_realistic_magnitudes(
+    good_adapter: Path, targets: dict[str, TargetShape], dtype: torch.dtype
+) -> None:
+    # Random A and B (std 0.3, rank 8, scale 2): larger than trained adapters' B, which
+    # starts at zero.
+    assert len(_load(good_adapter, targets, serving_dtype=dtype).modules) == len(targets)
+
+
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "r"),
+    [(576, 1536, 16), (1536, 576, 64), (4096, 4096, 16), (11008, 4096, 64)],
+)
+def test_accepts_peft_initialised_weights_at_real_sizes(
+    tmp_path: Path, in_features: int, out_features: int, r: int
+) -> None:
+    """PEFT's initialisation of A (kaiming_uniform_ with a=sqrt(5), as nn.Linear), and the
+    same for B (init_lora_weights=False; True sets B = 0), at the sizes of SmolLM2 and of 7B
+    models."""
+    from peft import LoraConfig
+
+    a, b = torch.empty(r, in_features), torch.empty(out_features, r)
+    torch.manual_seed(0)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    torch.nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    module = "model.layers.0.mlp.down_proj"
+    tensors = {f"{PREFIX}{module}.lora_A.weight": a, f"{PREFIX}{module}.lora_B.weight": b}
+    save_file(tensors, tmp_path / WEIGHTS_FILE)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["down_proj"]).to_dict()
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config, default=list))
+    shapes = {module: TargetShape(in_features=in_features, out_features=out_features)}
+    for dtype in (torch.float32, torch.bfloat16):
+        assert module in _load(tmp_path, shapes, serving_dtype=dtype).modules
+
+
+@pytest.mark.parametrize(
+    ("a_value", "b_value"), [(1e15, 1e15), (None, 1e15), (1e15, None), (None, 1e7)]
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rejects_weights_that_overflow_the_serving_dtype(
+    adapter_copy: Path,
+    targets: dict[str, TargetShape],
+    a_value: float | None,
+    b_value: float | None,
+    dtype: torch.dtype,
+) -> None:
+    """Finite but absurd weights: one module's factors filled with huge values."""
+
+    def inflate(tensors: dict[str, torch.Tensor]) -> None:
+        for kind, value in (("lora_A", a_value), ("lora_B", b_value)):
+            if value is not None:
+                tensors[f"{PREFIX}{DOWN1}.{kind}.weight"].fill_(value)
+
+    _edit_tensors(adapter_copy, inflate)
+    _rejects(
+        adapter_copy,
+        targets,
+        f"module '{DOWN1}'",
+        "too large to serve in " + str(dtype).removeprefix("torch."),
+        serving_dtype=dtype,
+    )
+
+
+def test_magnitude_bound_depends_on_the_dtype(
+    adapter_copy: Path, targets: dict[str, TargetShape]
+) -> None:
+    """B = 100 everywhere: a gain of ~3e4 per unit input, fine in float32 and bfloat16
+    (bound 2**20), not in float16 (bound sqrt(65504) = 256)."""
+    assert magnitude_limit(torch.float16) == pytest.approx(256, rel=1e-3)
+    assert magnitude_limit(torch.float32) == magnitude_limit(torch.bfloat16) == 2.0**20
+
+    def inflate(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[f"{PREFIX}{DOWN1}.lora_B.weight"].fill_(100.0)
+
+    _edit_tensors(adapter_copy, inflate)
+    _load(adapter_copy, targets, serving_dtype=torch.float32)
+    _load(adapter_copy, targets, serving_dtype=torch.bfloat16)
+    _rejects(adapter_copy, targets, DOWN1, "float16", serving_dtype=torch.float16)
 
 
 def test_rejects_integer_dtype(adapter_copy: Path, targets: dict[str, TargetShape]) -> None:
@@ -641,6 +905,6 @@ def test_weights_must_be_for_modules_target_modules_selects(
 
 def test_malformed_target_modules(adapter_copy: Path, targets: dict[str, TargetShape]) -> None:
     _edit_config(adapter_copy, target_modules="(unclosed")
-    _rejects(adapter_copy, targets, "regex")
+    _rejects(adapter_copy, targets, "target_modules", "not a valid regular expression")
     _edit_config(adapter_copy, target_modules=[1, 2])
     _rejects(adapter_copy, targets, "a string or a list of strings")

@@ -7,14 +7,15 @@ thread; an adapter pinned by a running request is never yanked: the delete answe
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, Protocol, TypeVar
 
 import anyio
 
 from adapterhub_server.errors import InvalidRequestError
+from adapterhub_server.json_limits import JsonLimitError, check_text, parse_json
 from adapterhub_server.registry import Registry
+from adapterhub_server.registry.errors import InvalidValueError
 from client.types import Adapter, AdapterDeleted, AdapterList, AdapterVersion, AliasState
 
 T = TypeVar("T")
@@ -37,12 +38,15 @@ class AdapterAdminService:
         self,
         *,
         name: str,
-        files: Mapping[str, BinaryIO],
+        files: Sequence[tuple[str, BinaryIO]],
         alias: str | None,
         description: str | None,
         metadata: str | None,
         sha256: str | None,
     ) -> AdapterVersion:
+        """Store the `(filename, content)` parts as a new version of `name`."""
+        for param, text in (("name", name), ("alias", alias), ("description", description)):
+            _valid_text(text, param)
         meta = _json_object(metadata, "metadata")
         expected = _json_object(sha256, "sha256")
         if expected is not None and not all(isinstance(v, str) for v in expected.values()):
@@ -52,9 +56,18 @@ class AdapterAdminService:
                 "no files: send adapter_config.json and adapter_model.safetensors as `files`",
                 param="files",
             )
+        parts: dict[str, BinaryIO] = {}
+        for filename, content in files:
+            _valid_text(filename, "files")
+            if filename in parts:
+                raise InvalidRequestError(
+                    f"two `files` parts are named {filename[:80]!r}; send each file once",
+                    param="files",
+                )
+            parts[filename] = content
         record = await anyio.to_thread.run_sync(
             lambda: self.registry.push(
-                dict(files),
+                parts,
                 name,
                 alias=alias or None,
                 description=description,
@@ -101,13 +114,22 @@ class AdapterAdminService:
         return AliasState(name=name, alias=alias, version=version)
 
 
+def _valid_text(text: str | None, param: str) -> None:
+    if text is None:
+        return
+    try:
+        check_text(text)
+    except JsonLimitError as exc:
+        raise InvalidValueError(f"{param}: {exc}", param=param) from None
+
+
 def _json_object(text: str | None, param: str) -> dict[str, Any] | None:
     if text is None or text == "":
         return None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"{param} is not valid JSON: {exc}", param=param) from exc
+        value = parse_json(text)
+    except JsonLimitError as exc:
+        raise InvalidValueError(f"{param} is not valid JSON: {exc}", param=param) from None
     if not isinstance(value, dict):
         raise InvalidRequestError(f"{param} must be a JSON object", param=param)
     return value

@@ -19,16 +19,24 @@ import json
 import logging
 import math
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import regex
 import torch
 from torch import nn
 
 from adapterhub_server.errors import AdapterValidationError
+from adapterhub_server.json_limits import JsonLimitError, parse_json
+from adapterhub_server.lora.patterns import (
+    MAX_PATTERN_KEY_CHARS,
+    MAX_PATTERN_KEYS,
+    ModulePattern,
+    ModuleSelector,
+    PatternError,
+    first_matches,
+    pattern_key,
+)
 from adapterhub_server.lora.safetensors_check import load_checked_safetensors
 
 logger = logging.getLogger(__name__)
@@ -76,10 +84,30 @@ _UNSUPPORTED_WHEN_SET: dict[str, str] = {
     "kasa_config": "KaSA (kasa_config) is not supported",
 }
 
-# Bounds the time spent evaluating user-supplied rank_pattern/alpha_pattern regexes, so a
-# pathological pattern cannot stall the process that loads the adapter. Honest configs need
-# far less: per-module keys for all 560 projections of an 80-layer model take about 0.3 s.
-_PATTERN_BUDGET_S = 10.0
+
+MAX_MODULE_GAIN = 2.0**20
+"""Cap on any module's gain whatever the dtype (see `magnitude_limit`)."""
+
+
+def magnitude_limit(dtype: torch.dtype) -> float:
+    """Largest gain an adapter module may have when served in `dtype`.
+
+    The gain bounds |delta y_i| / max_j |x_j| (see `_check_magnitude`). The limit is
+    min(sqrt(finfo(dtype).max), 2**20), a safety margin below the dtype's range for two
+    reasons:
+
+    * the delta is multiplied by another value of its size downstream (RMSNorm squares the
+      residual stream, attention multiplies q by k, the MLP gate by up), so a value above the
+      square root of the range can overflow there even where the LoRA product does not:
+      256 for float16;
+    * adapted projections compound within one decoder layer (v then o; gate times up, then
+      down), so a gain g can grow activations by about g**3 before the next norm squares
+      them: g**6 must stay within float32's range (the norm computes in float32), which
+      holds up to g of about 2.9e6, so 2**20 for float32 and bfloat16.
+
+    Trained adapters have gains of 1 to 1e3 by this measure; PEFT's initialisation has 0.
+    """
+    return min(math.sqrt(torch.finfo(dtype).max), MAX_MODULE_GAIN)
 
 
 @dataclass(frozen=True)
@@ -190,25 +218,37 @@ def adaptable_modules(model: nn.Module) -> dict[str, TargetShape]:
 
 @dataclass(frozen=True)
 class _Pattern:
-    key: str
-    compiled: regex.Pattern[str]
+    compiled: ModulePattern
     value: float
+
+    @property
+    def key(self) -> str:
+        return self.compiled.pattern
 
 
 @dataclass(frozen=True)
 class _LoraSettings:
-    """The parts of adapter_config.json that decide ranks and scales."""
+    """The parts of adapter_config.json that decide which modules are adapted, with which
+    ranks and scales."""
 
     r: int
     alpha: float
     use_rslora: bool
     rank_pattern: tuple[_Pattern, ...]
     alpha_pattern: tuple[_Pattern, ...]
+    target_modules: ModuleSelector | None
+    """None: every projection (the field absent, as in old PEFT configs, or "all-linear")."""
+    exclude_modules: ModuleSelector | None
 
 
 def _short(value: object) -> str:
     # Config values come from uploads; keep error messages bounded.
     text = json.dumps(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _shown_key(key: str) -> str:
+    text = repr(key)
     return text if len(text) <= 200 else text[:200] + "..."
 
 
@@ -242,9 +282,13 @@ def _read_config(path: Path) -> dict[str, Any]:
     if size > _MAX_CONFIG_BYTES:
         raise _config_error(f"file is {size} bytes, over the {_MAX_CONFIG_BYTES}-byte limit")
     try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _config_error(f"not valid JSON ({exc})") from exc
+        # Within json_limits' bounds: the config's strings end up in the index and in
+        # responses, where a lone surrogate could not be encoded.
+        config = parse_json(path.read_bytes())
+    except OSError as exc:
+        raise _config_error(f"cannot be read ({exc.strerror})") from exc
+    except JsonLimitError as exc:
+        raise _config_error(f"not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise _config_error(f"must be a JSON object, got {type(config).__name__}")
     return config
@@ -258,23 +302,43 @@ def _compile_patterns(config: dict[str, Any], key: str, *, integer: bool) -> tup
         raise _config_error(
             f"{key} must be an object mapping module patterns to values, got {_short(patterns)}"
         )
+    if len(patterns) > MAX_PATTERN_KEYS:
+        raise _config_error(f"{key} has {len(patterns)} keys, over the {MAX_PATTERN_KEYS} limit")
+    key_chars = sum(len(k) for k in patterns)
+    if key_chars > MAX_PATTERN_KEY_CHARS:
+        raise _config_error(
+            f"{key}'s keys hold {key_chars} characters, over the {MAX_PATTERN_KEY_CHARS} limit"
+        )
     out = []
-    for pattern_key, value in patterns.items():
+    for module_key, value in patterns.items():
         if not (_positive_int(value) if integer else _positive_number(value)):
             kind = "positive integer" if integer else "positive number"
-            raise _config_error(f"{key}[{pattern_key!r}] must be a {kind}, got {_short(value)}")
+            raise _config_error(
+                f"{key}[{_shown_key(module_key)}] must be a {kind}, got {_short(value)}"
+            )
         # PEFT's peft.utils.other.get_pattern_key matches re.match(rf"(.*\.)?({key})$", module):
         # the key is a regex anchored at the end and starting at a "." boundary (or the start).
-        source = rf"(.*\.)?({pattern_key})$"
         try:
-            re.compile(source)  # the same syntax PEFT accepts
-            compiled = regex.compile(source)  # same semantics, but supports a match timeout
-        except (re.error, regex.error) as exc:
-            raise _config_error(
-                f"{key} key {pattern_key!r} is not a valid regular expression ({exc})"
-            ) from exc
-        out.append(_Pattern(key=pattern_key, compiled=compiled, value=value))
+            compiled = pattern_key(module_key)
+        except PatternError as exc:
+            raise _config_error(f"{key} key {_shown_key(module_key)} {exc}") from None
+        out.append(_Pattern(compiled=compiled, value=value))
     return tuple(out)
+
+
+def _selector(config: dict[str, Any], key: str) -> ModuleSelector | None:
+    value = config.get(key)
+    if key == "target_modules":
+        # Absent in old PEFT configs; "all-linear" is every linear but the output layer:
+        # either way, every projection served here.
+        if value is None or value == "all-linear":
+            return None
+    elif not value:
+        return None  # PEFT tests `if config.exclude_modules:`
+    try:
+        return ModuleSelector.parse(value)
+    except PatternError as exc:
+        raise _config_error(f"{key} {_short(value)} {exc}") from None
 
 
 def _parse_settings(config: dict[str, Any]) -> _LoraSettings:
@@ -308,41 +372,47 @@ def _parse_settings(config: dict[str, Any]) -> _LoraSettings:
         use_rslora=use_rslora,
         rank_pattern=_compile_patterns(config, "rank_pattern", integer=True),
         alpha_pattern=_compile_patterns(config, "alpha_pattern", integer=False),
+        target_modules=_selector(config, "target_modules"),
+        exclude_modules=_selector(config, "exclude_modules"),
     )
 
 
 def _resolve(
-    patterns: tuple[_Pattern, ...], module: str, default: float, deadline: float
-) -> tuple[float, str | None]:
-    """Value for `module` the way PEFT resolves rank_pattern/alpha_pattern; (value, matched key).
+    patterns: tuple[_Pattern, ...], modules: list[str], default: float
+) -> dict[str, tuple[float, str | None]]:
+    """Module -> (value, key that gave it), the way PEFT resolves rank_pattern/alpha_pattern.
 
     PEFT takes the FIRST key, in the config's order, whose pattern matches (not the most
     specific one); without a match the module's own name is looked up, then the default.
     """
-    for pattern in patterns:
-        remaining = deadline - time.monotonic()
-        try:
-            if remaining <= 0:
-                raise TimeoutError
-            if pattern.compiled.match(module, timeout=remaining) is not None:
-                return pattern.value, pattern.key
-        except TimeoutError:
-            raise _config_error(
-                f"evaluating pattern {pattern.key!r} took too long; use a simpler rank_pattern/alpha_pattern key"
-            ) from None
-    for pattern in patterns:
-        if pattern.key == module:
-            return pattern.value, pattern.key
-    return default, None
+    first = first_matches([p.compiled for p in patterns], modules)
+    by_name = {p.key: p.value for p in patterns}
+    out: dict[str, tuple[float, str | None]] = {}
+    for module in modules:
+        if module in first:
+            pattern = patterns[first[module]]
+            out[module] = (pattern.value, pattern.key)
+        elif module in by_name:
+            out[module] = (by_name[module], module)
+        else:
+            out[module] = (default, None)
+    return out
 
 
 def _find_weights(path: Path) -> Path:
     weights = path / WEIGHTS_FILE
     if weights.is_file():
         return weights
-    pickles = sorted(
-        p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_PICKLE_SUFFIXES)
-    )
+    try:
+        pickles = sorted(
+            p.name
+            for p in path.iterdir()
+            if p.is_file() and p.name.lower().endswith(_PICKLE_SUFFIXES)
+        )
+    except OSError as exc:
+        raise AdapterValidationError(
+            f"{path.name}: cannot be listed ({exc.strerror})", param="file"
+        ) from exc
     if pickles:
         raise AdapterValidationError(
             f"{path.name}: found {', '.join(pickles[:5])} but no {WEIGHTS_FILE}: pickle-based weights are "
@@ -417,44 +487,31 @@ def _group_keys(keys: list[str], targets: dict[str, TargetShape]) -> dict[str, d
     return pairs
 
 
-def _check_targeted(pairs: dict[str, dict[str, str]], config: dict[str, Any]) -> None:
+def _check_targeted(
+    pairs: dict[str, dict[str, str]], config: dict[str, Any], settings: _LoraSettings
+) -> None:
     """Every module with weights must be one the config's `target_modules` selects.
 
     PEFT builds LoRA layers from `target_modules` (minus `exclude_modules`) and silently
     drops weights for any other module; serving them would compute something PEFT never
-    does. Matching follows PEFT: a string is a regex that must match the whole module path,
-    a list matches a path equal to an entry or ending in `.<entry>`, and `all-linear` takes
-    every projection.
+    does. Matching follows PEFT (see `lora.patterns`): a string is a regex that must match
+    the whole module path, a list matches a path equal to an entry or ending in `.<entry>`,
+    and `all-linear` (or no field) takes every projection.
     """
-    targets, excluded = config.get("target_modules"), config.get("exclude_modules")
-    if targets is None or targets == "all-linear":
-        return  # None: an old PEFT config without the field; all-linear covers every key
+    targets, excluded = settings.target_modules, settings.exclude_modules
     for module, keys in pairs.items():
-        if _selects(targets, module) and not (excluded and _selects(excluded, module)):
+        selected = targets is None or targets.selects(module)
+        if selected and not (excluded is not None and excluded.selects(module)):
             continue
-        reason = "excludes it" if _selects(targets, module) else "does not select it"
+        shown_excluded = config.get("exclude_modules")
         raise AdapterValidationError(
             f"{WEIGHTS_FILE}: tensor {keys['lora_A']!r} is for module {module!r}, but "
-            f"{CONFIG_FILE}'s target_modules {_short(targets)}"
-            f"{f' / exclude_modules {_short(excluded)}' if excluded else ''} {reason}: "
+            f"{CONFIG_FILE}'s target_modules {_short(config.get('target_modules'))}"
+            f"{f' / exclude_modules {_short(shown_excluded)}' if excluded else ''} "
+            f"{'excludes it' if selected else 'does not select it'}: "
             "PEFT would ignore these weights",
             param="file",
         )
-
-
-def _selects(pattern: Any, module: str) -> bool:
-    if isinstance(pattern, str):
-        try:
-            return re.fullmatch(pattern, module) is not None
-        except re.error as exc:
-            raise _config_error(
-                f"target_modules regex {_short(pattern)} is invalid: {exc}"
-            ) from exc
-    if isinstance(pattern, list | tuple | set) and all(isinstance(p, str) for p in pattern):
-        return any(module == p or module.endswith("." + p) for p in pattern)
-    raise _config_error(
-        f"target_modules/exclude_modules must be a string or a list of strings, not {_short(pattern)}"
-    )
 
 
 def _as_float32(key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -484,14 +541,45 @@ def _shape_error(key: str, shape: torch.Size, expected: str, detail: str) -> Ada
     )
 
 
+def _check_magnitude(module: str, lora: ModuleLoRA, dtype: torch.dtype) -> None:
+    """Refuse a module whose delta could overflow `dtype`, from its own weights alone.
+
+    For any input x, with ||M||_inf the largest absolute row sum of M,
+
+        |(scale * B @ A @ x)_i| <= |scale| * ||B||_inf * ||A||_inf * max_j |x_j|
+
+    and ||A||_inf <= in_features * max|A|, ||B||_inf <= r * max|B|, so the gain bounded here
+    is at most |scale| * r * max|A| * max|B| * in_features. The intermediate A @ x and the
+    scaled B (the engine folds the scale into B) are bounded the same way. Each must stay
+    within `magnitude_limit(dtype)`.
+    """
+    limit = magnitude_limit(dtype)
+    # float64 sums: a float32 sum of huge values would itself overflow to inf.
+    a_gain = float(lora.a.abs().sum(dim=1, dtype=torch.float64).max())
+    b_gain = abs(lora.scale) * float(lora.b.abs().sum(dim=1, dtype=torch.float64).max())
+    gain = a_gain * b_gain
+    if max(a_gain, b_gain, gain) <= limit:
+        return
+    raise AdapterValidationError(
+        f"{WEIGHTS_FILE}: module {module!r} has weights too large to serve in "
+        f"{str(dtype).removeprefix('torch.')}: its output change can reach {gain:.3g} times "
+        f"the input's magnitude (scale {lora.scale:.3g}, largest row sums |A| {a_gain:.3g}, "
+        f"|B| {b_gain / abs(lora.scale):.3g}), above the bound {limit:.3g} "
+        "for serving in this dtype; the adapter's weights are corrupt or diverged in training",
+        param="file",
+    )
+
+
 def _build_module(
     module: str,
     keys: dict[str, str],
     tensors: dict[str, torch.Tensor],
     target: TargetShape,
     settings: _LoraSettings,
+    config_rank: tuple[float, str | None],
+    alpha: float,
     max_rank: int,
-    deadline: float,
+    serving_dtype: torch.dtype,
 ) -> ModuleLoRA:
     a_key, b_key = keys["lora_A"], keys["lora_B"]
     a_raw, b_raw = tensors[a_key], tensors[b_key]
@@ -525,16 +613,17 @@ def _build_module(
             param="file",
         )
 
-    config_r, r_key = _resolve(settings.rank_pattern, module, settings.r, deadline)
+    config_r, r_key = config_rank
     if r != config_r:
         source = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
         raise AdapterValidationError(
             f"{WEIGHTS_FILE}: module {module!r} has rank {r} but {CONFIG_FILE} gives {source} = {config_r}",
             param="file",
         )
-    alpha, _ = _resolve(settings.alpha_pattern, module, settings.alpha, deadline)
     scale = alpha / math.sqrt(r) if settings.use_rslora else alpha / r
-    return ModuleLoRA(a=_as_float32(a_key, a_raw), b=_as_float32(b_key, b_raw), scale=float(scale))
+    lora = ModuleLoRA(a=_as_float32(a_key, a_raw), b=_as_float32(b_key, b_raw), scale=float(scale))
+    _check_magnitude(module, lora, serving_dtype)
+    return lora
 
 
 def load_adapter(
@@ -544,19 +633,25 @@ def load_adapter(
     targets: dict[str, TargetShape],
     max_rank: int,
     max_file_bytes: int = 2 * 1024**3,
+    serving_dtype: torch.dtype = torch.float32,
 ) -> LoRAAdapter:
     """Load the PEFT LoRA adapter directory `path` and validate it against `targets`.
 
     `targets` comes from `adaptable_modules(base_model)`; `max_rank` is the server's
-    --max-lora-rank; `max_file_bytes` caps adapter_model.safetensors. `name` is stored as is
-    (callers validate user-facing names with `validate_adapter_name`).
+    --max-lora-rank; `max_file_bytes` caps adapter_model.safetensors; `serving_dtype` is the
+    dtype the engine computes in, whose range bounds the weights' magnitude
+    (`magnitude_limit`). `name` is stored as is (callers validate user-facing names with
+    `validate_adapter_name`). Error messages name the directory by its last component only:
+    they reach clients, and the registry's location on disk is none of theirs.
 
     Raises AdapterValidationError naming the file, key or module at fault for anything the
     engine cannot serve exactly as PEFT would compute it.
     """
     path = Path(path)
     if not path.is_dir():
-        raise AdapterValidationError(f"adapter path {str(path)!r} is not a directory", param="file")
+        raise AdapterValidationError(
+            f"adapter directory {path.name!r} does not exist", param="file"
+        )
     weights_path = _find_weights(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
@@ -568,14 +663,24 @@ def load_adapter(
     if not tensors:
         raise AdapterValidationError(f"{WEIGHTS_FILE}: holds no tensors", param="file")
     pairs = _group_keys(list(tensors), targets)
-    _check_targeted(pairs, config)
+    _check_targeted(pairs, config, settings)
 
-    deadline = time.monotonic() + _PATTERN_BUDGET_S
-    modules: dict[str, ModuleLoRA] = {}
     # Base-model order, so that consumers iterating the dict see layers in sequence.
-    for module in (m for m in targets if m in pairs):
+    adapted = [m for m in targets if m in pairs]
+    ranks = _resolve(settings.rank_pattern, adapted, settings.r)
+    alphas = _resolve(settings.alpha_pattern, adapted, settings.alpha)
+    modules: dict[str, ModuleLoRA] = {}
+    for module in adapted:
         modules[module] = _build_module(
-            module, pairs[module], tensors, targets[module], settings, max_rank, deadline
+            module,
+            pairs[module],
+            tensors,
+            targets[module],
+            settings,
+            ranks[module],
+            alphas[module][0],
+            max_rank,
+            serving_dtype,
         )
         # Drop the native-dtype originals as we go to keep peak memory near one copy.
         del tensors[pairs[module]["lora_A"]], tensors[pairs[module]["lora_B"]]

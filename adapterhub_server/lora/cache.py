@@ -241,11 +241,28 @@ class AdapterCache:
 
     def _read(self, loc: AdapterLocation) -> LoRAAdapter:
         t0 = time.perf_counter()
-        if loc.sha256:
-            verify_files(loc.path, loc.sha256)
-        adapter = load_adapter(
-            loc.path, name=loc.key, targets=self.targets, max_rank=self.max_lora_rank
-        )
+        try:
+            if loc.sha256:
+                verify_files(loc.path, loc.sha256)
+            adapter = load_adapter(
+                loc.path,
+                name=loc.key,
+                targets=self.targets,
+                max_rank=self.max_lora_rank,
+                serving_dtype=self.pool.dtype,
+            )
+        except (OSError, AdapterValidationError) as exc:
+            if not loc.path.is_dir():
+                # Deleted after the request resolved it (a registry version's directory
+                # goes in one rename): for the request, that adapter no longer exists.
+                raise AdapterNotFoundError(
+                    f"The model `{loc.key}` does not exist (it was deleted).", param="model"
+                ) from exc
+            if isinstance(exc, OSError):
+                raise AdapterValidationError(
+                    f"{loc.key}: the adapter's files cannot be read ({exc.strerror})"
+                ) from exc
+            raise
         seconds = time.perf_counter() - t0
         self._loads += 1
         self._load_seconds += seconds
@@ -279,7 +296,8 @@ def verify_files(directory: Path, expected: Mapping[str, str]) -> None:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
         except OSError as exc:
-            raise AdapterValidationError(f"{filename}: cannot be read ({exc})") from exc
+            # strerror, not str(exc): that names the path, and the message reaches clients.
+            raise AdapterValidationError(f"{filename}: cannot be read ({exc.strerror})") from exc
         if h.hexdigest() != digest:
             raise AdapterValidationError(
                 f"{filename}: sha256 mismatch (stored file is corrupted: expected {digest}, "

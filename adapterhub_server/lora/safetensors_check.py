@@ -96,7 +96,11 @@ def read_safetensors_header(path: Path, *, max_file_bytes: int) -> dict[str, Ten
             f"file is {file_size} bytes, too short to hold the 8-byte header length (truncated?)",
         )
 
-    with path.open("rb") as fh:
+    try:
+        fh = path.open("rb")
+    except OSError as exc:  # removed since the stat (a deleted version)
+        raise _fail(path, f"cannot be read ({exc.strerror})") from exc
+    with fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         if header_len > MAX_HEADER_BYTES:
             raise _fail(
@@ -222,6 +226,8 @@ def load_checked_safetensors(path: Path, *, max_file_bytes: int) -> dict[str, to
     except AdapterValidationError:
         raise
     except Exception as exc:  # the library raises its own SafetensorError and OSError types
-        raise _fail(path, f"could not be read by the safetensors library ({exc})") from exc
+        # The library's messages may name the file's path, which must not reach clients.
+        reason = str(exc).replace(str(path), path.name)
+        raise _fail(path, f"could not be read by the safetensors library ({reason})") from exc
     logger.debug("read %d tensors from %s", len(tensors), path)
     return tensors

@@ -31,6 +31,13 @@ class RegistryCorruptionError(RegistryError):
     code = "registry_corrupted"
 
 
+class InvalidValueError(InvalidRequestError):
+    """A field's value is malformed: text that is not valid Unicode, JSON beyond the limits
+    of `adapterhub_server.json_limits` (400)."""
+
+    code = "invalid_value"
+
+
 class InvalidReferenceError(InvalidRequestError):
     """An adapter reference or alias name is malformed (400)."""
 

@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from adapterhub_server.errors import InvalidRequestError
 from adapterhub_server.registry.errors import (
     AdapterVersionNotFoundError,
     AliasNotFoundError,
@@ -132,8 +133,10 @@ class LocalBlobStore:
             if parent_created:
                 fsync_dir(self.adapters_dir)
             if final.exists():
+                # No path in the message: it reaches clients (the log has the root).
+                logger.error("%s exists before %s@%d was published", final, name, version)
                 raise RegistryError(
-                    f"refusing to overwrite {final}: version {name}@{version} already has files"
+                    f"refusing to overwrite version {name}@{version}: it already has files"
                 )
             try:
                 os.rename(staging.path, final)
@@ -339,6 +342,62 @@ _VERSION_COLUMNS = (
 )
 
 
+def _decode_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def _valid_text(text: str | bytes) -> str:
+    """`text` with lone surrogates (which no encoder accepts) replaced by U+FFFD; a pair
+    stored as two escapes becomes the character it encodes. A BLOB (bytes) is decoded."""
+    if isinstance(text, bytes):
+        return _decode_text(text)
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _valid_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return _valid_text(value)
+    if isinstance(value, list):
+        return [_valid_json(v) for v in value]
+    if isinstance(value, dict):
+        return {_valid_text(k): _valid_json(v) for k, v in value.items()}
+    return value
+
+
+def _decode_json(text: str | None, key: str, column: str) -> Any:
+    """A JSON column as stored, made safe to encode again; None if it cannot be read.
+
+    Pushes refuse text that is not valid Unicode (`records.encode_json_object`), but rows
+    written before that check, or by other tools, may hold escaped lone surrogates: each is
+    replaced rather than failing every listing that includes the row.
+    """
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+        # Surrogates can only come from escapes (text_factory never decodes to one).
+        return _valid_json(value) if "\\u" in text else value
+    except (ValueError, RecursionError):
+        logger.warning("%s: the index's %s column is not readable JSON; ignoring it", key, column)
+        return None
+
+
+def _decode_lineage(value: Any, key: str) -> Lineage | None:
+    if not isinstance(value, dict):
+        return None
+    try:
+        return Lineage.from_dict(value)
+    except (InvalidRequestError, TypeError):
+        logger.warning("%s: the index's lineage column is malformed; ignoring it", key)
+        return None
+
+
 class _Slot:
     """One connection of this process and the lock serialising its use."""
 
@@ -422,14 +481,18 @@ class SQLiteIndex:
                     raise
                 time.sleep(0.05)
         if str(mode).lower() != self.journal_mode:
+            logger.error("%s: cannot switch to journal mode %s", self.path, self.journal_mode)
             raise RegistryError(
-                f"{self.path}: cannot switch to journal mode {self.journal_mode!r} (got "
+                f"the registry index cannot switch to journal mode {self.journal_mode!r} (got "
                 f"{mode!r}); every process opening the registry must use the same "
                 f"{JOURNAL_MODE_ENV}"
             )
         # FULL: a commit is durable once it returns (NORMAL may lose the last ones).
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # Rows written by other tools (or older versions) may hold bytes that are not UTF-8;
+        # a listing must not fail over one such row.
+        conn.text_factory = _decode_text
         return conn
 
     def _connection(self, slot: _Slot) -> sqlite3.Connection:
@@ -494,6 +557,10 @@ class SQLiteIndex:
     ) -> VersionRecord:
         (name, version, status, created, deleted, base_id, fingerprint, rank, alpha) = row[:9]
         targets, description, metadata, lineage = row[9:]
+        key = f"{name}@{version}"
+        metadata = _decode_json(metadata, key, "metadata")
+        targets = _decode_json(targets, key, "target_modules")
+        lineage = _decode_json(lineage, key, "lineage") if lineage else None
         return VersionRecord(
             name=name,
             version=version,
@@ -505,10 +572,12 @@ class SQLiteIndex:
             base_fingerprint=fingerprint,
             rank=rank,
             alpha=alpha,
-            target_modules=tuple(json.loads(targets)),
-            description=description,
-            metadata=json.loads(metadata),
-            lineage=Lineage.from_dict(json.loads(lineage)) if lineage else None,
+            target_modules=tuple(t for t in targets if isinstance(t, str))
+            if isinstance(targets, list)
+            else (),
+            description=_valid_text(description) if description is not None else None,
+            metadata=metadata if isinstance(metadata, dict) else {},
+            lineage=_decode_lineage(lineage, key),
             aliases=tuple(sorted(a for a, v in aliases.items() if v == version)),
         )
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from adapterhub_server.errors import InvalidRequestError
+from adapterhub_server.json_limits import JsonLimitError, check_text, check_value
+from adapterhub_server.registry.errors import InvalidValueError
 
 VersionStatus = Literal["pending", "ready", "deleted"]
 """pending: number allocated, files being published; ready: servable; deleted: a tombstone
@@ -232,11 +234,17 @@ class GcReport:
 
 
 def encode_json_object(value: Mapping[str, Any] | None, *, what: str) -> str:
-    """Canonical JSON for an index column; refuses non-objects, NaN and oversized values."""
+    """Canonical JSON for an index column; refuses non-objects, NaN, oversized values, and
+    values beyond `json_limits` (text that is not valid Unicode, nesting over 64 levels)."""
     if value is None:
         return "{}"
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise InvalidRequestError(f"{what} must be a JSON object with string keys", param=what)
+    try:
+        # Stored text must be valid Unicode, or every later read that encodes it fails.
+        check_value(dict(value))
+    except JsonLimitError as exc:
+        raise InvalidValueError(f"{what}: {exc}", param=what) from None
     try:
         text = json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
@@ -246,6 +254,11 @@ def encode_json_object(value: Mapping[str, Any] | None, *, what: str) -> str:
             f"{what} is {len(text.encode())} bytes as JSON, over the {MAX_JSON_BYTES}-byte limit",
             param=what,
         )
+    try:
+        # Again on what will be read back: tuples and other sequences became lists.
+        check_value(json.loads(text))
+    except JsonLimitError as exc:
+        raise InvalidValueError(f"{what}: {exc}", param=what) from None
     return text
 
 
@@ -254,6 +267,10 @@ def check_description(description: str | None) -> str | None:
         return None
     if not isinstance(description, str):
         raise InvalidRequestError("description must be a string", param="description")
+    try:
+        check_text(description)
+    except JsonLimitError as exc:
+        raise InvalidValueError(f"description: {exc}", param="description") from None
     if len(description) > MAX_DESCRIPTION_CHARS:
         raise InvalidRequestError(
             f"description is {len(description)} characters, over the {MAX_DESCRIPTION_CHARS} limit",

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import torch
+
 from adapterhub_server.errors import AdapterNotFoundError, AdapterValidationError
 from adapterhub_server.lora.adapter import (
     CONFIG_FILE,
@@ -104,11 +106,21 @@ class RegistryLimits:
     """Total bytes of one upload: an archive's size, and the sum of its files' sizes."""
     max_archive_members: int = 1000
     """Entries an uploaded archive may hold; stops a listing from exhausting memory."""
+    serving_dtype: torch.dtype = torch.float32
+    """The dtype the server computes in (its --dtype): adapters whose delta could overflow it
+    are refused (`lora.adapter.magnitude_limit`). float32 and bfloat16 share one range."""
 
     def __post_init__(self) -> None:
         for name in ("max_lora_rank", "max_upload_bytes", "max_archive_members"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if (
+            not isinstance(self.serving_dtype, torch.dtype)
+            or not self.serving_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"serving_dtype must be a floating-point torch.dtype, not {self.serving_dtype!r}"
+            )
 
 
 class _Budget:
@@ -141,6 +153,14 @@ def _copy_stream(src: BinaryIO, dest: Path, budget: _Budget) -> FileRecord:
         out.flush()
         os.fsync(out.fileno())
     return FileRecord(sha256=digest.hexdigest(), size=size)
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, for a message that may reach a client: an OSError's text without
+    the file name it carries (a path on the server's disk)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
 
 def _pickle_error(found: list[str]) -> AdapterValidationError:
@@ -494,7 +514,7 @@ class Registry:
                         files[target] = _copy_stream(handle, dest / target, budget)
         except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
             raise AdapterValidationError(
-                f"{path.name}: unreadable tar archive ({exc})", param="file"
+                f"{path.name}: unreadable tar archive ({_reason(exc)})", param="file"
             ) from exc
         _missing(files, pickles, "archive")
         return files
@@ -542,7 +562,7 @@ class Registry:
             zlib.error,
         ) as exc:
             raise AdapterValidationError(
-                f"{path.name}: unreadable zip archive ({exc})", param="file"
+                f"{path.name}: unreadable zip archive ({_reason(exc)})", param="file"
             ) from exc
         _missing(files, pickles, "archive")
         return files
@@ -557,6 +577,7 @@ class Registry:
             targets=dict(self.base.targets),
             max_rank=self.limits.max_lora_rank,
             max_file_bytes=self.limits.max_upload_bytes,
+            serving_dtype=self.limits.serving_dtype,
         )
         alpha = adapter.config.get("lora_alpha")
         targets = tuple(sorted({module.rsplit(".", 1)[-1] for module in adapter.modules}))
@@ -665,8 +686,15 @@ class Registry:
         try:
             handle = self.blobs.open(record.name, record.version, filename)
         except OSError as exc:
+            current = self.index.get(record.name, record.version)
+            if current is None or current.status != "ready":
+                # Deleted between resolving and opening.
+                raise AdapterVersionNotFoundError(
+                    f"adapter version {record.key} was deleted", param="model"
+                ) from exc
+            # strerror, not str(exc): that names the path, and this message reaches clients.
             raise RegistryCorruptionError(
-                f"{record.key}: {filename}: cannot be read ({exc})"
+                f"{record.key}: {filename}: cannot be read ({exc.strerror})"
             ) from exc
         try:
             problem = _check_file(handle, expected)
