@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from adapterhub_server.engine.sampler import Sampler, SamplerOutput, make_generator
+from adapterhub_server.engine.sampler import NON_FINITE, Sampler, SamplerOutput, make_generator
 from adapterhub_server.engine.sampling_params import SamplingParams
 
 VOCAB = 500
@@ -256,3 +256,48 @@ def test_rejects_mismatched_lengths() -> None:
         Sampler()(_logits(2), [SamplingParams()], [None, None])
     with pytest.raises(ValueError):
         Sampler()(torch.zeros(4), [SamplingParams()], [None])
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-30, 9.9e-6])
+def test_temperature_near_zero_is_greedy(temperature: float) -> None:
+    """Found by probing: dividing logits by a denormal temperature overflowed to NaN
+    probabilities and an empty answer; the limit of sampling as T -> 0 is the argmax."""
+    logits = _logits(16, seed=5) * 1e3
+    params = [SamplingParams(temperature=temperature, top_k=50, top_p=0.9)] * 16
+    out = _run(logits, params)
+    assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-45])
+def test_top_p_that_rounds_to_zero_is_greedy(top_p: float) -> None:
+    """A top_p below float32's smallest value used to remove every token (NaN, then an
+    arbitrary id); the most likely token always survives."""
+    logits = _logits(16, seed=6)
+    out = _run(logits, [SamplingParams(temperature=1.0, top_p=top_p)] * 16)
+    assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+
+
+def test_small_temperature_over_huge_logits_stays_finite() -> None:
+    """Finite logits divided by a small (non-greedy) temperature can pass float32's range."""
+    logits = _logits(4, seed=7) * 1e36
+    out = _run(logits, [SamplingParams(temperature=1e-4)] * 4)
+    assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_rows_without_a_finite_maximum_are_marked(temperature: float) -> None:
+    """NaN or +inf anywhere, or every entry -inf: the row gets NON_FINITE; the other rows,
+    including one with a single -inf (a mask), are sampled as usual."""
+    logits = _logits(5, seed=8)
+    logits[0, 3] = float("nan")
+    logits[1, 9] = float("inf")
+    logits[2] = float("-inf")
+    logits[4, 0] = float("-inf")
+    params = [SamplingParams(temperature=temperature, seed=1, logprobs=2)] * 5
+    out = _run(logits, params, generators=[make_generator(1) for _ in range(5)])
+    assert out.token_ids[:3].tolist() == [NON_FINITE] * 3
+    assert out.token_ids[3:].tolist() == [
+        _run(logits[i : i + 1], params[:1], generators=[make_generator(1)]).token_ids.item()
+        for i in (3, 4)
+    ]
+    assert all(0 <= t < logits.shape[1] for t in out.token_ids[3:].tolist())

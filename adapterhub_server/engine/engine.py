@@ -22,11 +22,11 @@ import torch
 from adapterhub_server.engine.decode_graphs import DecodeGraphs
 from adapterhub_server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
-from adapterhub_server.engine.sampler import Sampler, make_generator
+from adapterhub_server.engine.sampler import NON_FINITE, Sampler, make_generator
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.engine.scheduler import Scheduler, SchedulerOutput
 from adapterhub_server.engine.sequence import Sequence
-from adapterhub_server.errors import ContextLengthError, InvalidRequestError
+from adapterhub_server.errors import AdapterHubError, ContextLengthError, InvalidRequestError
 from adapterhub_server.lora.cache import AdapterCache
 from adapterhub_server.lora.ops import Route, Segment, build_lora_batch
 from adapterhub_server.models.attention import KVCache, PrefillChunk, build_attention_metadata
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "internal_error"
 OUT_OF_MEMORY = "out_of_memory"
+NON_FINITE_LOGITS = "non_finite_logits"
 
 
 class LLMEngine:
@@ -153,7 +154,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        outputs = [self._fail(seq, msg) for seq, msg in plan.failed]
+        outputs = [self._fail(seq, str(exc), _error_code(exc)) for seq, exc in plan.failed]
         # Nothing runnable (requests wait for adapter files): the driver should back off.
         self.idle = plan.empty
         if plan.empty:
@@ -275,6 +276,18 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         for i, seq in enumerate(samplers):
             if seq.finished:  # aborted while the step ran
+                continue
+            if token_ids[i] == NON_FINITE:
+                # An empty or garbage answer would look like success; the numbers are the
+                # adapter's (weights that overflow) or the model's, never the client's.
+                outputs.append(
+                    self._fail(
+                        seq,
+                        "the model's output for this request overflowed (NaN or infinite "
+                        "logits); its adapter's weights may be too large for the serving dtype",
+                        NON_FINITE_LOGITS,
+                    )
+                )
                 continue
             logprob = None
             if seq.params.logprobs is not None and lps is not None:
@@ -408,6 +421,13 @@ class LLMEngine:
     def _acquire(self, seq: Sequence) -> Route | None:
         assert seq.adapter is not None
         return self.adapters.acquire(seq.adapter)
+
+
+def _error_code(exc: Exception) -> str:
+    """The API error code of a request that failed admission: a domain error keeps its own
+    (`model_not_found` for an adapter deleted meanwhile, `invalid_adapter`), so the client
+    gets the same status as if it had failed before queueing; anything else is internal."""
+    return exc.code if isinstance(exc, AdapterHubError) else INTERNAL_ERROR
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -16,7 +16,10 @@ import torch
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.models.transfer import to_device
 
-__all__ = ["Sampler", "SamplerOutput", "make_generator"]
+__all__ = ["NON_FINITE", "Sampler", "SamplerOutput", "make_generator"]
+
+NON_FINITE = -1
+"""The token id reported for a row whose logits are not all finite."""
 
 
 @dataclass
@@ -24,7 +27,8 @@ class SamplerOutput:
     """The tokens chosen for one engine step, one row per sequence, in input row order."""
 
     token_ids: torch.Tensor
-    """[B] int64: the chosen token of each row."""
+    """[B] int64: the chosen token of each row, or `NON_FINITE` (-1) for a row whose logits
+    hold a NaN or +inf, or are all -inf (no token can be chosen from them)."""
     logprobs: torch.Tensor | None
     """[B] float32: log_softmax of the raw (temperature-free) logits at the chosen token, as
     OpenAI reports it; None when no row asked for logprobs. Rows that did not ask hold valid
@@ -70,7 +74,8 @@ class Sampler:
                 generator must live on `logits.device`.
 
         Semantics, for each row i:
-            if params[i].temperature == 0: token[i] = argmax(logits[i])
+            if max(logits[i]) is NaN or +-inf: token[i] = NON_FINITE
+            elif params[i].greedy (temperature < 1e-5): token[i] = argmax(logits[i])
             else:
                 p = softmax(top_p_filter(top_k_filter(logits[i] / temperature)))
                 token[i] = argmax(p / q), q ~ Exp(1) drawn from generators[i]
@@ -102,6 +107,12 @@ class Sampler:
                 [generators[i] for i in random_rows],
             )
 
+        # A row is usable when its largest logit is finite: max propagates NaN, +inf stays
+        # inf, and a row masked entirely to -inf gives -inf (single -inf entries are masks).
+        # Folded into the ids (no second device-to-host read): -1 marks a row the engine
+        # must fail rather than answer with whatever argmax makes of NaN.
+        finite = torch.isfinite(raw.amax(dim=-1))
+        token_ids = torch.where(finite, token_ids, torch.full_like(token_ids, NON_FINITE))
         return self._logprobs(raw, token_ids, params)
 
     @staticmethod
@@ -120,7 +131,10 @@ class Sampler:
         rows, vocab = logits.shape
         device = logits.device
         temps = to_device([p.temperature for p in params], torch.float32, device)
-        scaled = logits / temps.unsqueeze(1)
+        # Shifted by the row maximum first (softmax and both filters are shift-invariant):
+        # large finite logits over a small temperature would otherwise overflow to inf.
+        shifted = logits - logits.amax(dim=-1, keepdim=True)
+        scaled = shifted / temps.unsqueeze(1)
 
         # k <= 0 means "off": keeping all V tokens is the same thing and keeps the mask uniform.
         top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
@@ -164,7 +178,7 @@ class Sampler:
         if not asked:
             return SamplerOutput(token_ids, None, None, None)
         logp = torch.log_softmax(raw, dim=-1)
-        chosen = logp.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        chosen = logp.gather(1, token_ids.clamp(min=0).unsqueeze(1)).squeeze(1)
         k = min(max(asked), raw.shape[1])
         if k == 0:
             return SamplerOutput(token_ids, chosen, None, None)
@@ -204,6 +218,8 @@ def _apply_top_k_top_p(
         # Rows with top_p == 1 are left alone: float round-off in the cumsum could otherwise
         # reach 1.0 early and trim their tail.
         remove = (preceding >= p) & (p < 1.0)
+        # The most likely token always survives, even for a top_p that rounds to 0 in float32.
+        remove[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
 
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this decode greedily: dividing logits by a smaller number overflows
+float32 (an empty answer from NaN probabilities), and the limit of sampling as the
+temperature goes to 0 is the argmax anyway."""
 
 
 class SamplingParamsError(ValueError):
@@ -23,7 +27,8 @@ class SamplingParams:
     max_tokens: int = 16
     """Upper bound on generated tokens (the prompt is not counted)."""
     temperature: float = 1.0
-    """0 means greedy (argmax); otherwise logits are divided by it before sampling."""
+    """0 (or anything below `GREEDY_TEMPERATURE`) means greedy (argmax); otherwise logits
+    are divided by it before sampling."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p."""
     top_k: int = -1
@@ -65,4 +70,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE

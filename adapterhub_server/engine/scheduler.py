@@ -35,8 +35,9 @@ class ScheduledChunk:
 class SchedulerOutput:
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[ScheduledChunk] = field(default_factory=list)
-    failed: list[tuple[Sequence, str]] = field(default_factory=list)
-    """Requests that could not be admitted (bad adapter files): they fail alone."""
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
+    """Requests that could not be admitted (bad or vanished adapter files), with why: they
+    fail alone."""
 
     @property
     def empty(self) -> bool:
@@ -106,7 +107,7 @@ class Scheduler:
             try:
                 route = self.acquire_adapter(seq) if seq.adapter is not None else None
             except Exception as exc:  # one bad adapter fails its own request only
-                out.failed.append((seq, str(exc)))
+                out.failed.append((seq, exc))
                 continue
             if seq.adapter is not None and route is None:
                 skipped.append(seq)
