@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from adapterhub_server.errors import InvalidRequestError
 
@@ -35,6 +34,8 @@ IGNORE_INDEX = -100
 
 class DataError(InvalidRequestError):
     """The training data cannot be used; the message names the file and line."""
+
+    code = "invalid_value"
 
 
 @dataclass(frozen=True)
@@ -63,34 +64,113 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Parse and check every record; returns [(line number, record)], blank lines skipped.
+MAX_LINE_BYTES = 16 * 1024**2
+"""Longest record line read, in bytes. Far above any context window (a 128k-token record is
+about 0.5 MiB), and it bounds the memory one line takes while the file is checked."""
+_AVERAGE_BYTES_PER_TOKEN = 4
+"""ASCII text runs at about 4 bytes per token in the tokenizers of the supported families."""
+_TEMPLATE_TOKENS_PER_RECORD = 32
+"""What a chat template or BOS/EOS adds once per record (a default system prompt, say)."""
+_TEMPLATE_TOKENS_PER_MESSAGE = 8
+"""What a chat template adds around each message (role header, end-of-turn token)."""
+
+
+@dataclass(frozen=True)
+class JsonlStats:
+    """What checking a JSONL file learned about it without keeping its records."""
+
+    records: int
+    """Non-blank lines, each one checked record."""
+    estimated_tokens: int
+    """Tokens the records should tokenize to, before truncation (`estimate_tokens`)."""
+
+
+def iter_jsonl(path: Path, *, name: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Parse and check the records one line at a time: yields (line number, record).
+
+    Lines end at `\\n` only (U+2028 and friends are ordinary characters inside a JSON
+    string), blank lines are skipped, and each line is parsed with the limits of
+    `adapterhub_server.json_limits`. Memory stays bounded by `MAX_LINE_BYTES`, whatever the
+    file's size. Messages name the file as `name` (default: its path).
 
     Raises:
         DataError: naming the first malformed line, or when the file holds no record.
     """
+    from adapterhub_server.json_limits import JsonLimitError, parse_json
+
     path = Path(path)
-    records: list[tuple[int, dict[str, Any]]] = []
+    label = str(path) if name is None else name
+    found = False
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})", param="data") from None
+        with open(path, "rb") as handle:
+            for number, raw in _lines(handle, label):
+                if not raw.strip():
+                    continue
+                try:
+                    record = parse_json(raw)
+                except JsonLimitError as exc:
+                    raise DataError(
+                        f"{label}:{number}: invalid JSON: {exc}", param="data"
+                    ) from None
+                problem = _check_record(record)
+                if problem is not None:
+                    raise DataError(f"{label}:{number}: {problem}", param="data")
+                found = True
+                yield number, record
     except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc}", param="data") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}", param="data") from None
-        problem = _check_record(record)
-        if problem is not None:
-            raise DataError(f"{path}:{number}: {problem}", param="data")
-        records.append((number, record))
-    if not records:
-        raise DataError(f"{path}: no training records", param="data")
-    return records
+        # `strerror` only: the exception's own text repeats the path.
+        raise DataError(
+            f"{label}: cannot read: {exc.strerror or type(exc).__name__}", param="data"
+        ) from None
+    if not found:
+        raise DataError(f"{label}: no training records", param="data")
+
+
+def _lines(handle: BinaryIO, label: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) with its `\\n`; a UTF-8 byte order mark before the first is dropped."""
+    number = 0
+    while raw := handle.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            raise DataError(
+                f"{label}:{number}: line longer than {MAX_LINE_BYTES} bytes", param="data"
+            )
+        yield number, raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw
+
+
+def read_jsonl(path: Path, *, name: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """Every record of `iter_jsonl`, as a list."""
+    return list(iter_jsonl(path, name=name))
+
+
+def scan_jsonl(path: Path, *, name: str | None = None) -> JsonlStats:
+    """Check every record (see `iter_jsonl`) and count them, keeping none in memory."""
+    records = tokens = 0
+    for _, record in iter_jsonl(path, name=name):
+        records += 1
+        tokens += estimate_tokens(record)
+    return JsonlStats(records=records, estimated_tokens=tokens)
+
+
+def estimate_tokens(record: dict[str, Any]) -> int:
+    """Tokens a checked record should tokenize to, without a tokenizer.
+
+    Errs on the high side: ASCII text at `_AVERAGE_BYTES_PER_TOKEN` bytes a token, every
+    other character a token of its own (tokenizers do better on most scripts), plus what a
+    chat template adds per message and per record.
+    """
+    if "messages" in record:
+        texts = [m[key] for m in record["messages"] for key in ("role", "content")]
+        overhead = _TEMPLATE_TOKENS_PER_MESSAGE * len(record["messages"])
+    else:
+        texts = [record["prompt"], record["completion"]]
+        overhead = 0
+    return _TEMPLATE_TOKENS_PER_RECORD + overhead + sum(_text_tokens(text) for text in texts)
+
+
+def _text_tokens(text: str) -> int:
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return -(-ascii_chars // _AVERAGE_BYTES_PER_TOKEN) + (len(text) - ascii_chars)
 
 
 def _check_record(record: Any) -> str | None:
@@ -209,7 +289,7 @@ def load_examples(path: Path, tokenizer: Any, max_seq_len: int) -> list[Example]
     """
     examples: list[Example] = []
     dropped: list[int] = []
-    for number, record in read_jsonl(path):
+    for number, record in iter_jsonl(path):
         try:
             ids, labels = tokenize_record(tokenizer, record)
         except Exception as exc:  # template errors come as jinja / ValueError / KeyError

@@ -78,7 +78,10 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]
     except FileNotFoundError:
         return events, offset
     end = data.rfind(b"\n") + 1
-    for raw in data[:end].splitlines():
+    # `\n` only: what ends a line the writer wrote; `splitlines` also splits at `\r`.
+    for raw in data[:end].split(b"\n"):
+        if not raw.strip():
+            continue
         try:
             event = json.loads(raw)
         except ValueError:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from adapterhub_server.finetune.limits import BaseModelInfo, FineTuningLimits
 from adapterhub_server.finetune.runner import JobRunner, RunnerConfig
-from adapterhub_server.finetune.service import BaseModelInfo, FineTuningService
+from adapterhub_server.finetune.service import FineTuningService
 from adapterhub_server.finetune.store import FineTuneStore
 
 JOBS_DIR_ENV = "ADAPTERHUB_JOBS_DIR"
@@ -29,6 +30,7 @@ __all__ = [
     "JOBS_DIR_ENV",
     "BaseModelInfo",
     "FineTuneStore",
+    "FineTuningLimits",
     "FineTuningService",
     "JobRunner",
     "RunnerConfig",

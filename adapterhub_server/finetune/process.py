@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,10 @@ INTERRUPTED_EXIT = 130
 """The trainer's exit status after SIGINT/SIGTERM (it saves a checkpoint first)."""
 BAD_INPUT_EXIT = 2
 """The trainer's exit status for input it refuses (with a `failed` event)."""
+
+_SEGMENT = r"[^\s/'\"`:,;()\[\]{}<>|=]+"
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w.:/~-])(?:/{_SEGMENT})*/({_SEGMENT})")
+"""A POSIX path of two segments or more, not part of a URL or of a relative path."""
 
 
 def trainer_argv(command: Sequence[str], paths: JobPaths, *, resume: bool) -> list[str]:
@@ -108,3 +113,16 @@ def log_tail(path: Path, *, lines: int = 5, max_chars: int = 1000) -> str:
         return ""
     kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
     return "\n".join(kept)[-max_chars:]
+
+
+def redact_paths(text: str) -> str:
+    """`text` with each absolute path cut to its last segment: what error messages, job
+    errors and events show clients (the trainer names files by their server paths, and a
+    traceback names the installation's)."""
+    return _ABSOLUTE_PATH.sub(_last_segment, text)
+
+
+def _last_segment(match: re.Match[str]) -> str:
+    whole = match.group(0)
+    # One segment ("/tmp", "a / b") is no path worth hiding and may be plain text.
+    return match.group(1) if whole.count("/") > 1 else whole

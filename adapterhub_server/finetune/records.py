@@ -35,6 +35,12 @@ class FileRecord:
     created_at: int
     """Unix seconds."""
     purpose: str = "fine-tune"
+    records: int | None = None
+    """Training records (non-blank lines), counted at upload; None for a file uploaded
+    before counts were kept (counted when a job first uses it)."""
+    estimated_tokens: int | None = None
+    """Tokens the records should tokenize to (`trainer.data.estimate_tokens`), summed at
+    upload; None as for `records`."""
 
 
 @dataclass(frozen=True)

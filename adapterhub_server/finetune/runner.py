@@ -34,6 +34,7 @@ from adapterhub_server.finetune.process import (
     is_alive,
     log_tail,
     process_identity,
+    redact_paths,
     signal_group,
     spawn,
     trainer_argv,
@@ -223,7 +224,9 @@ class JobRunner:
         try:
             popen = spawn(argv, paths, self.config.trainer_env)
         except OSError as exc:
-            error = JobError("trainer_unavailable", f"cannot start the trainer {argv[0]}: {exc}")
+            error = JobError(
+                "trainer_unavailable", redact_paths(f"cannot start the trainer {argv[0]}: {exc}")
+            )
             self.store.transition(
                 job_id, [RUNNING], FAILED, error=error, message=error.message, level="error"
             )
@@ -273,7 +276,9 @@ class JobRunner:
             )
             logger.info("job %s succeeded: %s", job.id, job.fine_tuned_model)
             return
-        detail = run.failure or log_tail(run.paths.log) or "no message"
+        # What clients read never names the server's files (the trainer names its data,
+        # config and checkpoints by path, and a traceback the installation's).
+        detail = redact_paths(run.failure or log_tail(run.paths.log) or "no message")
         if returncode == 0:
             error = JobError("no_result", "the trainer finished without publishing an adapter")
         elif returncode == BAD_INPUT_EXIT:
@@ -408,19 +413,22 @@ def tail_events(store: FineTuneStore, job_id: str, paths: JobPaths, offset: int)
             if isinstance(data.get("trained_tokens"), int):
                 updates["trained_tokens"] = data["trained_tokens"]
         if kind == "failed":
-            failure = str(data.get("error") or event.get("message") or "the trainer failed")
+            failure = redact_paths(
+                str(data.get("error") or event.get("message") or "the trainer failed")
+            )
     store.record_progress(job_id, [_event(job_id, e) for e in events], events_offset=end, **updates)
     return _Tail(offset=end, failure=failure, succeeded=succeeded)
 
 
 def _event(job_id: str, event: dict[str, Any]) -> EventRecord:
-    """A trainer event (see `trainer.events`) as a job event."""
+    """A trainer event (see `trainer.events`) as a job event, its text free of paths."""
     kind = str(event.get("type") or "message")
     data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    data = {k: redact_paths(v) if isinstance(v, str) else v for k, v in data.items()}
     created = event.get("time")
     return make_event(
         job_id,
-        str(event.get("message") or kind),
+        redact_paths(str(event.get("message") or kind)),
         created_at=int(created) if isinstance(created, int | float) else int(time.time()),
         level=_LEVELS.get(str(event.get("level")), "info"),
         type="metrics" if kind in ("metrics", "eval") else "message",

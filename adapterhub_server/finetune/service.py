@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,6 +20,8 @@ import anyio
 
 from adapterhub_server.errors import AdapterHubError, InvalidRequestError, NotFoundError
 from adapterhub_server.finetune.hyperparameters import plan_training
+from adapterhub_server.finetune.limits import MAX_SEED, BaseModelInfo, FineTuningLimits
+from adapterhub_server.finetune.process import redact_paths
 from adapterhub_server.finetune.records import (
     QUEUED,
     EventRecord,
@@ -46,32 +47,32 @@ from client.types import (
     FineTuningJobMethod,
     FineTuningJobSupervised,
 )
+from trainer.data import DataError, JsonlStats, scan_jsonl
 
 PURPOSE = "fine-tune"
+DEFAULT_NAME_PREFIX = "ft-"
+"""A job without `suffix` publishes under this plus 8 characters of its id."""
 _COPY_CHUNK = 1 << 20
 _MAX_FILENAME = 255
-
-
-@dataclass(frozen=True)
-class BaseModelInfo:
-    """The base model that jobs fine-tune: the one the server serves."""
-
-    model_id: str
-    """The id clients use (`model` of a job must equal it)."""
-    path: Path
-    """Its resolved local HF directory, handed to the trainer."""
 
 
 class FineTuningService:
     """Files and fine-tuning jobs over one `FineTuneStore`, run by one `JobRunner`."""
 
     def __init__(
-        self, store: FineTuneStore, runner: JobRunner, *, base: BaseModelInfo, registry: Path
+        self,
+        store: FineTuneStore,
+        runner: JobRunner,
+        *,
+        base: BaseModelInfo,
+        registry: Path,
+        limits: FineTuningLimits | None = None,
     ) -> None:
         self.store = store
         self.runner = runner
         self.base = base
         self.registry = Path(registry)
+        self.limits = limits or FineTuningLimits()
 
     @classmethod
     def open(
@@ -81,10 +82,11 @@ class FineTuningService:
         base: BaseModelInfo,
         registry: Path,
         runner: RunnerConfig | None = None,
+        limits: FineTuningLimits | None = None,
     ) -> FineTuningService:
         """Open (creating if needed) the jobs directory; the runner is not started yet."""
         store = FineTuneStore(jobs_dir)
-        return cls(store, JobRunner(store, runner), base=base, registry=registry)
+        return cls(store, JobRunner(store, runner), base=base, registry=registry, limits=limits)
 
     def start(self) -> bool:
         """Start running jobs (see `JobRunner.start`)."""
@@ -98,7 +100,12 @@ class FineTuningService:
     # -- files --------------------------------------------------------------------------
 
     async def upload_file(self, *, filename: str, data: BinaryIO, purpose: str) -> FileObject:
-        """Store a JSONL training file after checking every line; nothing is kept if one is bad."""
+        """Store a JSONL training file after checking every line; nothing is kept if one is bad.
+
+        The upload is copied to disk and checked one line at a time, so memory stays bounded
+        whatever its size; its record count and token estimate are stored with it for job
+        creation. A bad line is a 400 (`invalid_value`) naming the line.
+        """
         if purpose != PURPOSE:
             raise InvalidRequestError(
                 f"purpose must be {PURPOSE!r} (the only files this server stores are training "
@@ -109,8 +116,6 @@ class FineTuningService:
         return _file(record)
 
     def _store_upload(self, filename: str, data: BinaryIO) -> FileRecord:
-        from trainer.data import DataError, read_jsonl
-
         name = _clean_filename(filename)
         staged = self.store.staging_path()
         try:
@@ -119,18 +124,18 @@ class FineTuningService:
                 out.flush()
                 os.fsync(out.fileno())
             try:
-                read_jsonl(staged)
+                # Messages name the file as the client named it, never by our path.
+                stats = scan_jsonl(staged, name=name)
             except DataError as exc:
-                # The trainer's message names our staging path; the client knows its own name.
-                raise InvalidRequestError(
-                    exc.message.replace(str(staged), name), param="file"
-                ) from None
+                raise DataError(exc.message, param="file") from None
             record = FileRecord(
                 id=new_id("file"),
                 filename=name,
                 bytes=staged.stat().st_size,
                 created_at=int(time.time()),
                 purpose=PURPOSE,
+                records=stats.records,
+                estimated_tokens=stats.estimated_tokens,
             )
             return self.store.add_file(record, staged)
         finally:
@@ -167,12 +172,17 @@ class FineTuningService:
                 f"{request.model!r}: jobs train adapters for the model the server runs",
                 param="model",
             )
-        try:
-            validate_adapter_name(request.suffix)
-        except AdapterHubError as exc:
+        if request.suffix is not None:
+            try:
+                validate_adapter_name(request.suffix)
+            except AdapterHubError as exc:
+                raise InvalidRequestError(
+                    f"suffix (the adapter name to publish under): {exc.message}", param="suffix"
+                ) from None
+        if request.seed is not None and request.seed > MAX_SEED:
             raise InvalidRequestError(
-                f"suffix (the adapter name to publish under): {exc.message}", param="suffix"
-            ) from None
+                f"seed: must be at most {MAX_SEED}, got {request.seed}", param="seed"
+            )
         training = self._usable_file(request.training_file, "training_file")
         validation = (
             self._usable_file(request.validation_file, "validation_file")
@@ -180,13 +190,17 @@ class FineTuningService:
             else None
         )
         job_id = new_id("ftjob")
+        name = request.suffix or default_adapter_name(job_id)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
         plan = plan_training(
             request,
+            name=name,
             data=self.store.file_path(training.id),
+            train_stats=self._file_stats(training, "training_file"),
             eval_data=self.store.file_path(validation.id) if validation else None,
-            base_model=str(self.base.path),
-            base_model_id=self.base.model_id,
+            eval_stats=self._file_stats(validation, "validation_file") if validation else None,
+            base=self.base,
+            limits=self.limits,
             registry=self.registry,
             seed=seed,
             description=f"fine-tuning job {job_id} on {training.filename} ({training.id})",
@@ -198,7 +212,7 @@ class FineTuningService:
             created_at=now,
             status=QUEUED,
             model=self.base.model_id,
-            suffix=request.suffix,
+            suffix=name,
             training_file=training.id,
             validation_file=validation.id if validation else None,
             seed=seed,
@@ -224,6 +238,18 @@ class FineTuningService:
                 f"{param}: no uploaded file {file_id!r}; upload it with POST /v1/files first",
                 param=param,
             ) from None
+
+    def _file_stats(self, record: FileRecord, param: str) -> JsonlStats:
+        """The statistics stored at upload; a file uploaded before they were kept is scanned
+        once (line by line, in this worker thread) and its statistics are stored."""
+        if record.records is not None and record.estimated_tokens is not None:
+            return JsonlStats(records=record.records, estimated_tokens=record.estimated_tokens)
+        try:
+            stats = scan_jsonl(self.store.file_path(record.id), name=record.id)
+        except DataError as exc:
+            raise DataError(redact_paths(exc.message), param=param) from None
+        self.store.set_file_stats(record.id, stats.records, stats.estimated_tokens)
+        return stats
 
     async def list_jobs(self, *, after: str | None, limit: int) -> FineTuningJobList:
         jobs, more = await anyio.to_thread.run_sync(
@@ -251,6 +277,13 @@ class FineTuningService:
         job = await anyio.to_thread.run_sync(lambda: self.store.cancel(job_id))
         self.runner.wake()
         return job_to_wire(job)
+
+
+def default_adapter_name(job_id: str) -> str:
+    """`ft-` and the first 8 characters of the job id after its `ftjob-` prefix (its random
+    part): the adapter name of a job created without `suffix`, as OpenAI names such models
+    by the job."""
+    return DEFAULT_NAME_PREFIX + job_id.removeprefix("ftjob-")[:8]
 
 
 def job_to_wire(job: JobRecord) -> FineTuningJob:

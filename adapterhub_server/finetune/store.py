@@ -62,7 +62,9 @@ CREATE TABLE IF NOT EXISTS files (
     filename TEXT NOT NULL,
     bytes INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
-    purpose TEXT NOT NULL
+    purpose TEXT NOT NULL,
+    records INTEGER,
+    estimated_tokens INTEGER
 );
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -98,6 +100,11 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 """
+SCHEMA_VERSION = 1
+"""`PRAGMA user_version` of an index at the current layout. 0: before the files' `records`
+and `estimated_tokens` columns (added by `_migrate`)."""
+_ADDED_COLUMNS = {1: (("files", "records", "INTEGER"), ("files", "estimated_tokens", "INTEGER"))}
+"""Columns each schema version added to tables that existed before it."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,7 @@ class FineTuneStore:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            _migrate(conn)
         self._sweep_files()
 
     @property
@@ -211,14 +219,30 @@ class FineTuneStore:
         try:
             with self._write() as conn:
                 conn.execute(
-                    "INSERT INTO files (id, filename, bytes, created_at, purpose)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (record.id, record.filename, record.bytes, record.created_at, record.purpose),
+                    "INSERT INTO files (id, filename, bytes, created_at, purpose, records,"
+                    " estimated_tokens) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        record.filename,
+                        record.bytes,
+                        record.created_at,
+                        record.purpose,
+                        record.records,
+                        record.estimated_tokens,
+                    ),
                 )
         except BaseException:
             final.unlink(missing_ok=True)
             raise
         return record
+
+    def set_file_stats(self, file_id: str, records: int, estimated_tokens: int) -> None:
+        """Store the statistics of a file uploaded before they were kept."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET records = ?, estimated_tokens = ? WHERE id = ?",
+                (records, estimated_tokens, file_id),
+            )
 
     def get_file(self, file_id: str) -> FileRecord:
         with self._read() as conn:
@@ -458,6 +482,20 @@ class FineTuneStore:
         return [_event(row) for row in rows[:limit]], len(rows) > limit
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an index written by an older version to `SCHEMA_VERSION` (inside the opening
+    write transaction, so concurrent openers migrate once). A newer index is left alone."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version >= SCHEMA_VERSION:
+        return
+    for added in range(version + 1, SCHEMA_VERSION + 1):
+        for table, column, kind in _ADDED_COLUMNS.get(added, ()):
+            present = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:  # a fresh index has it from `SCHEMA` already
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -516,6 +554,8 @@ def _file(row: sqlite3.Row) -> FileRecord:
         bytes=row["bytes"],
         created_at=row["created_at"],
         purpose=row["purpose"],
+        records=row["records"],
+        estimated_tokens=row["estimated_tokens"],
     )
 
 

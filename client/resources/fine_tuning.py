@@ -86,7 +86,7 @@ class Jobs(SyncAPIResource):
         *,
         training_file: str,
         model: str,
-        suffix: str,
+        suffix: str | None = None,
         validation_file: str | None = None,
         seed: int | None = None,
         method: FineTuningMethodRequest | Mapping[str, Any] | None = None,
@@ -94,7 +94,8 @@ class Jobs(SyncAPIResource):
         extra_body: Mapping[str, Any] | None = None,
     ) -> FineTuningJob:
         """Queue a job that fine-tunes `model` (the server's base model id) on the uploaded
-        `training_file` and publishes the result as `suffix@<version>`.
+        `training_file` and publishes the result as `suffix@<version>` (without `suffix`, the
+        server names it `ft-` plus 8 characters of the job id; the job's `suffix` says which).
 
         Give hyperparameters in `method` (`{"type": "supervised", "supervised":
         {"hyperparameters": {...}}}`) or in the deprecated top-level `hyperparameters`:
@@ -173,7 +174,7 @@ class AsyncJobs(AsyncAPIResource):
         *,
         training_file: str,
         model: str,
-        suffix: str,
+        suffix: str | None = None,
         validation_file: str | None = None,
         seed: int | None = None,
         method: FineTuningMethodRequest | Mapping[str, Any] | None = None,

@@ -171,6 +171,25 @@ async def test_files_and_jobs_async(ahub: AsyncAdapterHubClient, fake: Fake) -> 
     assert (await ahub.files.delete(uploaded.id)).id == uploaded.id
 
 
+def test_suffix_is_optional_sync(hub: AdapterHubClient, fake: Fake) -> None:
+    file_id = hub.files.create(RECORDS).id
+    job = hub.fine_tuning.jobs.create(
+        training_file=file_id, model=fake.base_id, method=_method(**FAST)
+    )
+    assert job.suffix == "ft-" + job.id.removeprefix("ftjob-")[:8]
+    done = hub.fine_tuning.jobs.wait(job.id, timeout=30, poll_interval=0.05)
+    assert done.fine_tuned_model == f"{job.suffix}@1"
+
+
+@pytest.mark.anyio
+async def test_suffix_is_optional_async(ahub: AsyncAdapterHubClient, fake: Fake) -> None:
+    file_id = (await ahub.files.create(RECORDS)).id
+    job = await ahub.fine_tuning.jobs.create(
+        training_file=file_id, model=fake.base_id, method=_method(**FAST)
+    )
+    assert job.suffix == "ft-" + job.id.removeprefix("ftjob-")[:8]
+
+
 async def _delete_in_use(ahub: AsyncAdapterHubClient, fake: Fake) -> None:
     """Deleting a file that a running job trains on is refused."""
     in_use = await ahub.files.create(RECORDS)

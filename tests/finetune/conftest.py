@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -12,11 +13,19 @@ import httpx
 import pytest
 
 from adapterhub_server.api import create_app
-from adapterhub_server.finetune import BaseModelInfo, FineTuningService, RunnerConfig
+from adapterhub_server.finetune import (
+    BaseModelInfo,
+    FineTuningLimits,
+    FineTuningService,
+    RunnerConfig,
+)
 from tests.api.fake_engine import FakeEngine
+from trainer.config import DEFAULT_TARGET_MODULES
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
 BASE_ID = FakeEngine().base_model_id
+BASE_CONTEXT = 1024
+"""The fake base model's context window: jobs' `max_seq_len` may not exceed it."""
 T = TypeVar("T")
 
 TRAIN_LINES = [
@@ -58,12 +67,18 @@ def make_service(tmp_path: Path) -> Iterator[Callable[..., FineTuningService]]:
     at teardown."""
     opened: list[FineTuningService] = []
 
-    def make(**runner: object) -> FineTuningService:
+    def make(limits: FineTuningLimits | None = None, **runner: object) -> FineTuningService:
         service = FineTuningService.open(
             tmp_path / "jobs",
-            base=BaseModelInfo(model_id=BASE_ID, path=tmp_path / "base"),
+            base=BaseModelInfo(
+                model_id=BASE_ID,
+                path=tmp_path / "base",
+                context_length=BASE_CONTEXT,
+                target_modules=frozenset(DEFAULT_TARGET_MODULES),
+            ),
             registry=tmp_path / "registry",
             runner=fake_runner(**runner),
+            limits=limits,
         )
         opened.append(service)
         return service
@@ -84,12 +99,21 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@asynccontextmanager
+async def app_client(
+    service: FineTuningService, *, max_upload_bytes: int = 4096
+) -> AsyncIterator[httpx.AsyncClient]:
+    """In-process client of the app over a fake engine and `service`."""
+    app = create_app(FakeEngine(), fine_tuning=service, max_upload_bytes=max_upload_bytes)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
 @pytest.fixture
 async def http(service: FineTuningService, anyio_backend: str) -> AsyncIterator[httpx.AsyncClient]:
     """In-process client of the app over a fake engine and `service`."""
-    app = create_app(FakeEngine(), fine_tuning=service, max_upload_bytes=4096)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with app_client(service) as client:
         yield client
 
 
@@ -101,8 +125,10 @@ async def upload(http: httpx.AsyncClient, data: bytes = b"", name: str = "train.
     return str(r.json()["id"])
 
 
-def job_body(file_id: str, suffix: str = "ok-adapter", **hyperparameters: object) -> dict:
-    body: dict = {"model": BASE_ID, "training_file": file_id, "suffix": suffix}
+def job_body(file_id: str, suffix: str | None = "ok-adapter", **hyperparameters: object) -> dict:
+    body: dict = {"model": BASE_ID, "training_file": file_id}
+    if suffix is not None:
+        body["suffix"] = suffix
     if hyperparameters:
         body["method"] = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
     return body

@@ -11,6 +11,8 @@ It reads `name` and `max_steps` from the config and behaves according to the nam
 - `bad...`: a `failed` event and a message on stderr; exit 2 (bad input).
 - `crash...`: a traceback on stderr; exit 1.
 - `nopub...`: succeeds without publishing anything.
+- `leakevent...`: like `bad`, its message naming the job's files by absolute path.
+- `leaklog...`: like `crash`, the traceback naming absolute paths.
 
 Every start appends its argv to `calls.jsonl` in the working directory (the job directory).
 Standard library only, so it starts instantly.
@@ -64,6 +66,17 @@ def main() -> int:
         emit(events, "failed", "data.jsonl:3: invalid JSON", "error", error="data.jsonl:3: bad")
         print("trainer: error: data.jsonl:3: bad", file=sys.stderr)
         return 2
+    if name.startswith("leakevent"):
+        where = f"{args.config.resolve()} and {args.checkpoint_dir.resolve()}"
+        emit(events, "failed", f"cannot read {where}", "error", error=f"cannot read {where}")
+        return 2
+    if name.startswith("leaklog"):
+        print(
+            f'Traceback (most recent call last):\n  File "{Path(__file__).resolve()}", line 1\n'
+            f"OSError: cannot write {args.checkpoint_dir.resolve()}/step-1",
+            file=sys.stderr,
+        )
+        return 1
     if name.startswith("crash"):
         print("Traceback (most recent call last):\nRuntimeError: boom", file=sys.stderr)
         return 1

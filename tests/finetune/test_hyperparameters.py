@@ -9,11 +9,21 @@ import pytest
 from adapterhub_server.errors import InvalidRequestError
 from adapterhub_server.finetune import hyperparameters
 from adapterhub_server.finetune.hyperparameters import plan_training
+from adapterhub_server.finetune.limits import BaseModelInfo, FineTuningLimits
 from client.types import FineTuningJobCreateRequest
-from trainer.config import TrainConfig, auto_epochs
+from trainer.config import DEFAULT_TARGET_MODULES, TrainConfig, auto_epochs
+from trainer.data import JsonlStats
 
 
-def plan(tmp_path: Path, **hp: object):
+def plan(
+    tmp_path: Path,
+    *,
+    limits: FineTuningLimits | None = None,
+    stats: JsonlStats = JsonlStats(records=1, estimated_tokens=40),
+    context: int | None = 2048,
+    request: dict | None = None,
+    **hp: object,
+):
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     request = FineTuningJobCreateRequest.model_validate(
@@ -22,14 +32,23 @@ def plan(tmp_path: Path, **hp: object):
             "training_file": "file-x",
             "suffix": "my-adapter",
             "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+            **(request or {}),
         }
     )
     return plan_training(
         request,
+        name="my-adapter",
         data=data,
+        train_stats=stats,
         eval_data=None,
-        base_model="/models/base",
-        base_model_id="served-base",
+        eval_stats=None,
+        base=BaseModelInfo(
+            model_id="served-base",
+            path=Path("/models/base"),
+            context_length=context,
+            target_modules=frozenset(DEFAULT_TARGET_MODULES),
+        ),
+        limits=limits or FineTuningLimits(),
         registry=tmp_path / "registry",
         seed=11,
         description="job",

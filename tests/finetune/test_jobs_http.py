@@ -124,7 +124,6 @@ async def test_legacy_top_level_hyperparameters(http: httpx.AsyncClient) -> None
         ({"validation_file": "file-doesnotexist"}, "validation_file", "invalid_request"),
         ({"suffix": "../etc"}, "suffix", "invalid_request"),
         ({"suffix": "Upper"}, "suffix", "invalid_request"),
-        ({"suffix": None}, "suffix", "invalid_value"),
         ({"seed": -1}, "seed", "invalid_value"),
         ({"method": {"type": "dpo"}}, "method.type", "invalid_value"),
         (
@@ -293,3 +292,19 @@ async def test_cancelling_a_finished_job_is_a_conflict(
     assert r.status_code == 409
     assert r.json()["error"]["code"] == "conflict"
     assert (await http.get(f"/v1/fine_tuning/jobs/{job['id']}")).json()["status"] == "succeeded"
+
+
+async def test_suffix_is_optional_and_defaults_to_ft_and_the_job_id(
+    http: httpx.AsyncClient, service: FineTuningService
+) -> None:
+    file_id = await upload(http)
+    r = await http.post("/v1/fine_tuning/jobs", json=job_body(file_id, None))
+    assert r.status_code == 200, r.text
+    job = r.json()
+    name = "ft-" + job["id"].removeprefix("ftjob-")[:8]
+    assert job["suffix"] == name
+    config = json.loads(service.store.job_paths(job["id"]).config.read_text())
+    assert config["name"] == name
+    service.start()
+    done = await poll_job(http, job["id"], "succeeded", "failed")
+    assert done["fine_tuned_model"] == f"{name}@1"

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from adapterhub_server.errors import ConflictError
+from adapterhub_server.finetune import FineTuningService
 from adapterhub_server.finetune.records import JobRecord, new_id
-from adapterhub_server.finetune.store import FineTuneStore
+from adapterhub_server.finetune.store import INDEX_FILE, SCHEMA_VERSION, FineTuneStore
+from client.types import FineTuningJobCreateRequest
+from tests.finetune.conftest import BASE_ID
+from trainer.config import auto_epochs
 
 
 def queued(store: FineTuneStore, n: int) -> list[str]:
@@ -67,3 +73,45 @@ def test_status_changes_are_compare_and_set(tmp_path: Path) -> None:
     with pytest.raises(ConflictError):
         store.cancel(other)
     assert store.get_job(other).finished_at is not None
+
+
+OLD_FILES_TABLE = """
+CREATE TABLE files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    filename TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    purpose TEXT NOT NULL
+)
+"""
+
+
+@pytest.mark.anyio
+async def test_an_index_from_before_file_statistics_is_migrated_and_backfilled(
+    tmp_path: Path, make_service: Callable[..., FineTuningService], anyio_backend: str
+) -> None:
+    root = tmp_path / "jobs"
+    (root / "files").mkdir(parents=True)
+    conn = sqlite3.connect(root / INDEX_FILE)
+    conn.execute(OLD_FILES_TABLE)
+    conn.execute(
+        "INSERT INTO files (id, filename, bytes, created_at, purpose)"
+        " VALUES ('file-old', 'old.jsonl', 10, 1, 'fine-tune')"
+    )
+    conn.commit()
+    conn.close()
+    (root / "files" / "file-old.jsonl").write_text('{"prompt": "a", "completion": "b"}\n' * 30)
+
+    service = make_service()
+    with sqlite3.connect(root / INDEX_FILE) as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    old = service.store.get_file("file-old")
+    assert (old.filename, old.records, old.estimated_tokens) == ("old.jsonl", None, None)
+
+    request = FineTuningJobCreateRequest(model=BASE_ID, training_file="file-old", suffix="ok")
+    job = await service.create_job(request)
+    assert job.hyperparameters.n_epochs == auto_epochs(30, 4)
+    backfilled = service.store.get_file("file-old")
+    assert backfilled.records == 30 and backfilled.estimated_tokens
+    FineTuneStore(root).close()  # opening again is a no-op

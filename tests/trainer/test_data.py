@@ -11,8 +11,10 @@ from trainer.batching import collate
 from trainer.data import (
     IGNORE_INDEX,
     DataError,
+    estimate_tokens,
     load_examples,
     read_jsonl,
+    scan_jsonl,
     tokenize_record,
 )
 
@@ -105,6 +107,34 @@ def test_malformed_line_is_named(tmp_path: Path, line: str, expected: str) -> No
         read_jsonl(data)
     assert f"{data}:3:" in str(info.value)
     assert expected in str(info.value)
+
+
+def test_lines_end_at_newline_only(tmp_path: Path) -> None:
+    data = tmp_path / "u.jsonl"
+    records = [
+        {"prompt": "one\u2028two", "completion": "three\u2029four\x85five"},
+        {"prompt": "", "completion": "six"},
+    ]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in records)
+    data.write_bytes(b"\xef\xbb\xbf" + text.encode())  # a byte order mark, as some editors write
+    assert read_jsonl(data) == [(1, records[0]), (2, records[1])]
+    assert scan_jsonl(data).records == 2
+
+
+def test_token_estimate_errs_high(tokenizer) -> None:
+    records = [
+        {"prompt": "the quick brown fox", "completion": " jumps over the lazy dog."},
+        {"prompt": "日本語のテキスト", "completion": "です。"},
+        {
+            "messages": [
+                {"role": "user", "content": "what is the capital of france?"},
+                {"role": "assistant", "content": "paris is the capital."},
+            ]
+        },
+    ]
+    for record in records:
+        ids, _ = tokenize_record(tokenizer, record)
+        assert len(ids) <= estimate_tokens(record) < 4 * len(ids) + 64, record
 
 
 def test_loss_history_is_thinned_for_lineage() -> None:

@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.responses import FileResponse
 
+from adapterhub_server.api.json_body import JsonLimitsRoute
 from adapterhub_server.finetune.service import FineTuningService
 from client.types import ErrorResponse, FileDeleted, FileList, FileObject
 
-router = APIRouter(tags=["files"])
+router = APIRouter(tags=["files"], route_class=JsonLimitsRoute)
 
 _ERRORS = {
     400: {"model": ErrorResponse, "description": "Wrong purpose, or a malformed JSONL line"},

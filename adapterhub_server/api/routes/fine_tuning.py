@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from adapterhub_server.api.json_body import JsonLimitsRoute
 from adapterhub_server.api.routes.files import FineTuningDep
 from client.types import (
     ErrorResponse,
@@ -15,10 +16,14 @@ from client.types import (
     FineTuningJobList,
 )
 
-router = APIRouter(tags=["fine-tuning"])
+router = APIRouter(tags=["fine-tuning"], route_class=JsonLimitsRoute)
 
 _ERRORS = {
-    400: {"model": ErrorResponse, "description": "Invalid request, file, model or value"},
+    400: {
+        "model": ErrorResponse,
+        "description": "Invalid request, file, model or value, or a hyperparameter or total "
+        "work over the server's limits",
+    },
     404: {"model": ErrorResponse, "description": "Unknown job id"},
     409: {"model": ErrorResponse, "description": "The job already succeeded or failed"},
 }
@@ -29,7 +34,9 @@ After = Annotated[str | None, Query(description="id of the last item of the prev
 
 @router.post("/v1/fine_tuning/jobs", response_model=FineTuningJob, responses=_ERRORS)
 async def create_job(service: FineTuningDep, body: FineTuningJobCreateRequest) -> FineTuningJob:
-    """Queue a job; it trains in a trainer subprocess and publishes `suffix@<version>`."""
+    """Queue a job; it trains in a trainer subprocess and publishes `suffix@<version>`
+    (without `suffix`: `ft-` and 8 characters of the job id). Every hyperparameter and the
+    job's estimated total work are checked against the server's limits first (400)."""
     return await service.create_job(body)
 
 
