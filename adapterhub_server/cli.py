@@ -9,7 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapterhub_server import __version__
-from adapterhub_server.config import DEFAULT_MAX_REQUEST_BYTES, EngineConfig, ServerConfig
+from adapterhub_server.config import (
+    DEFAULT_MAX_PROMPTS_PER_REQUEST,
+    DEFAULT_MAX_REQUEST_BYTES,
+    EngineConfig,
+    ServerConfig,
+)
 from adapterhub_server.errors import AdapterHubError
 from adapterhub_server.logs import configure_logging
 from adapterhub_server.registry import default_registry_dir
@@ -104,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="size limit of every other request body (JSON; default: %(default)s)",
     )
     serve.add_argument(
+        "--max-prompts-per-request",
+        type=int,
+        default=DEFAULT_MAX_PROMPTS_PER_REQUEST,
+        help="most completions one request may ask for, prompts x n (default: %(default)s)",
+    )
+    serve.add_argument(
         "--jobs-dir",
         type=Path,
         default=None,
@@ -115,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="fine-tuning jobs that train at once, each in its own process (default: 1)",
+    )
+    serve.add_argument(
+        "--max-fine-tuning-tokens",
+        type=int,
+        default=ServerConfig.max_fine_tuning_tokens,
+        metavar="TOKENS",
+        help="most tokens one fine-tuning job may train on, examples x epochs x tokens per "
+        "example, estimated at creation; bigger jobs are refused (default: %(default)s)",
     )
     serve.add_argument(
         "--no-fine-tuning",
@@ -133,6 +152,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds SIGTERM waits for in-flight requests before aborting them "
         "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=ServerConfig.timeout_keep_alive,
+        metavar="SECONDS",
+        help="close a keep-alive connection idle this long between requests (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--timeout-request-header",
+        type=float,
+        default=ServerConfig.timeout_request_header,
+        metavar="SECONDS",
+        help="time for a request's whole header block, from its first byte (or the "
+        "connect); past it: 408 and close (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--timeout-request-body",
+        type=float,
+        default=ServerConfig.timeout_request_body,
+        metavar="SECONDS",
+        help="client silence allowed between request body chunks; a slow upload that keeps "
+        "moving passes (default: %(default)s)",
     )
     auth = serve.add_argument_group(
         "authentication",
@@ -235,15 +277,20 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         registry=None if args.no_registry else (args.registry or default_registry_dir()),
         max_upload_bytes=args.max_upload_bytes,
         max_request_bytes=args.max_request_bytes,
+        max_prompts_per_request=args.max_prompts_per_request,
         fine_tuning=not args.no_fine_tuning,
         jobs_dir=args.jobs_dir,
         max_concurrent_jobs=args.max_concurrent_jobs,
+        max_fine_tuning_tokens=args.max_fine_tuning_tokens,
         log_level=args.log_level,
         log_format=args.log_format,
         api_keys=read_keys(args.api_key, args.api_key_file, API_KEY_ENV),
         admin_keys=read_keys(args.admin_key, args.admin_key_file, ADMIN_KEY_ENV),
         allow_unauthenticated=args.allow_unauthenticated,
         shutdown_timeout=args.shutdown_timeout,
+        timeout_keep_alive=args.timeout_keep_alive,
+        timeout_request_header=args.timeout_request_header,
+        timeout_request_body=args.timeout_request_body,
         engine=engine,
     )
 

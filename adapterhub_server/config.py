@@ -9,6 +9,10 @@ import torch
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024**2
 """Largest JSON request body by default (uploads have their own, larger limit)."""
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 64
+"""Most completions one request may ask for (prompts x `n`) by default."""
+DEFAULT_MAX_FINE_TUNING_TOKENS = 100_000_000
+"""Most tokens one fine-tuning job may train on by default (see `ServerConfig`)."""
 
 
 @dataclass
@@ -110,6 +114,9 @@ class ServerConfig:
     """Largest accepted upload, adapter or training file (counted while the body is read)."""
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     """Largest accepted body of any other request (JSON), counted the same way."""
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST
+    """Most completions one request may ask for (prompts x `n`); more is a 400 at once.
+    Capped at `max_num_seqs + max_queued_requests` (see `prompts_per_request_limit`)."""
     fine_tuning: bool = True
     """Serve `/v1/files` and `/v1/fine_tuning/jobs` (only with a registry to publish into)."""
     jobs_dir: Path | None = None
@@ -117,6 +124,12 @@ class ServerConfig:
     `finetune` directory next to the registry."""
     max_concurrent_jobs: int = 1
     """Fine-tuning jobs that train at once, each in its own trainer process."""
+    max_fine_tuning_tokens: int = DEFAULT_MAX_FINE_TUNING_TOKENS
+    """Most tokens one fine-tuning job may train on (examples x epochs x tokens per example,
+    estimated from the uploaded file's statistics); a bigger job is a 400 at creation. 100M
+    is a few hours for a 1B-class model on one GPU, or about a day for the default 135M model
+    on a CPU: room for any fine-tuning run, while a pre-training-sized request is refused
+    instead of holding the trainer for weeks."""
     log_level: str = "info"
     log_format: str = "text"
     """`text`, or `json` (one object per line, with the request id) for log shippers."""
@@ -129,6 +142,15 @@ class ServerConfig:
     """Permit a non-loopback bind without any key (everyone may do everything)."""
     shutdown_timeout: float = 30.0
     """Seconds SIGTERM waits for in-flight requests before aborting them."""
+    timeout_keep_alive: float = 5.0
+    """Seconds an idle keep-alive connection stays open between requests."""
+    timeout_request_header: float = 30.0
+    """Seconds allowed for a request's whole header block, from its first byte (on a fresh
+    connection, from the connect); past it the client gets 408 and the connection closes."""
+    timeout_request_body: float = 60.0
+    """Seconds of client silence allowed between body chunks, so an upload that keeps moving
+    passes however long it takes; time the server itself holds the body back (the app has
+    not read it yet) does not count. Past it: 408 if no response started, and close."""
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -136,6 +158,9 @@ class ServerConfig:
             raise ValueError("log_format must be text or json")
         if self.shutdown_timeout < 0:
             raise ValueError("shutdown_timeout must be >= 0")
+        for name in ("timeout_keep_alive", "timeout_request_header", "timeout_request_body"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a positive, finite number of seconds")
         if any(not k for k in self.api_keys + self.admin_keys):
             raise ValueError("API keys must not be empty")
         if not 0 < self.port < 65536:
@@ -144,3 +169,15 @@ class ServerConfig:
             raise ValueError("max_upload_bytes and max_request_bytes must be >= 1")
         if self.max_concurrent_jobs < 1:
             raise ValueError("max_concurrent_jobs must be >= 1")
+        if self.max_fine_tuning_tokens < 1:
+            raise ValueError("max_fine_tuning_tokens must be >= 1")
+        if self.max_prompts_per_request < 1:
+            raise ValueError("max_prompts_per_request must be >= 1")
+
+    @property
+    def prompts_per_request_limit(self) -> int:
+        """`max_prompts_per_request`, capped at what the engine can ever hold at once
+        (`max_num_seqs + max_queued_requests`): a request with more prompts could never be
+        admitted, so it must be a 400, not a 429 its client retries forever."""
+        capacity = self.engine.max_num_seqs + self.engine.max_queued_requests
+        return min(self.max_prompts_per_request, capacity)

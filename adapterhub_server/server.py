@@ -10,11 +10,16 @@ from typing import Any
 
 from adapterhub_server.api.auth import ApiKeys
 from adapterhub_server.base_model import ResolvedBaseModel, resolve_base_model
-from adapterhub_server.config import DEFAULT_MAX_REQUEST_BYTES, ServerConfig
+from adapterhub_server.config import (
+    DEFAULT_MAX_PROMPTS_PER_REQUEST,
+    DEFAULT_MAX_REQUEST_BYTES,
+    ServerConfig,
+)
 from adapterhub_server.engine.async_engine import AsyncLLMEngine
 from adapterhub_server.engine.build import build_engine
 from adapterhub_server.finetune import (
     BaseModelInfo,
+    FineTuningLimits,
     FineTuningService,
     RunnerConfig,
     default_jobs_dir,
@@ -39,6 +44,7 @@ class Server:
     registry: Registry | None
     max_upload_bytes: int
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST
     fine_tuning: FineTuningService | None = None
     api_keys: ApiKeys = field(default_factory=ApiKeys)
 
@@ -69,6 +75,7 @@ def build_server(config: ServerConfig, base: ResolvedBaseModel | None = None) ->
             limits=RegistryLimits(
                 max_lora_rank=config.engine.max_lora_rank,
                 max_upload_bytes=config.max_upload_bytes,
+                serving_dtype=config.engine.torch_dtype(),
             ),
         )
         sources.append(RegistryAdapterSource(registry, base_fingerprint=spec.fingerprint))
@@ -87,15 +94,21 @@ def build_server(config: ServerConfig, base: ResolvedBaseModel | None = None) ->
         # Jobs publish into this registry and train the model served here, by its path.
         fine_tuning = FineTuningService.open(
             config.jobs_dir or default_jobs_dir(config.registry),
-            base=BaseModelInfo(model_id=model_id, path=base.path),
+            base=BaseModelInfo.from_directory(base.path, model_id),
             registry=config.registry,
             runner=RunnerConfig(max_concurrent_jobs=config.max_concurrent_jobs),
+            # Jobs are held to what this server can serve and to its work budget.
+            limits=FineTuningLimits(
+                max_fine_tuning_tokens=config.max_fine_tuning_tokens,
+                max_lora_rank=config.engine.max_lora_rank,
+            ),
         )
     return Server(
         engine=engine,
         registry=registry,
         max_upload_bytes=config.max_upload_bytes,
         max_request_bytes=config.max_request_bytes,
+        max_prompts_per_request=config.prompts_per_request_limit,
         fine_tuning=fine_tuning,
         api_keys=ApiKeys(inference=config.api_keys, admin=config.admin_keys),
     )
@@ -125,6 +138,9 @@ def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
         fine_tuning=fine_tuning,
         max_upload_bytes=server.max_upload_bytes if server else 2 * 1024**3,
         max_request_bytes=server.max_request_bytes if server else DEFAULT_MAX_REQUEST_BYTES,
+        max_prompts_per_request=(
+            server.max_prompts_per_request if server else DEFAULT_MAX_PROMPTS_PER_REQUEST
+        ),
         api_keys=server.api_keys if server else None,
     )
     # Batch sizes and adapter load times are observed on the engine's own thread.
@@ -187,6 +203,7 @@ def run_server(config: ServerConfig) -> int:
     import uvicorn
 
     from adapterhub_server.graceful import GracefulServer
+    from adapterhub_server.http_timeouts import timed_protocol
     from adapterhub_server.startup import StartupApp
 
     check_exposure(config)
@@ -213,6 +230,12 @@ def run_server(config: ServerConfig) -> int:
         access_log=False,
         # A backstop only: the drain below ends every request within shutdown_timeout.
         timeout_graceful_shutdown=config.shutdown_timeout + 5,
+        timeout_keep_alive=config.timeout_keep_alive,
+        # uvicorn itself waits forever for a slow client's headers and body.
+        http=timed_protocol(
+            header_timeout=config.timeout_request_header,
+            body_timeout=config.timeout_request_body,
+        ),
     )
     http = GracefulServer(uv_config, drain=lambda: startup.drain(config.shutdown_timeout))
     http.run()

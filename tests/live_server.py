@@ -13,11 +13,13 @@ import uvicorn
 
 
 @contextmanager
-def serve(app: Any, *, lifespan: str = "off") -> Iterator[str]:
+def serve(app: Any, *, lifespan: str = "off", **options: Any) -> Iterator[str]:
+    """Serve `app` until the block ends; yields its base URL. `options` go to
+    `uvicorn.Config` (timeouts, the HTTP protocol class)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan=lifespan)
+    config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
