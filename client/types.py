@@ -107,6 +107,13 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
 
 
+class _Request(_Wire):
+    """Base of every request body: JSON types are not coerced (`false` is no integer, `0.0`
+    no boolean), so what the published schema calls invalid is refused, as OpenAI does."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True, strict=True)
+
+
 # --- errors -------------------------------------------------------------------------------
 
 
@@ -133,7 +140,7 @@ class ErrorResponse(_Wire):
 # --- shared request pieces ------------------------------------------------------------------
 
 
-class StreamOptions(_Wire):
+class StreamOptions(_Request):
     """Options that apply when `stream` is true."""
 
     include_usage: bool = False
@@ -151,7 +158,7 @@ def _check_stop(value: Any) -> Any:
     raise ValueError("stop must be a string or a list of strings")
 
 
-class _GenerationRequest(_Wire):
+class _GenerationRequest(_Request):
     """Fields shared by `/v1/completions` and `/v1/chat/completions`."""
 
     model: str = ""
@@ -298,7 +305,7 @@ class Completion(_Wire):
 # --- chat completions -----------------------------------------------------------------------
 
 
-class ChatContentPartText(_Wire):
+class ChatContentPartText(_Request):
     """A text part of a message's content."""
 
     type: Literal["text"]
@@ -307,7 +314,7 @@ class ChatContentPartText(_Wire):
     """The text."""
 
 
-class ChatMessage(_Wire):
+class ChatMessage(_Request):
     """One message of the conversation."""
 
     role: Literal["system", "developer", "user", "assistant"]
@@ -553,7 +560,7 @@ class AdapterList(_Wire):
     data: list[Adapter]
 
 
-class AliasUpdate(_Wire):
+class AliasUpdate(_Request):
     """Body of ``PUT /v1/adapters/{name}/aliases/{alias}``."""
 
     version: int = Field(ge=1)
@@ -639,7 +646,7 @@ TrainingMethod = Literal["lora", "full"]
 SVD (`extract_rank`) so that the result serves like any other adapter."""
 
 
-class FineTuningHyperparameters(_Wire):
+class FineTuningHyperparameters(_Request):
     """Hyperparameters of a job request: OpenAI's three plus AdapterHub extensions.
 
     Unknown names are refused (400), so a typo never silently trains with a default.
@@ -647,7 +654,7 @@ class FineTuningHyperparameters(_Wire):
     the trainer's default.
     """
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, strict=True)
 
     n_epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """Passes over the training data ("auto": 3); ignored when `max_steps` is set."""
@@ -697,14 +704,14 @@ class FineTuningHyperparameters(_Wire):
         return value
 
 
-class SupervisedMethodRequest(_Wire):
+class SupervisedMethodRequest(_Request):
     """`method.supervised` of a job request."""
 
     hyperparameters: FineTuningHyperparameters | None = None
     """The job's hyperparameters."""
 
 
-class FineTuningMethodRequest(_Wire):
+class FineTuningMethodRequest(_Request):
     """`method` of a job request: only supervised fine-tuning."""
 
     type: Literal["supervised"] = "supervised"
@@ -713,7 +720,7 @@ class FineTuningMethodRequest(_Wire):
     """Settings of the supervised method."""
 
 
-class FineTuningJobCreateRequest(_Wire):
+class FineTuningJobCreateRequest(_Request):
     """Body of `POST /v1/fine_tuning/jobs`."""
 
     model: str
@@ -723,10 +730,11 @@ class FineTuningJobCreateRequest(_Wire):
     `{"prompt", "completion"}` records."""
     validation_file: str | None = None
     """Id of an uploaded `fine-tune` file to report an evaluation loss on."""
-    suffix: str
-    """Required here (optional in OpenAI's API): the adapter name the result is published
-    under in the registry; `fine_tuned_model` will be `<suffix>@<version>`. Names match
-    `^[a-z0-9][a-z0-9._-]{0,63}$`."""
+    suffix: str | None = None
+    """The adapter name the result is published under in the registry; `fine_tuned_model`
+    will be `<suffix>@<version>`. Names match `^[a-z0-9][a-z0-9._-]{0,63}$`. Absent: `ft-`
+    and the first 8 characters of the job id after its `ftjob-` prefix (`ft-1a2b3c4d`), which
+    the job reports as its `suffix`."""
     seed: int | None = Field(default=None, ge=0)
     """Seeds initialisation, dropout and the data order; random (and reported) when absent."""
     method: FineTuningMethodRequest | None = None

@@ -23,7 +23,7 @@ from adapterhub_server.api.routes import files as file_routes
 from adapterhub_server.api.routes import fine_tuning as fine_tuning_routes
 from adapterhub_server.api.routes import metrics as metrics_routes
 from adapterhub_server.api.service import InferenceService
-from adapterhub_server.config import DEFAULT_MAX_REQUEST_BYTES
+from adapterhub_server.config import DEFAULT_MAX_PROMPTS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES
 from adapterhub_server.engine.protocol import EngineClient
 from adapterhub_server.errors import PayloadTooLargeError
 from adapterhub_server.finetune.service import FineTuningService
@@ -44,6 +44,7 @@ def create_app(
     fine_tuning: FineTuningService | None = None,
     max_upload_bytes: int = 2 * 1024**3,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
     api_keys: ApiKeys | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible HTTP API over `engine`.
@@ -52,7 +53,8 @@ def create_app(
     engine's `base_model_id`). With `adapters` (a registry), the `/v1/adapters` management
     routes are mounted; with `fine_tuning`, `/v1/files` and `/v1/fine_tuning/jobs`. Uploads
     over `max_upload_bytes`, and other bodies over `max_request_bytes`, get 413 while the
-    body is read. Neither the engine nor the job
+    body is read; a completion request with more than `max_prompts_per_request` prompts
+    is a 400. Neither the engine nor the job
     runner is started or stopped here: whoever owns them wires their lifetime to the app's
     lifespan. With `api_keys`, every route but `/health` and `/ready` needs a bearer key of
     the right scope.
@@ -65,7 +67,10 @@ def create_app(
     # One registry per app: several apps in one process must not share counts.
     app.state.metrics = metrics = ApiMetrics(engine)
     app.state.service = InferenceService(
-        engine, served_model_name=served_model_name, metrics=metrics
+        engine,
+        served_model_name=served_model_name,
+        metrics=metrics,
+        max_prompts_per_request=max_prompts_per_request,
     )
     install_error_handlers(app)
     routers = (health.router, metrics_routes.router, models.router, completions.router)

@@ -98,6 +98,18 @@ class ClientDisconnectedError(ApiError):
         )
 
 
+class InvalidJsonError(ApiError):
+    """A request body that is not JSON within the limits of `adapterhub_server.json_limits`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"request body is not valid JSON: {reason}",
+            status=400,
+            type=INVALID_REQUEST,
+            code="invalid_json",
+        )
+
+
 class NotReadyError(ApiError):
     """503 with Retry-After: the engine is still starting, or is shutting down."""
 

@@ -34,10 +34,16 @@ from pydantic import BaseModel
 
 from adapterhub_server.api.errors import GenerationFailedError, describe_error
 from adapterhub_server.api.metrics import ApiMetrics, adapter_label, note_adapter
+from adapterhub_server.config import DEFAULT_MAX_PROMPTS_PER_REQUEST
 from adapterhub_server.engine.outputs import RequestOutput, TokenLogprob
 from adapterhub_server.engine.protocol import EngineClient
 from adapterhub_server.engine.sampling_params import SamplingParams
-from adapterhub_server.errors import ContextLengthError, InvalidRequestError
+from adapterhub_server.errors import (
+    AdapterNotFoundError,
+    AdapterValidationError,
+    ContextLengthError,
+    InvalidRequestError,
+)
 from client.types import (
     ChatCompletion,
     ChatCompletionChoice,
@@ -69,6 +75,8 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 """OpenAI's default `max_tokens` for `/v1/completions`."""
 OWNER = "adapterhub"
 DONE_FRAME = "data: [DONE]\n\n"
+TOKENIZER_THREADS = 4
+"""Worker threads that tokenize and render chat templates at once; more requests wait."""
 
 
 class InferenceService:
@@ -80,11 +88,17 @@ class InferenceService:
         *,
         served_model_name: str | None = None,
         metrics: ApiMetrics | None = None,
+        max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
     ) -> None:
         """`served_model_name` is the id clients use for the base model (default: its id);
-        `metrics` gets time to first token and token counts per adapter."""
+        `metrics` gets time to first token and token counts per adapter; a request with
+        more than `max_prompts_per_request` prompts (times `n`) is a 400."""
         self._engine = engine
         self._metrics = metrics
+        self._max_prompts = max_prompts_per_request
+        # Created on first use: a limiter belongs to the event loop that runs the app.
+        self._tokenizer_limiter: anyio.CapacityLimiter | None = None
+        self._max_token_bytes: int | None = None
         self._base_name = served_model_name or engine.base_model_id
         self._started = int(time.time())
         # Logprob formatting decodes the same few thousand ids over and over.
@@ -120,7 +134,7 @@ class InferenceService:
         if request.echo:
             raise InvalidRequestError("echo is not supported", param="echo")
         adapter = self._resolve(request.model)
-        prompts = self._completion_prompts(request.prompt)
+        prompts = await self._completion_prompts(request.prompt, request.n or 1)
         max_tokens = request.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
         for prompt in prompts:
             self._check_context(len(prompt), max_tokens, "prompt", "max_tokens")
@@ -205,8 +219,12 @@ class InferenceService:
             text_offset=text_offset,
         )
 
-    def _completion_prompts(self, prompt: str | list[Any]) -> list[list[int]]:
-        """Normalize the four OpenAI prompt forms to a list of token-id lists."""
+    async def _completion_prompts(self, prompt: str | list[Any], n: int) -> list[list[int]]:
+        """Normalize the four OpenAI prompt forms to a list of token-id lists.
+
+        Whatever can be refused without tokenizing is refused first (too many prompts, text
+        longer in bytes than the context could hold); tokenizing runs in a worker thread.
+        """
         if isinstance(prompt, str):
             prompts: list[str | list[int]] = [prompt]
         elif prompt and all(isinstance(t, int) for t in prompt):
@@ -215,10 +233,15 @@ class InferenceService:
             prompts = list(prompt)
         if not prompts:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
+        self._check_prompt_count(len(prompts) * n)
+        texts = [p for p in prompts if isinstance(p, str)]
+        for text in texts:
+            await self._check_text_size(utf8_length(text), "prompt")
+        encoded = iter(await self._in_worker(self._encode_all, texts) if texts else [])
         vocab = len(self._engine.tokenizer)
         token_lists = []
         for p in prompts:
-            ids = self._encode(p) if isinstance(p, str) else list(p)
+            ids = next(encoded) if isinstance(p, str) else list(p)
             if not ids:
                 raise InvalidRequestError("prompt must not be empty", param="prompt")
             if any(not 0 <= t < vocab for t in ids):
@@ -228,10 +251,40 @@ class InferenceService:
             token_lists.append(ids)
         return token_lists
 
-    def _encode(self, text: str) -> list[int]:
-        if not text:
-            return []
-        return list(self._engine.tokenizer(text).input_ids)
+    def _encode_all(self, texts: Sequence[str]) -> list[list[int]]:
+        tokenizer = self._engine.tokenizer
+        return [list(tokenizer(text).input_ids) if text else [] for text in texts]
+
+    def _check_prompt_count(self, count: int) -> None:
+        if count > self._max_prompts:
+            raise InvalidRequestError(
+                f"the request asks for {count} completions (prompts x n); this server "
+                f"accepts at most {self._max_prompts} per request",
+                param="prompt",
+            )
+
+    async def _check_text_size(self, num_bytes: int, param: str) -> None:
+        """Refuse text that cannot fit in the context whatever it tokenizes to.
+
+        No token covers more than `max_token_bytes` bytes of text, so a text of more than
+        max_model_len x that many bytes has more tokens than the context holds: it is
+        refused before the tokenizer spends time on it.
+        """
+        if self._max_token_bytes is None:
+            self._max_token_bytes = await self._in_worker(max_token_bytes, self._engine.tokenizer)
+        limit = self._engine.max_model_len * self._max_token_bytes
+        if num_bytes > limit:
+            raise ContextLengthError(
+                f"the {param} is {num_bytes} bytes long: more than this model's context of "
+                f"{self._engine.max_model_len} tokens can hold (at most {limit} bytes)",
+                param=param,
+            )
+
+    async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-bound request preparation in a bounded pool of worker threads."""
+        if self._tokenizer_limiter is None:
+            self._tokenizer_limiter = anyio.CapacityLimiter(TOKENIZER_THREADS)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._tokenizer_limiter)
 
     # --- chat completions -------------------------------------------------------------------
 
@@ -245,7 +298,8 @@ class InferenceService:
                 "top_logprobs requires logprobs to be true", param="top_logprobs"
             )
         adapter = self._resolve(request.model)
-        prompt = self._chat_prompt(request.messages)
+        self._check_prompt_count(request.n or 1)
+        prompt = await self._chat_prompt(request.messages)
         if request.max_completion_tokens is not None:
             max_tokens, max_param = request.max_completion_tokens, "max_completion_tokens"
         elif request.max_tokens is not None:
@@ -351,8 +405,9 @@ class InferenceService:
         token = self._token(token_id)
         return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
 
-    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Render the conversation with the chat template and tokenize it, in one step.
+    async def _chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Render the conversation with the chat template and tokenize it, in one step, in
+        a worker thread.
 
         Tokenizing the rendered string again would add the BOS token a second time for
         templates that already write it, so the template's own tokenization is used.
@@ -366,6 +421,12 @@ class InferenceService:
             raise InvalidRequestError(
                 "the base model has no chat template; use /v1/completions", param="messages"
             )
+        size = sum(utf8_length(m["content"]) for m in conversation)
+        await self._check_text_size(size, "messages")
+        return await self._in_worker(self._render_chat, conversation)
+
+    def _render_chat(self, conversation: list[dict[str, str]]) -> list[int]:
+        tokenizer = self._engine.tokenizer
         try:
             ids = tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=True, tokenize=True, return_dict=False
@@ -684,6 +745,11 @@ async def _frames(
 
 def _raise_if_failed(out: RequestOutput) -> None:
     if out.finished and out.finish_reason == "error":
+        # Admission failures of the adapter answer as they would have before queueing.
+        if out.error_code == AdapterNotFoundError.code:
+            raise AdapterNotFoundError(out.error or "adapter not found", param="model")
+        if out.error_code == AdapterValidationError.code:
+            raise AdapterValidationError(out.error or "invalid adapter", param="model")
         raise GenerationFailedError(
             out.error or "generation failed", code=out.error_code or "generation_failed"
         )
@@ -752,6 +818,21 @@ def _text(message: ChatMessage, index: int) -> str:
     if isinstance(message.content, str):
         return message.content
     return "\n".join(part.text for part in message.content)
+
+
+def utf8_length(text: str) -> int:
+    """Length of `text` in UTF-8 bytes, without encoding ASCII text."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def max_token_bytes(tokenizer: Any) -> int:
+    """An upper bound on the bytes of text one token of `tokenizer` stands for.
+
+    Token strings spell bytes (byte-level BPE) or characters (SentencePiece), and no
+    character is more than 4 bytes of UTF-8, so 4 x the longest token string bounds both.
+    """
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return 4 * max(longest, 1)
 
 
 def _finish_reason(out: RequestOutput) -> FinishReason | None:

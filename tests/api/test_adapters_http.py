@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapterhub_server.config import EngineConfig, ServerConfig
-from adapterhub_server.server import build_app, build_server
+from adapterhub_server.registry import Registry, RegistryAdapterSource
+from adapterhub_server.server import Server, build_app, build_server
 from tests.live_server import serve
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -31,7 +33,7 @@ def _digest(adapter_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server_url(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def live(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
     config = ServerConfig(
         base_model=str(tiny_base),
         served_model_name="tiny-base",
@@ -41,7 +43,12 @@ def server_url(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     )
     server = build_server(config)
     with serve(build_app(server.engine, server), lifespan="on") as url:
-        yield url
+        yield server, url
+
+
+@pytest.fixture(scope="module")
+def server_url(live: tuple[Server, str]) -> str:
+    return live[1]
 
 
 @pytest.fixture
@@ -271,3 +278,204 @@ def test_start_up_adapters_are_served_beside_the_registry(
             ).status_code
             == 200
         )
+
+
+# --- hostile uploads (issue 13) ---------------------------------------------------------------
+
+
+def _stored(http: httpx.Client) -> list:
+    r = http.get("/v1/adapters")
+    assert r.status_code == 200, r.text
+    return r.json()["data"]
+
+
+def test_duplicate_file_parts_are_refused(http, tiny_adapters) -> None:
+    src = tiny_adapters["r4"]
+    before = _stored(http)
+    files = [*_files(src), ("files", ("adapter_config.json", b'{"r": 4}'))]
+    r = http.post("/v1/adapters", data={"name": "twice"}, files=files)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "files" and "adapter_config.json" in error["message"]
+    assert _stored(http) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("metadata", '{"note": "\\ud800"}'),  # the issue's reproduction: a JSON escape
+        ("metadata", '{"\\udfff": 1}'),
+        ("metadata", "[" * 65 + "]" * 65),
+        ("metadata", '{"n": ' + "9" * 1001 + "}"),
+        ("metadata", '{"n": 18446744073709551616}'),
+        ("metadata", '{"n": NaN}'),
+        ("sha256", '{"adapter_model.safetensors": "\\ud800"}'),
+        ("sha256", '{"x": ' + "[" * 70 + "]" * 70 + "}"),
+    ],
+)
+def test_invalid_json_form_fields_are_400(http, tiny_adapters, field, value) -> None:
+    before = _stored(http)
+    r = http.post(
+        "/v1/adapters", data={"name": "bad-json", field: value}, files=_files(tiny_adapters["r4"])
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_value" and error["param"] == field, error
+    assert _stored(http) == before
+
+
+def _raw_multipart(fields: dict[str, str], files: dict[str, bytes], charset: str) -> tuple:
+    """A multipart body whose text is `charset`-encoded, as that charset parameter declares.
+
+    Starlette decodes form fields with the charset the client names, so a client naming
+    unicode_escape can send lone surrogates in plain fields (\\ud800 decodes to one)."""
+    boundary = "hostile-boundary"
+    parts = []
+    for key, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'.encode()
+            + value.encode()
+            + b"\r\n"
+        )
+    for filename, data in files.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    content_type = f"multipart/form-data; boundary={boundary}; charset={charset}"
+    return body, {"content-type": content_type}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"name": "ok-name", "description": "a \\ud800 b"}, "description"),
+        ({"name": "ok-name", "alias": "\\udc00"}, "alias"),
+        ({"name": "\\ud800"}, "name"),
+    ],
+)
+def test_lone_surrogates_in_plain_form_fields_are_400(http, tiny_adapters, fields, param) -> None:
+    src = tiny_adapters["r4"]
+    before = _stored(http)
+    body, headers = _raw_multipart(
+        fields, {f: (src / f).read_bytes() for f in FILES}, "unicode_escape"
+    )
+    r = http.post("/v1/adapters", content=body, headers=headers)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_value" and error["param"] == param, error
+    assert _stored(http) == before
+
+
+def test_backtracking_patterns_are_matched_in_linear_time(http, tiny_adapters, tmp_path) -> None:
+    """The issue's reproduction: "model(.|.)*Z" froze the server at upload (target_modules:
+    refused after seconds) or at every load (exclude_modules: accepted, matching nothing)."""
+    src = tiny_adapters["r4"]
+    config = json.loads((src / "adapter_config.json").read_text())
+    weights = (src / "adapter_model.safetensors").read_bytes()
+
+    def upload(name: str, **changes: object) -> httpx.Response:
+        files = [
+            ("files", ("adapter_config.json", json.dumps({**config, **changes}).encode())),
+            ("files", ("adapter_model.safetensors", weights)),
+        ]
+        return http.post("/v1/adapters", data={"name": name}, files=files)
+
+    r = upload("regex-target", target_modules="model(.|.)*Z")
+    assert r.status_code == 400 and "target_modules" in r.json()["error"]["message"]
+    r = upload("regex-lookahead", target_modules=".*(?=q_proj)q_proj")
+    assert r.status_code == 400, r.text
+    assert "target_modules" in r.json()["error"]["message"]
+    assert "linear time" in r.json()["error"]["message"]
+    r = upload("regex-exclude", exclude_modules="model(.|.)*Z")
+    assert r.status_code == 201, r.text
+    assert _greedy(http, "regex-exclude", n=2)  # the engine's load matches it too
+    assert http.get("/health").status_code == 200
+
+
+def test_absurd_weights_are_refused_at_upload(http, tiny_adapters, tmp_path) -> None:
+    def inflate(tensors: dict[str, torch.Tensor]) -> None:
+        for key in tensors:
+            tensors[key].fill_(1e15)
+
+    before = _stored(http)
+    r = http.post(
+        "/v1/adapters",
+        data={"name": "absurd"},
+        files=_files(_bad_weights(tmp_path, tiny_adapters["r4"], inflate)),
+    )
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "too large to serve" in message and "model.layers." in message
+    assert _stored(http) == before
+
+
+def test_listing_survives_a_stored_lone_surrogate(http, live, tiny_adapters) -> None:
+    """A row stored before uploads checked Unicode: GET /v1/adapters used to answer 500 to
+    everyone from then on."""
+    server, _ = live
+    assert (
+        http.post(
+            "/v1/adapters", data={"name": "old-row"}, files=_files(tiny_adapters["r4"])
+        ).status_code
+        == 201
+    )
+    assert server.registry is not None and server.registry.root is not None
+    with sqlite3.connect(server.registry.root / "registry.db") as db:
+        db.execute(
+            "UPDATE versions SET metadata = ?, description = ? WHERE name = 'old-row'",
+            ('{"note": "\\ud800"}', "bad \udcff bytes".encode("utf-8", "surrogateescape")),
+        )
+    r = http.get("/v1/adapters")
+    assert r.status_code == 200, r.text
+    (row,) = [a for a in r.json()["data"] if a["name"] == "old-row"]
+    assert row["latest"]["metadata"] == {"note": "\ufffd"}
+    assert http.get("/v1/adapters/old-row").status_code == 200
+    assert http.get("/v1/adapters/old-row/versions/1").status_code == 200
+
+
+class _DeleteAfterResolve(RegistryAdapterSource):
+    """The registry source, except that when the engine thread resolves `ref` the version
+    is deleted right after: the request holds a location whose files are gone before the
+    adapter cache reads them."""
+
+    def __init__(self, registry: Registry, ref: str) -> None:
+        super().__init__(registry)
+        self.ref = ref
+
+    def locate(self, ref: str):  # type: ignore[no-untyped-def]
+        loc = super().locate(ref)
+        if loc is not None and ref == self.ref and threading.current_thread().name == "engine":
+            name, _, version = loc.key.partition("@")
+            self.registry.delete_version(name, int(version))
+        return loc
+
+
+def test_query_racing_a_delete_gets_404_without_paths(http, live, tiny_adapters) -> None:
+    server, _ = live
+    registry = server.registry
+    assert registry is not None and registry.root is not None
+    assert (
+        http.post(
+            "/v1/adapters", data={"name": "racer"}, files=_files(tiny_adapters["r4"])
+        ).status_code
+        == 201
+    )
+    chained = server.engine.engine.adapters.source
+    index = next(i for i, s in enumerate(chained.sources) if isinstance(s, RegistryAdapterSource))
+    original = chained.sources[index]
+    chained.sources[index] = _DeleteAfterResolve(registry, "racer")
+    try:
+        r = http.post("/v1/completions", json={"model": "racer", "prompt": "x", "max_tokens": 2})
+    finally:
+        chained.sources[index] = original
+    assert str(registry.root) not in r.text
+    assert "/" not in r.json()["error"]["message"].replace("/v1/", "")
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["code"] == "model_not_found"
+    assert r.json()["error"]["code"] == "model_not_found"
+    r = http.post("/v1/completions", json={"model": "racer", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 404

@@ -63,14 +63,19 @@ def base_spec(tiny_base: Path) -> BaseModelSpec:
 
 
 def build_full_app(
-    root: Path, tiny_base: Path, base_spec: BaseModelSpec, **app_options: Any
+    root: Path,
+    tiny_base: Path,
+    base_spec: BaseModelSpec,
+    *,
+    max_upload_bytes: int = 1_000_000,
+    **app_options: Any,
 ) -> FullApp:
     """Every router mounted, keys off; the job runner is not started (no trainer runs)."""
     engine = RetiringFakeEngine()
     registry = Registry.open(
         root / "registry",
         base=base_spec,
-        limits=RegistryLimits(max_lora_rank=64, max_upload_bytes=1_000_000),
+        limits=RegistryLimits(max_lora_rank=64, max_upload_bytes=max_upload_bytes),
     )
     fine_tuning = FineTuningService.open(
         root / "jobs",
@@ -82,7 +87,7 @@ def build_full_app(
         engine,
         adapters=AdapterAdminService(registry, engine),
         fine_tuning=fine_tuning,
-        max_upload_bytes=1_000_000,
+        max_upload_bytes=max_upload_bytes,
         **app_options,
     )
     return FullApp(app=app, engine=engine, registry=registry, fine_tuning=fine_tuning, root=root)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.responses import StreamingResponse
 
 from adapterhub_server.api.adapters_service import AdapterAdminService
+from adapterhub_server.api.json_body import JsonLimitsRoute
 from client.types import (
     Adapter,
     AdapterDeleted,
@@ -18,7 +19,7 @@ from client.types import (
     ErrorResponse,
 )
 
-router = APIRouter(tags=["adapters"])
+router = APIRouter(tags=["adapters"], route_class=JsonLimitsRoute)
 
 _ERRORS = {
     400: {"model": ErrorResponse, "description": "Invalid upload or reference"},
@@ -54,10 +55,9 @@ async def upload_adapter(
     sha256: Annotated[str | None, Form(description="JSON object: file name -> hex")] = None,
 ) -> AdapterVersion:
     """Store a new version from PEFT files sent as `files` parts; servable at once."""
-    parts = {f.filename or "": f.file for f in files}
     return await service.upload(
         name=name,
-        files=parts,
+        files=[(f.filename or "", f.file) for f in files],
         alias=alias,
         description=description,
         metadata=metadata,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from adapterhub_server.api.json_body import JsonLimitsRoute
 from adapterhub_server.api.routes.common import (
     ERROR_RESPONSES,
     STREAM_RESPONSE,
@@ -14,7 +15,7 @@ from adapterhub_server.api.routes.common import (
 )
 from client.types import ChatCompletion, ChatCompletionRequest
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], route_class=JsonLimitsRoute)
 
 
 @router.post(

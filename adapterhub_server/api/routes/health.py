@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from adapterhub_server.api.errors import NotReadyError
+from adapterhub_server.api.json_body import JsonLimitsRoute
 from adapterhub_server.api.routes.common import ServiceDep
 from client.types import ErrorResponse, HealthStatus, ReadyStatus
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=JsonLimitsRoute)
 
 
 @router.get("/health", response_model=HealthStatus)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from adapterhub_server.api.json_body import JsonLimitsRoute
 from adapterhub_server.api.metrics import ApiMetrics
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=JsonLimitsRoute)
 
 
 @router.get(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from adapterhub_server.api.json_body import JsonLimitsRoute
 from adapterhub_server.api.routes.common import ServiceDep
 from client.types import ModelList
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=JsonLimitsRoute)
 
 
 @router.get("/v1/models", response_model=ModelList)
