@@ -275,7 +275,7 @@ class InferenceService:
         limit = self._engine.max_model_len * self._max_token_bytes
         if num_bytes > limit:
             raise ContextLengthError(
-                f"the {param} is {num_bytes} bytes long: more than this model's context of "
+                f"{param}: {num_bytes} bytes of text, more than this model's context of "
                 f"{self._engine.max_model_len} tokens can hold (at most {limit} bytes)",
                 param=param,
             )
