@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adapterhub_server.models.linear import FrozenLinear
+from adapterhub_server.frozen_linear import FrozenLinear
 from bench.timing import median_us
 
 RESULTS = Path(__file__).parent / "results"

@@ -16,14 +16,14 @@ from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.errors import BaseModelError
 from adapterhub_server.lora.adapter import adaptable_modules
 from adapterhub_server.lora.cache import AdapterCache, AdapterSource, StaticAdapterSource
-from adapterhub_server.lora.layers import LoRAContext
-from adapterhub_server.lora.pool import LoRAWeightPool, packed_groups
-from adapterhub_server.models.attention import KVCache
-from adapterhub_server.models.llama import BatchedLlama
+from adapterhub_server.lora.layers import LoRAContext, PackedLoRALinear
+from adapterhub_server.lora.pool import LoRAWeightPool, PackedGroup, packed_groups
+from adapterhub_server.models import attention_interface
+from adapterhub_server.models.attention import KVCache, build_attention_metadata
+from adapterhub_server.models.causal_lm import BatchedCausalLM, replace_module
 
 logger = logging.getLogger(__name__)
 
-_SUPPORTED = {"llama", "mistral", "qwen2"}
 _DEFAULT_MAX_LEN = 2048
 
 
@@ -45,30 +45,50 @@ def build_engine(
         torch.set_num_threads(config.num_threads)
     device, dtype = config.torch_device(), config.torch_dtype()
     t0 = time.perf_counter()
+    hf_config = _servable_config(base.path)
+    attention_interface.register()
     try:
-        hf = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(
+            base.path,
+            config=hf_config,
+            dtype=dtype,
+            attn_implementation=attention_interface.ATTENTION,
+        )
         tokenizer = AutoTokenizer.from_pretrained(base.path)
     except (OSError, ValueError) as exc:
-        raise BaseModelError(f"cannot load base model from {base.path}: {exc}") from exc
-    model_type = getattr(hf.config, "model_type", "")
-    if model_type not in _SUPPORTED:
+        # Also what transformers raises for a family whose attention does not go through
+        # its attention interface (it refuses the custom implementation).
         raise BaseModelError(
-            f"model type {model_type!r} is not supported (supported: {sorted(_SUPPORTED)})"
-        )
-    if getattr(hf.config, "sliding_window", None) and model_type == "mistral":
-        logger.warning("sliding-window attention is ignored; keep max_model_len within it")
+            f"cannot load base model {base.model_id} (model type {hf_config.model_type!r}) "
+            f"with the engine's attention: {exc}"
+        ) from exc
     hf = hf.to(device).eval().requires_grad_(False)
     targets = adaptable_modules(hf)
-    pool = LoRAWeightPool(
-        packed_groups(targets), max_slots=config.max_loras, dtype=dtype, device=device
-    )
+    groups = packed_groups(targets)
+    pool = LoRAWeightPool(groups, max_slots=config.max_loras, dtype=dtype, device=device)
     context = LoRAContext()
-    model = BatchedLlama(hf, pool, context)
+    _install_lora_layers(hf, groups, pool, context)
+    try:
+        model = BatchedCausalLM(hf, context)
+    except AttributeError as exc:  # no attention heads, layers or vocabulary in the config
+        raise BaseModelError(
+            f"model type {hf_config.model_type!r} is not servable: it is not a transformer "
+            f"decoder with attention layers ({exc})"
+        ) from exc
 
     max_pos = model.shape.max_position_embeddings
-    max_model_len = config.max_model_len or min(max_pos, _DEFAULT_MAX_LEN)
+    batch_rope_limit = _batch_wide_rope_limit(hf.config)
+    default_len = min(max_pos, _DEFAULT_MAX_LEN, batch_rope_limit or max_pos)
+    max_model_len = config.max_model_len or default_len
     if max_model_len > max_pos:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's {max_pos}")
+    if batch_rope_limit is not None and max_model_len > batch_rope_limit:
+        raise BaseModelError(
+            f"model type {hf_config.model_type!r}: its RoPE scaling switches factors for a "
+            f"whole forward pass once any position reaches {batch_rope_limit}, which in a "
+            "batch of many sequences would change every other sequence's positions; serve it "
+            f"with --max-model-len {batch_rope_limit} or less"
+        )
     kv = KVCache(
         num_layers=model.shape.num_layers,
         rows=config.max_num_seqs,
@@ -78,6 +98,7 @@ def build_engine(
         dtype=dtype,
         device=device,
     )
+    _check_attention(model, kv, hf_config.model_type)
     if source is None:
         source = StaticAdapterSource(lora_modules or {})
     assert config.max_cpu_loras is not None
@@ -122,6 +143,90 @@ def build_engine(
         use_lora_kernels=use_kernels,
         decode_graphs=graphs,
     )
+
+
+def _servable_config(path: Path) -> object:
+    """The checkpoint's config, if the engine can serve it; else a `BaseModelError` that
+    names the model type and what is missing."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot read the base model's config: {exc}") from exc
+    model_type = hf_config.model_type
+    if getattr(hf_config, "quantization_config", None):
+        raise BaseModelError(
+            f"model type {model_type!r}: quantized checkpoints (quantization_config) are not "
+            "served yet; use the unquantized weights"
+        )
+    if (
+        getattr(hf_config, "text_config", None) is not None
+        or getattr(hf_config, "vision_config", None) is not None
+    ):
+        raise BaseModelError(
+            f"model type {model_type!r} is a multimodal wrapper; serve its text model instead "
+            "(a checkpoint of the language model alone, e.g. model type "
+            f"{getattr(getattr(hf_config, 'text_config', None), 'model_type', 'the text part')!r})"
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(
+        hf_config, "is_encoder_decoder", False
+    ):
+        raise BaseModelError(
+            f"model type {model_type!r} is not a decoder-only causal LM that transformers "
+            "implements"
+        )
+    return hf_config
+
+
+def _batch_wide_rope_limit(hf_config: object) -> int | None:
+    """The length past which the model's rotary embedding changes for the whole forward
+    (Phi-3's longrope, dynamic NTK scaling decide from the largest position in the batch),
+    or None when each token's rotation depends on its own position only."""
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
+    if not isinstance(rope, dict):
+        return None
+    layers = rope.values() if all(isinstance(v, dict) for v in rope.values()) else [rope]
+    for params in layers:
+        kind = params.get("rope_type", params.get("type"))
+        if kind in ("longrope", "dynamic"):
+            original = params.get("original_max_position_embeddings") or getattr(
+                hf_config, "original_max_position_embeddings", None
+            )
+            if original:
+                return int(original)
+    return None
+
+
+def _install_lora_layers(
+    hf: torch.nn.Module, groups: list[PackedGroup], pool: LoRAWeightPool, context: LoRAContext
+) -> None:
+    """Swap every adaptable linear for its batched-LoRA layer: one module for a single
+    projection, one fused GEMM shared by the members of a packed group (q/k/v, gate/up)."""
+    for group in groups:
+        bases = [hf.get_submodule(path) for path in group.modules]
+        packed = PackedLoRALinear(bases, group.key, pool, context)
+        if len(group.modules) == 1:
+            replace_module(hf, group.modules[0], packed)
+            continue
+        for path, member in zip(group.modules, packed.members()):
+            replace_module(hf, path, member)
+
+
+def _check_attention(model: BatchedCausalLM, kv: KVCache, model_type: str) -> None:
+    """Every layer must attend through the engine's attention (and so its KV cache)."""
+    meta = build_attention_metadata([0], [0], [], kv.k.device)
+    try:
+        seen = model.layers_attending(meta, kv)
+    except attention_interface.UnsupportedAttentionError as exc:
+        raise BaseModelError(f"model type {model_type!r}: {exc}") from exc
+    missing = sorted(set(range(model.shape.num_layers)) - seen)
+    if missing:
+        raise BaseModelError(
+            f"model type {model_type!r} is not servable: layers {missing} do not use "
+            "transformers' attention interface"
+        )
 
 
 def _eos_token_ids(hf: torch.nn.Module, tokenizer: object) -> set[int]:

@@ -37,7 +37,7 @@ from adapterhub_server.lora.kernels import CHUNK_TOKENS, KernelMapping, plan_chu
 from adapterhub_server.lora.ops import LoRABatch, Route
 from adapterhub_server.lora.pool import LoRAWeightPool
 from adapterhub_server.models.attention import KVCache, decode_only_metadata
-from adapterhub_server.models.llama import BatchedLlama
+from adapterhub_server.models.causal_lm import BatchedCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model: BatchedLlama,
+        model: BatchedCausalLM,
         cache: KVCache,
         pool: LoRAWeightPool,
         *,

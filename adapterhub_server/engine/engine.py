@@ -30,7 +30,7 @@ from adapterhub_server.errors import AdapterHubError, ContextLengthError, Invali
 from adapterhub_server.lora.cache import AdapterCache
 from adapterhub_server.lora.ops import Route, Segment, build_lora_batch
 from adapterhub_server.models.attention import KVCache, PrefillChunk, build_attention_metadata
-from adapterhub_server.models.llama import BatchedLlama
+from adapterhub_server.models.causal_lm import BatchedCausalLM
 from adapterhub_server.models.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class LLMEngine:
     def __init__(
         self,
         *,
-        model: BatchedLlama,
+        model: BatchedCausalLM,
         tokenizer: object,
         kv_cache: KVCache,
         adapters: AdapterCache,

@@ -44,11 +44,6 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-PROJECTION_NAMES: frozenset[str] = frozenset(
-    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-)
-"""Leaf names of the decoder-layer linears the engine can adapt."""
-
 ADAPTER_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 _ADAPTER_NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
 
@@ -193,9 +188,11 @@ def validate_adapter_name(name: str) -> str:
 def adaptable_modules(model: nn.Module) -> dict[str, TargetShape]:
     """Every adaptable nn.Linear of a CausalLM, keyed by module path relative to `model`.
 
-    Adaptable: leaf name in PROJECTION_NAMES and inside an indexed element of an nn.ModuleList
-    (the decoder layer stack), e.g. "model.layers.3.mlp.down_proj". The paths are the ones
-    PEFT uses after its "base_model.model." prefix.
+    Adaptable: any nn.Linear inside an indexed element of an nn.ModuleList (the decoder
+    layer stack), e.g. "model.layers.3.mlp.down_proj" or Phi-3's fused
+    "model.layers.0.self_attn.qkv_proj": PEFT's `all-linear` within the decoder layers
+    (the output head and embeddings are outside them). The paths are the ones PEFT uses
+    after its "base_model.model." prefix.
     """
     module_lists = {name for name, m in model.named_modules() if isinstance(m, nn.ModuleList)}
     out: dict[str, TargetShape] = {}
@@ -203,8 +200,6 @@ def adaptable_modules(model: nn.Module) -> dict[str, TargetShape]:
         if not isinstance(module, nn.Linear):
             continue
         parts = name.split(".")
-        if parts[-1] not in PROJECTION_NAMES:
-            continue
         in_layer_stack = any(
             ".".join(parts[:i]) in module_lists and parts[i].isdigit()
             for i in range(len(parts) - 1)
@@ -440,9 +435,14 @@ def _unknown_module(
     key: str, module: str, targets: dict[str, TargetShape]
 ) -> AdapterValidationError:
     examples = ", ".join(list(targets)[:4])
-    leaf = module.rsplit(".", 1)[-1]
-    if leaf not in PROJECTION_NAMES:
-        why = f"only {', '.join(sorted(PROJECTION_NAMES))} inside decoder layers can be adapted"
+    parts = module.split(".")
+    if ".experts." in f".{module}.":
+        why = "MoE expert weights are not served (adapt the attention or dense layers)"
+    elif not any(part.isdigit() for part in parts):
+        why = (
+            "only linear layers inside decoder layers can be adapted (not embeddings or the "
+            "output head)"
+        )
     else:
         why = "the base model has no such module (adapter made for a different base model?)"
     return AdapterValidationError(

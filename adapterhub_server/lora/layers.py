@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from adapterhub_server.frozen_linear import FrozenLinear
 from adapterhub_server.lora.ops import LoRABatch, add_lora
 from adapterhub_server.lora.pool import LoRAWeightPool
-from adapterhub_server.models.linear import FrozenLinear
 
 
 class LoRAContext:
@@ -60,10 +60,61 @@ class PackedLoRALinear(nn.Module):
         self.pool = pool
         self.context = context
 
+        self._shared = _SharedOutput()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[T, in]`` -> ``[T, sum(out_j)]``; split by the caller."""
-        y = self.base(x)
+        """x: ``[..., in]`` -> ``[..., sum(out_j)]``."""
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.base(x2)
         batch = self.context.batch
         if batch is not None and batch.active:
-            add_lora(y, x, self.pool.group_pools(self.group), batch)
-        return y
+            add_lora(y, x2, self.pool.group_pools(self.group), batch)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def members(self) -> list[PackedMember]:
+        """One module per member projection, to put where the model calls it."""
+        return [PackedMember(self, j) for j in range(len(self.out_features))]
+
+    def member_output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Member `index`'s slice of the fused output for `x`.
+
+        The model calls its q/k/v (or gate/up) projections one after another on the same
+        input tensor: the first call runs the fused GEMM and LoRA once, the others read
+        their slices, and the fused output is dropped once every member has read it.
+        """
+        shared = self._shared
+        if x is not shared.input or shared.unread == 0:
+            shared.parts = self(x).split(self.out_features, dim=-1)
+            shared.input = x
+            shared.unread = len(shared.parts)
+        part = shared.parts[index]
+        shared.unread -= 1
+        if shared.unread == 0:
+            shared.input, shared.parts = None, ()
+        return part
+
+
+class _SharedOutput:
+    """The fused output its members read (a plain object: nn.Module attribute writes cost
+    microseconds each, paid by every projection of every layer of every step)."""
+
+    __slots__ = ("input", "parts", "unread")
+
+    def __init__(self) -> None:
+        self.input: torch.Tensor | None = None
+        self.parts: tuple[torch.Tensor, ...] = ()
+        self.unread = 0
+
+
+class PackedMember(nn.Module):
+    """One projection of a packed group, as the model sees it: ``[..., in] -> [..., out_j]``."""
+
+    def __init__(self, packed: PackedLoRALinear, index: int) -> None:
+        super().__init__()
+        # Not a submodule: the group is registered once, where its first member was.
+        self._packed = (packed,)
+        self.index = index
+        self.out_features = packed.out_features[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._packed[0].member_output(x, self.index)

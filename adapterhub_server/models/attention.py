@@ -47,6 +47,17 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None
     """``[num_decode, 1, 1, decode_len]`` bool, True where a key is visible."""
     prefills: list[PrefillChunk] = field(default_factory=list)
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def decode_window_mask(self, window: int) -> torch.Tensor:
+        """``[num_decode, 1, 1, decode_len]`` bool: keys within `window` of each decode
+        token's position (built once per step and window, from device tensors only)."""
+        mask = self._window_masks.get(window)
+        if mask is None:
+            keys = torch.arange(self.decode_len, device=self.decode_positions.device)
+            mask = (keys[None, :] > self.decode_positions[:, None] - window)[:, None, None, :]
+            self._window_masks[window] = mask
+        return mask
 
 
 def build_attention_metadata(
@@ -136,6 +147,10 @@ def attend(
     cache: KVCache,
     layer: int,
     meta: AttentionMetadata,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Write this step's keys/values into the cache and attend.
 
@@ -143,8 +158,15 @@ def attend(
         q: ``[T, heads, head_dim]`` (rotary already applied).
         k: ``[T, kv_heads, head_dim]`` (rotary already applied).
         v: ``[T, kv_heads, head_dim]``.
+        scale: multiplies q·k (default ``head_dim ** -0.5``).
+        sliding_window: a query at position p sees only keys at positions
+            ``p - sliding_window < j <= p`` (transformers' meaning); None sees all of them.
+        softcap: scores become ``softcap * tanh(scores / softcap)`` before the softmax.
     Returns:
         ``[T, heads * head_dim]``.
+
+    Semantics, for each token t of sequence s at position p:
+        out[t] = softmax_j(cap(scale * q[t] · K_s[j]) masked to visible j) · V_s[j]
     """
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -164,24 +186,58 @@ def attend(
         else:
             keys = k_cache[meta.decode_rows, :, :length]
             values = v_cache[meta.decode_rows, :, :length]
+        mask = meta.decode_mask
+        if sliding_window is not None:
+            mask = mask & meta.decode_window_mask(sliding_window)
         # One query per sequence: folding the query heads that share a KV head into the
         # query-length axis gives grouped-query attention without repeating keys.
         qd = q[:n].view(n, kv_heads, group, head_dim)
-        od = F.scaled_dot_product_attention(qd, keys, values, attn_mask=meta.decode_mask)
+        od = _attention(qd, keys, values, mask, scale=scale, softcap=softcap)
         out[:n] = od.reshape(n, num_heads, head_dim)
 
     for c in meta.prefills:
         end = c.start + (c.t1 - c.t0)
         k_cache[c.row, :, c.start : end] = k[c.t0 : c.t1].transpose(0, 1)
         v_cache[c.row, :, c.start : end] = v[c.t0 : c.t1].transpose(0, 1)
-        keys = k_cache[c.row, :, :end].repeat_interleave(group, dim=0)  # [heads, end, d]
-        values = v_cache[c.row, :, :end].repeat_interleave(group, dim=0)
-        qp = q[c.t0 : c.t1].transpose(0, 1)  # [heads, len, d]
-        if c.start == 0:
-            op = F.scaled_dot_product_attention(qp, keys, values, is_causal=True)
+        first = 0
+        if sliding_window is not None:
+            # Keys before the chunk's first window are never visible: not even read.
+            first = max(0, c.start - sliding_window + 1)
+        keys = k_cache[c.row, :, first:end].repeat_interleave(group, dim=0)  # [heads, len, d]
+        values = v_cache[c.row, :, first:end].repeat_interleave(group, dim=0)
+        qp = q[c.t0 : c.t1].transpose(0, 1)  # [heads, chunk, d]
+        if c.start == 0 and sliding_window is None and softcap is None:
+            op = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, scale=scale)
         else:
-            qpos = torch.arange(c.start, end, device=q.device)
-            mask = torch.arange(end, device=q.device)[None, :] <= qpos[:, None]
-            op = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask)
+            qpos = torch.arange(c.start, end, device=q.device)[:, None]
+            kpos = torch.arange(first, end, device=q.device)[None, :]
+            mask = kpos <= qpos
+            if sliding_window is not None:
+                mask = mask & (kpos > qpos - sliding_window)
+            op = _attention(qp, keys, values, mask, scale=scale, softcap=softcap)
         out[c.t0 : c.t1] = op.transpose(0, 1)
     return out.view(num_tokens, num_heads * head_dim)
+
+
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """SDPA, or (with `softcap`, which SDPA lacks) the same computed step by step.
+
+    Args:
+        q: ``[..., Lq, d]``; k, v: ``[..., Lk, d]``; mask: bool, broadcastable to
+            ``[..., Lq, Lk]``, True where a key is visible.
+    """
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from adapterhub_server.engine.engine import NON_FINITE_LOGITS
-from tests.engine.test_failure_isolation import _error_codes, _requests, _run
 from tests.engine.test_engine import _engine
+from tests.engine.test_failure_isolation import _error_codes, _requests, _run
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
