@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(lora, "--r", "rank", "--lora-r", type=int)
     _opt(lora, "--alpha", "scale = alpha / r", type=float)
     _opt(lora, "--dropout", "", type=float)
-    _opt(lora, "--target-modules", "comma-separated leaf module names")
+    _opt(
+        lora,
+        "--target-modules",
+        "comma-separated leaf module names, or all-linear: every linear of the decoder layers "
+        "(default)",
+    )
     _flag(lora, "--rslora", "scale by alpha / sqrt(r)")
     _opt(lora, "--extract-rank", "full SFT: rank of the extracted LoRA", type=int)
     opt = t.add_argument_group("optimisation")

@@ -14,15 +14,13 @@ from typing import Any, Literal
 
 from adapterhub_server.errors import InvalidRequestError
 
-DEFAULT_TARGET_MODULES = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+ALL_LINEAR = "all-linear"
+"""`target_modules` value meaning every linear module of the base's decoder layers (PEFT's
+`all-linear`, which leaves out the output head): q/k/v/o and gate/up/down on Llama,
+qkv_proj/o_proj/gate_up_proj/down_proj on Phi-3. Resolved to leaf names against the base
+when a run starts (`trainer.modeling.resolve_target_modules`)."""
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (ALL_LINEAR,)
 
 Method = Literal["lora", "full"]
 Scheduler = Literal["cosine", "linear"]
@@ -72,7 +70,9 @@ class TrainConfig:
     dropout: float = 0.05
     """Dropout on the LoRA input during training, in [0, 1)."""
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    """Leaf names of the linear modules to adapt."""
+    """Leaf names of the linear modules to adapt (`q_proj`, ...), or `all-linear` alone:
+    every linear of the base's decoder layers (`ALL_LINEAR`). A run resolves it to the
+    base's leaf names, which its lineage records."""
     rslora: bool = False
     """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
     epochs: int | None = None
@@ -183,6 +183,10 @@ class TrainConfig:
             isinstance(m, str) and m.strip() for m in self.target_modules
         ):
             _fail("target_modules", "must name at least one module, e.g. q_proj,v_proj")
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            _fail(
+                "target_modules", f"{ALL_LINEAR} already names every linear module: give it alone"
+            )
         if not self.data.is_file():
             _fail("data", f"training data file {str(self.data)!r} does not exist")
         if self.eval_data is not None and not self.eval_data.is_file():

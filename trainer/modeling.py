@@ -5,6 +5,7 @@ and the loss module the loop (and DDP) runs.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import TrainConfig
+from trainer.config import ALL_LINEAR, TrainConfig, TrainConfigError
 from trainer.data import IGNORE_INDEX
 
 
@@ -34,6 +35,84 @@ def param_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and config.is_lora:
         return torch.bfloat16
     return torch.float32
+
+
+def _moved_to_experts(model: nn.Module, names: Sequence[str]) -> set[str]:
+    """The names among `names` that PEFT would not adapt as modules but move to the fused
+    expert parameters of a mixture-of-experts model (`target_parameters`).
+
+    Under transformers 5, PEFT maps the transformers 4 expert names (`gate_proj`, `up_proj`,
+    `down_proj` on Qwen-MoE, `w1`/`w2`/`w3` on Mixtral) onto the experts' 3D parameters,
+    whatever module they were meant for. Expert weights are not served, so such names are
+    left out of `all-linear` and refused when asked for.
+    """
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # a PEFT without transformers 5 support maps nothing
+        return set()
+    conversions = get_model_conversion_mapping(model)
+
+    def moved(group: Sequence[str]) -> set[str]:
+        probe = LoraConfig(target_modules=list(group), task_type="CAUSAL_LM")
+        convert_peft_config_for_transformers(probe, model=model, conversions=conversions)
+        if not probe.target_parameters:
+            return set()
+        return set(group) - set(probe.target_modules or ())
+
+    try:
+        return moved(names)
+    except ValueError:
+        # PEFT refuses half of a fused pair (gate_proj without up_proj): name by name, such
+        # a refusal also means an expert name.
+        out: set[str] = set()
+        for name in names:
+            try:
+                out |= moved([name])
+            except ValueError:
+                out.add(name)
+        return out
+
+
+def resolve_target_modules(requested: Sequence[str], model: nn.Module) -> tuple[str, ...]:
+    """The leaf names LoRA adapts on `model` (a CausalLM, loaded or on the meta device) for
+    `TrainConfig.target_modules`.
+
+    `all-linear`: the leaf names of every linear the server can adapt (the engine's
+    `adaptable_modules`: every nn.Linear of the decoder layers, so not the output head), in
+    model order, less those PEFT would move onto MoE experts. Explicit names must each be
+    the leaf name of such a module. Resolving resolved names gives them back.
+
+    Raises:
+        TrainConfigError: a name the base has no adaptable module for, or one PEFT would
+            apply to MoE expert weights (param `target_modules`).
+    """
+    from adapterhub_server.lora.adapter import adaptable_modules
+
+    leaves = list(dict.fromkeys(p.rpartition(".")[2] for p in adaptable_modules(model)))
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if tuple(requested) == (ALL_LINEAR,):
+        moved = _moved_to_experts(model, leaves)
+        return tuple(name for name in leaves if name not in moved)
+    unknown = [name for name in requested if name not in leaves]
+    if unknown:
+        raise TrainConfigError(
+            f"target_modules: {', '.join(map(repr, unknown))} not among the adaptable linear "
+            f"modules of this {model_type} base ({', '.join(leaves)}, or {ALL_LINEAR})",
+            param="target_modules",
+        )
+    moved = _moved_to_experts(model, requested)
+    if moved:
+        raise TrainConfigError(
+            f"target_modules: on this {model_type} base PEFT applies "
+            f"{', '.join(map(repr, sorted(moved)))} to the mixture-of-experts expert weights, "
+            "which are not served; adapt the attention modules (or use all-linear)",
+            param="target_modules",
+        )
+    return tuple(requested)
 
 
 def build_model(base_path: Path, config: TrainConfig, device: torch.device) -> Any:
@@ -58,7 +137,7 @@ def build_model(base_path: Path, config: TrainConfig, device: torch.device) -> A
             r=config.r,
             lora_alpha=config.alpha,
             lora_dropout=config.dropout,
-            target_modules=list(config.target_modules),
+            target_modules=list(resolve_target_modules(config.target_modules, model)),
             use_rslora=config.rslora,
             bias="none",
         )

@@ -83,9 +83,10 @@ def _run(
 
     from adapterhub_server.base_model import resolve_base_model
     from adapterhub_server.registry import BaseModelSpec
+    from adapterhub_server.registry.targets import meta_model_from_dir
     from trainer import loop
     from trainer.data import load_examples, sha256_file
-    from trainer.modeling import build_model, pick_device
+    from trainer.modeling import build_model, pick_device, resolve_target_modules
 
     dataset_sha256 = sha256_file(config.data)
     eval_sha256 = sha256_file(config.eval_data) if config.eval_data else None
@@ -105,6 +106,10 @@ def _run(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     spec = BaseModelSpec.from_directory(base.path, base.model_id)
+    # Names checked and `all-linear` resolved on a meta-device model, before the weights
+    # load; the lineage, the resume fingerprint and the extraction see the leaf names.
+    targets = resolve_target_modules(config.target_modules, meta_model_from_dir(base.path))
+    config = dataclasses.replace(config, target_modules=targets)
     if info.is_main:
         logger.info("base model %s (%s) at %s", base.model_id, base.source, base.path)
     device = pick_device(config.device, info.local_rank)

@@ -27,7 +27,7 @@ from client.types import (
     FineTuningJobCreateRequest,
     FineTuningJobHyperparameters,
 )
-from trainer.config import DEFAULT_LR, TrainConfig, TrainConfigError, auto_epochs
+from trainer.config import ALL_LINEAR, DEFAULT_LR, TrainConfig, TrainConfigError, auto_epochs
 from trainer.data import JsonlStats
 
 EXTENSIONS: dict[str, str] = {
@@ -295,12 +295,15 @@ def _check_limits(
             param=param,
         )
     if base.target_modules is not None:
-        unknown = [m for m in config.target_modules if m not in base.target_modules]
+        unknown = [
+            m for m in config.target_modules if m != ALL_LINEAR and m not in base.target_modules
+        ]
         if unknown:
             param = _request_param("target_modules", prefix)
             raise InvalidRequestError(
                 f"{param}: {', '.join(map(repr, unknown))} not among the adaptable modules "
-                f"of {base.model_id} ({', '.join(sorted(base.target_modules))})",
+                f"of {base.model_id} ({', '.join(sorted(base.target_modules))}, "
+                f"or {ALL_LINEAR})",
                 param=param,
             )
 

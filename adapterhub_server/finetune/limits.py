@@ -71,15 +71,18 @@ class BaseModelInfo:
     """Its context window (`max_position_embeddings`): the largest `max_seq_len` of a job.
     None: unknown, only the trainer's own checks apply."""
     target_modules: frozenset[str] | None = None
-    """Leaf names of its adaptable linear modules (`q_proj`, ...): what `lora_target_modules`
-    may name. None: unknown, not checked."""
+    """Leaf names of its adaptable linear modules (`q_proj`, ..., Phi-3's `qkv_proj`): what
+    `lora_target_modules` may name, besides `all-linear`. None: unknown, not checked."""
 
     @classmethod
     def from_directory(cls, path: Path, model_id: str) -> BaseModelInfo:
-        """The info of a local HF-format model directory, from its `config.json` alone.
+        """The info of a local HF-format model directory, from its `config.json` alone: the
+        modules are those of the family's transformers class built on the meta device, as
+        the registry lists them (`registry.targets`), so any decoder family is covered.
 
         Raises:
-            BaseModelError: the config cannot be read, or is not of a supported family.
+            BaseModelError: the config cannot be read, or is not that of a decoder-only
+                causal LM transformers implements.
         """
         from adapterhub_server.registry.targets import targets_from_config
 

@@ -571,14 +571,19 @@ class Registry:
         """Run the engine's own loader on the staged copy; (rank, alpha, target leaf names)."""
         if self.base is None:  # push checks this first; kept for direct callers
             raise RegistryError("no base model configured to validate against")
-        adapter = load_adapter(
-            path,
-            name=name,
-            targets=dict(self.base.targets),
-            max_rank=self.limits.max_lora_rank,
-            max_file_bytes=self.limits.max_upload_bytes,
-            serving_dtype=self.limits.serving_dtype,
-        )
+        try:
+            adapter = load_adapter(
+                path,
+                name=name,
+                targets=dict(self.base.targets),
+                max_rank=self.limits.max_lora_rank,
+                max_file_bytes=self.limits.max_upload_bytes,
+                serving_dtype=self.limits.serving_dtype,
+            )
+        except AdapterValidationError:
+            # The loader knows no MoE blocks: say so when that is why (experts not served).
+            self.base.refuse_unserved(path, max_file_bytes=self.limits.max_upload_bytes)
+            raise
         alpha = adapter.config.get("lora_alpha")
         targets = tuple(sorted({module.rsplit(".", 1)[-1] for module in adapter.modules}))
         return adapter.rank, float(alpha) if alpha is not None else None, targets

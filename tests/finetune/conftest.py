@@ -20,7 +20,7 @@ from adapterhub_server.finetune import (
     RunnerConfig,
 )
 from tests.api.fake_engine import FakeEngine
-from trainer.config import DEFAULT_TARGET_MODULES
+from tests.tiny_models import ALL_PROJECTIONS
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
 BASE_ID = FakeEngine().base_model_id
@@ -74,7 +74,7 @@ def make_service(tmp_path: Path) -> Iterator[Callable[..., FineTuningService]]:
                 model_id=BASE_ID,
                 path=tmp_path / "base",
                 context_length=BASE_CONTEXT,
-                target_modules=frozenset(DEFAULT_TARGET_MODULES),
+                target_modules=frozenset(ALL_PROJECTIONS),
             ),
             registry=tmp_path / "registry",
             runner=fake_runner(**runner),

@@ -11,7 +11,8 @@ from adapterhub_server.finetune import hyperparameters
 from adapterhub_server.finetune.hyperparameters import plan_training
 from adapterhub_server.finetune.limits import BaseModelInfo, FineTuningLimits
 from client.types import FineTuningJobCreateRequest
-from trainer.config import DEFAULT_TARGET_MODULES, TrainConfig, auto_epochs
+from tests.tiny_models import ALL_PROJECTIONS
+from trainer.config import TrainConfig, auto_epochs
 from trainer.data import JsonlStats
 
 
@@ -46,7 +47,7 @@ def plan(
             model_id="served-base",
             path=Path("/models/base"),
             context_length=context,
-            target_modules=frozenset(DEFAULT_TARGET_MODULES),
+            target_modules=frozenset(ALL_PROJECTIONS),
         ),
         limits=limits or FineTuningLimits(),
         registry=tmp_path / "registry",
@@ -73,6 +74,7 @@ def test_auto_means_the_trainers_defaults(tmp_path: Path) -> None:
     assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (25, 4, 1.0)
     assert hp.learning_rate == 1e-3
     assert hp.lora_r == defaults.r
+    assert hp.lora_target_modules == ["all-linear"]  # resolved against the base by the trainer
     assert hp.packing is False
     assert hp.extract_rank is None
 

@@ -12,7 +12,7 @@ from adapterhub_server.config import EngineConfig, ServerConfig
 from adapterhub_server.finetune import JOBS_DIR_ENV, default_jobs_dir
 from adapterhub_server.server import build_server
 from tests.api.fake_engine import FakeEngine
-from trainer.config import DEFAULT_TARGET_MODULES
+from tests.tiny_models import ALL_PROJECTIONS
 
 
 def test_cli_flags(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_the_server_passes_its_limits_and_base_model_to_fine_tuning(
         assert service.limits.max_lora_rank == 8
         assert service.base.model_id == "tiny-base"
         assert service.base.context_length == 256  # the tiny model's max_position_embeddings
-        assert service.base.target_modules == frozenset(DEFAULT_TARGET_MODULES)
+        assert service.base.target_modules == frozenset(ALL_PROJECTIONS)
     finally:
         server.engine.shutdown()
         if server.fine_tuning is not None:
