@@ -152,11 +152,10 @@ def test_mixed_batch_greedy_equals_peft(family: Family) -> None:
         assert results[rid].token_ids == family.greedy(adapter, ids, n), (family.name, rid, adapter)
 
 
+@pytest.mark.parametrize("family", SLIDING_FAMILIES, indirect=True)
 @pytest.mark.parametrize("adapter", [None, "wide"])
 def test_prompts_longer_than_the_window(family: Family, adapter: str | None) -> None:
     """Chunked prefill across the window boundary, then decoding past it."""
-    if family.name not in SLIDING_FAMILIES:
-        pytest.skip("no sliding-window layers")
     engine = family.engine(max_num_batched_tokens=8, max_num_seqs=2)
     tok = engine.tokenizer
     prompt = (tok.encode(" ".join(PROMPTS)) * 3)[: 3 * SLIDING_WINDOW]
