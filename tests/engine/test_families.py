@@ -24,6 +24,7 @@ from adapterhub_server.engine.build import build_engine
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.models.attention import PrefillChunk, build_attention_metadata
+from tests.engine.conftest import greedy_continuation
 from tests.engine.test_engine import PROMPTS, Result, _drain
 from tests.tiny_families import (
     ATTENTION_PROJECTIONS,
@@ -57,15 +58,7 @@ class Family:
         return self._models[adapter]
 
     def greedy(self, adapter: str | None, prompt: list[int], n: int) -> list[int]:
-        out = self.reference(adapter).generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        return out[0, len(prompt) :].tolist()
+        return greedy_continuation(self.reference(adapter), prompt, n)
 
     def engine(self, **overrides: int) -> LLMEngine:
         config = EngineConfig(
