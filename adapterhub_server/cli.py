@@ -15,6 +15,7 @@ from adapterhub_server.config import (
     EngineConfig,
     ServerConfig,
 )
+from adapterhub_server.engine.kv_sizing import parse_size
 from adapterhub_server.errors import AdapterHubError
 from adapterhub_server.logs import configure_logging
 from adapterhub_server.registry import default_registry_dir
@@ -66,7 +67,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-cpu-loras", type=int, default=None, help="parsed adapters kept in host memory"
     )
     serve.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
-    serve.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    serve.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=d.max_num_seqs,
+        help="cap on sequences running at once; free KV blocks decide below it",
+    )
+    serve.add_argument(
+        "--block-size", type=int, default=d.block_size, help="token positions per KV block"
+    )
+    serve.add_argument(
+        "--kv-cache-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="KV cache size: bytes, or a number with KiB/MiB/GiB (binary) or KB/MB/GB; "
+        "default 2GiB on CPU, and on CUDA what --gpu-memory-utilization leaves",
+    )
+    serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=d.gpu_memory_utilization,
+        help="on CUDA without --kv-cache-memory: fraction of the device's memory for "
+        "weights, adapters, activations and KV together (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="do not reuse cached KV blocks of earlier requests with the same prefix",
+    )
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     serve.add_argument(
@@ -249,6 +279,13 @@ def read_keys(values: Sequence[str], files: Sequence[Path], env_var: str) -> tup
     return tuple(dict.fromkeys(keys))
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     engine = EngineConfig(
         max_num_seqs=args.max_num_seqs,
@@ -263,6 +300,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queued_requests=args.max_queued_requests,
         lora_kernel=args.lora_kernel,
         cuda_graphs=args.cuda_graphs,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        prefix_caching=args.prefix_caching,
     )
     modules = dict(args.lora_modules)
     if len(modules) != len(args.lora_modules):

@@ -19,8 +19,8 @@ DEFAULT_MAX_FINE_TUNING_TOKENS = 100_000_000
 class EngineConfig:
     """Capacity and numerics of the inference engine."""
 
-    max_num_seqs: int = 32
-    """Sequences decoded together in one step (also the number of KV cache rows)."""
+    max_num_seqs: int = 256
+    """Cap on sequences running at once; below it, free KV blocks decide admission."""
     max_model_len: int | None = None
     """Prompt + generated tokens per sequence; default min(model context, 2048)."""
     max_num_batched_tokens: int = 512
@@ -43,6 +43,16 @@ class EngineConfig:
     cuda_graphs: bool = True
     """On CUDA with the Triton LoRA kernels, replay decode steps from CUDA graphs captured
     per batch and key-length bucket; False runs every step eagerly (for debugging)."""
+    block_size: int = 16
+    """Token positions per KV cache block."""
+    kv_cache_memory: int | None = None
+    """Bytes of KV cache; None: 2 GiB on CPU, and on CUDA what `gpu_memory_utilization`
+    leaves after the weights, the adapter slots and one full step."""
+    gpu_memory_utilization: float = 0.9
+    """On CUDA without `kv_cache_memory`: the fraction of the device's total memory the
+    engine may use for weights, adapters, activations and KV together (as vLLM means it)."""
+    prefix_caching: bool = True
+    """Reuse cached KV blocks of earlier sequences with the same adapter and prefix."""
     max_queued_requests: int = 256
     """Requests accepted beyond the running batch; past it new requests get HTTP 429 with
     Retry-After at once, so memory stays flat under overload."""
@@ -63,6 +73,12 @@ class EngineConfig:
             raise ValueError(f"unknown lora_kernel {self.lora_kernel!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ValueError("kv_cache_memory must be >= 1 byte")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
 

@@ -122,6 +122,17 @@ def make_random_llama(
     return path
 
 
+def kv_bytes_per_token(base_dir: Path) -> int:
+    """Keys and values of one token over every layer, in 16-bit."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(base_dir)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * 2
+
+
 def adapter_targets(base_dir: Path) -> dict:
     """The base model's adaptable modules (`TargetShape`s), read from a meta-device copy."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -372,9 +383,13 @@ def bench_decode(args, base_dir: Path, device: torch.device, dtype: torch.dtype)
     graphs = False
     for n, ks in plan.items():
         prompts = torch.randint(low, vocab, (n, args.prompt_len), generator=gen).tolist()
+        # Room for every sequence at full length twice over, given explicitly: the default
+        # (a fraction of the device) would count the previous engine's memory as taken.
+        kv_bytes = 2 * n * (args.prompt_len + args.new_tokens) * kv_bytes_per_token(base_dir)
         config = EngineConfig(
             max_num_seqs=n,
             max_num_batched_tokens=max(n * args.prompt_len, 512),
+            kv_cache_memory=kv_bytes,
             max_loras=max(ks),
             max_model_len=args.prompt_len + args.new_tokens,
             max_lora_rank=max(64, args.rank),

@@ -215,6 +215,26 @@ class EngineCollector(Collector):
             "Admissions whose adapter had to be written into a device slot.",
             stats.adapter_cache_misses,
         )
+        yield _gauge(
+            "kv_cache_usage_ratio",
+            "Fraction of the KV cache's blocks held by running sequences (0-1).",
+            stats.kv_cache_usage,
+        )
+        yield _counter(
+            "prefix_cache_queries_tokens",
+            "Prompt tokens looked up in the prefix cache at admission.",
+            stats.prefix_cache_queried_tokens,
+        )
+        yield _counter(
+            "prefix_cache_hits_tokens",
+            "Prompt tokens whose keys and values came from the prefix cache.",
+            stats.prefix_cache_hit_tokens,
+        )
+        yield _counter(
+            "preemptions",
+            "Running sequences preempted for lack of KV blocks (recomputed later).",
+            stats.preemptions,
+        )
         yield _counter(
             "adapter_loads", "Adapters read and validated from files.", stats.adapter_loads
         )

@@ -202,6 +202,10 @@ class AsyncLLMEngine:
             adapter_evictions=cache.evictions,
             adapter_cache_hits=cache.hits,
             adapter_cache_misses=cache.misses,
+            kv_cache_usage=engine.kv.usage(),
+            prefix_cache_queried_tokens=engine.kv.stats.queried_tokens,
+            prefix_cache_hit_tokens=engine.kv.stats.hit_tokens,
+            preemptions=engine.scheduler.num_preemptions,
         )
 
     # -- EngineClient -------------------------------------------------------------------

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import torch
 
-from adapterhub_server.base_model import ResolvedBaseModel
+from adapterhub_server.base_model import ResolvedBaseModel, weights_fingerprint
 from adapterhub_server.config import EngineConfig
+from adapterhub_server.engine import kv_sizing
 from adapterhub_server.engine.decode_graphs import DecodeGraphs
 from adapterhub_server.engine.engine import LLMEngine
+from adapterhub_server.engine.kv_blocks import BlockPool
+from adapterhub_server.engine.kv_cache_manager import KVCacheManager
 from adapterhub_server.errors import BaseModelError
 from adapterhub_server.lora.adapter import adaptable_modules
 from adapterhub_server.lora.cache import AdapterCache, AdapterSource, StaticAdapterSource
@@ -89,16 +92,16 @@ def build_engine(
             "batch of many sequences would change every other sequence's positions; serve it "
             f"with --max-model-len {batch_rope_limit} or less"
         )
-    kv = KVCache(
-        num_layers=model.shape.num_layers,
-        rows=config.max_num_seqs,
-        num_kv_heads=model.shape.num_kv_heads,
-        max_len=max_model_len,
-        head_dim=model.shape.head_dim,
-        dtype=dtype,
-        device=device,
-    )
-    _check_attention(model, kv, hf_config.model_type)
+    windows = _check_attention(model, _kv_cache(model, config, 2), hf_config.model_type)
+    # Blocks behind a window can be released only when every layer slides.
+    window = None
+    if all(w is not None for w in windows.values()):
+        window = max(w for w in windows.values() if w is not None)
+    num_blocks, budget_note = _num_blocks(model, config, groups, dtype, device)
+    kv = _kv_cache(model, config, num_blocks)
+    blocks = BlockPool(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
+    blocks.on_first_use = kv.zero_blocks
+    kv_manager = KVCacheManager(blocks, sliding_window=window)
     if source is None:
         source = StaticAdapterSource(lora_modules or {})
     assert config.max_cpu_loras is not None
@@ -117,15 +120,22 @@ def build_engine(
     use_kernels = config.use_lora_kernels()
     graphs = None
     if config.use_cuda_graphs():
-        graphs = DecodeGraphs(model, kv, pool, max_num_seqs=config.max_num_seqs)
+        graphs = DecodeGraphs(
+            model, kv, pool, max_num_seqs=config.max_num_seqs, max_model_len=max_model_len
+        )
     logger.info(
-        "engine ready: %s on %s/%s, max_model_len=%d, kv cache %.0f MiB, LoRA ops %s, "
-        "decode %s, load %.1f s",
+        "engine ready: %s on %s/%s, max_model_len=%d, KV cache %s (%s) = %d blocks of %d "
+        "= %d tokens, prefix caching %s, LoRA ops %s, decode %s, load %.1f s",
         base.model_id,
         device,
         str(dtype).removeprefix("torch."),
         max_model_len,
-        kv.nbytes / 2**20,
+        kv_sizing.format_bytes(kv.nbytes),
+        budget_note,
+        blocks.usable_blocks,
+        config.block_size,
+        blocks.usable_blocks * config.block_size,
+        "on" if config.prefix_caching else "off",
         "triton" if use_kernels else "torch",
         "CUDA graphs" if graphs else "eager",
         time.perf_counter() - t0,
@@ -134,7 +144,9 @@ def build_engine(
         model=model,
         tokenizer=tokenizer,
         kv_cache=kv,
+        kv_manager=kv_manager,
         adapters=adapters,
+        base_identity=weights_fingerprint(base.path),
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=max_model_len,
@@ -214,19 +226,103 @@ def _install_lora_layers(
             replace_module(hf, path, member)
 
 
-def _check_attention(model: BatchedCausalLM, kv: KVCache, model_type: str) -> None:
-    """Every layer must attend through the engine's attention (and so its KV cache)."""
-    meta = build_attention_metadata([0], [0], [], kv.k.device)
+def _check_attention(model: BatchedCausalLM, kv: KVCache, model_type: str) -> dict[int, int | None]:
+    """Every layer must attend through the engine's attention (and so its KV cache);
+    returns each layer's sliding window (None: it sees every key)."""
+    meta = build_attention_metadata([[1]], [0], [], kv.block_size, kv.k.device)
     try:
-        seen = model.layers_attending(meta, kv)
+        windows = model.layers_attending(meta, kv)
     except attention_interface.UnsupportedAttentionError as exc:
         raise BaseModelError(f"model type {model_type!r}: {exc}") from exc
-    missing = sorted(set(range(model.shape.num_layers)) - seen)
+    missing = sorted(set(range(model.shape.num_layers)) - set(windows))
     if missing:
         raise BaseModelError(
             f"model type {model_type!r} is not servable: layers {missing} do not use "
             "transformers' attention interface"
         )
+    return windows
+
+
+def _kv_cache(model: BatchedCausalLM, config: EngineConfig, num_blocks: int) -> KVCache:
+    return KVCache(
+        num_layers=model.shape.num_layers,
+        num_blocks=num_blocks,
+        block_size=config.block_size,
+        num_kv_heads=model.shape.num_kv_heads,
+        head_dim=model.shape.head_dim,
+        dtype=config.torch_dtype(),
+        device=config.torch_device(),
+    )
+
+
+def _num_blocks(
+    model: BatchedCausalLM,
+    config: EngineConfig,
+    groups: list[PackedGroup],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[int, str]:
+    """How many KV blocks the budget holds, and where the budget came from (for the log)."""
+    per_block = KVCache.bytes_per_block(
+        num_layers=model.shape.num_layers,
+        block_size=config.block_size,
+        num_kv_heads=model.shape.num_kv_heads,
+        head_dim=model.shape.head_dim,
+        dtype=dtype,
+    )
+    if config.kv_cache_memory is not None:
+        budget, note = config.kv_cache_memory, "--kv-cache-memory"
+    elif device.type != "cuda":
+        budget, note = kv_sizing.DEFAULT_CPU_KV_CACHE_BYTES, "default on CPU"
+    else:
+        budget = _gpu_kv_budget(model, config, groups, dtype, device)
+        note = f"--gpu-memory-utilization {config.gpu_memory_utilization}"
+    try:
+        return kv_sizing.num_blocks_for(budget, per_block), note
+    except ValueError as exc:
+        raise BaseModelError(str(exc)) from exc
+
+
+def _gpu_kv_budget(
+    model: BatchedCausalLM,
+    config: EngineConfig,
+    groups: list[PackedGroup],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> int:
+    """Run the largest step the scheduler can form (a full token budget of prefill) on a
+    cache just big enough for it, and give the KV cache what the utilization target leaves
+    after that peak, the adapter slots' full size and the memory outside torch."""
+    tokens = config.max_num_batched_tokens
+    probe = _kv_cache(model, config, -(-tokens // config.block_size) + 1)
+    blocks = list(range(1, probe.num_blocks))
+    meta = build_attention_metadata([], [], [(blocks, 0, tokens)], config.block_size, device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.zeros(tokens, dtype=torch.long, device=device)
+    last = torch.tensor([tokens - 1], device=device)
+    model(ids, torch.arange(tokens, device=device), meta, probe, None, last)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del probe, meta, ids, last
+    free, total = torch.cuda.mem_get_info(device)
+    non_torch = max(0, (total - free) - torch.cuda.memory_reserved(device))
+    reserve = kv_sizing.adapter_pool_bytes(
+        ((g.in_features, g.out_features) for g in groups),
+        slots=config.max_loras,
+        max_rank=config.max_lora_rank,
+        element=torch.empty(0, dtype=dtype).element_size(),
+    )
+    try:
+        return kv_sizing.gpu_kv_budget(
+            total_bytes=total,
+            utilization=config.gpu_memory_utilization,
+            peak_torch_bytes=peak,
+            non_torch_bytes=non_torch,
+            adapter_reserve_bytes=reserve,
+        )
+    except ValueError as exc:
+        raise BaseModelError(str(exc)) from exc
 
 
 def _eos_token_ids(hf: torch.nn.Module, tokenizer: object) -> set[int]:

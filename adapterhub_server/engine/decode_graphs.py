@@ -1,4 +1,4 @@
-"""Decode steps replayed from CUDA graphs, one per (batch bucket, key-length bucket, LoRA).
+"""Decode steps replayed from CUDA graphs, one per (batch bucket, block-table bucket, LoRA).
 
 A decode step of a 1B model at tens of sequences launches hundreds of small kernels; on a
 GPU the host's launch overhead, not the math, then sets the step time. A CUDA graph records
@@ -7,10 +7,11 @@ kernels, shapes and addresses it recorded, so everything a step varies must live
 buffers the graph reads, and every host-side value must be fixed per graph:
 
 * the batch is padded to a bucket B (1, 2, 4, 8, then multiples of 8 up to
-  ``max_num_seqs``); padding rows decode token 0 at position 0 of a free cache row with
-  no adapter, and their logits are dropped;
-* attention reads a bucketed key length L (powers of two from 64 up to the cache length)
-  and builds its mask on the device from the positions buffer
+  ``max_num_seqs``); padding rows decode token 0 at position 0 with an all-null block
+  table and no adapter (they write only into the null block), and their logits are dropped;
+* attention reads a bucketed block-table width W (powers of two of blocks from 64 tokens
+  up to ``max_model_len``) from a static ``[B, W]`` table buffer, and builds its slots and
+  mask on the device from the positions and the table
   (`models.attention.decode_only_metadata`);
 * LoRA runs through the Triton kernels with static per-rank-class chunk tables sized for
   the worst case of B tokens (`lora.kernels.KernelMapping`): padding chunks have count 0,
@@ -18,8 +19,8 @@ buffers the graph reads, and every host-side value must be fixed per graph:
   tensors; when the pool reallocates them (it grew), every graph is dropped and recaptured.
   A step in which no sequence uses an adapter replays a graph without the LoRA kernels.
 
-Per step the host writes ids, positions and chunk tables into pinned memory, issues one
-non-blocking copy per buffer, and replays. Graphs are captured on first use of a bucket.
+Per step the host writes ids, positions, block tables and chunk tables into pinned memory,
+issues one non-blocking copy per buffer, and replays. Graphs are captured on first use of a bucket.
 
 With ``capture=False`` the same static buffers and padded layout run eagerly: that is how
 the tests check on CPU that the padded, bucketed step computes what the dynamic one does.
@@ -51,14 +52,16 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return [*sizes, max_num_seqs]
 
 
-def key_len_buckets(max_len: int) -> list[int]:
-    """Attended key lengths: powers of two from 64, and the cache length itself."""
+def table_width_buckets(max_model_len: int, block_size: int) -> list[int]:
+    """Block-table widths: powers of two of blocks from 64 tokens' worth, and the width of
+    a `max_model_len` sequence."""
+    widest = -(-max_model_len // block_size)
     sizes = []
-    n = _MIN_KEY_LEN
-    while n < max_len:
+    n = max(1, -(-_MIN_KEY_LEN // block_size))
+    while n < widest:
         sizes.append(n)
         n *= 2
-    return [*sizes, max_len]
+    return [*sizes, widest]
 
 
 def _bucket(buckets: Sequence[int], n: int) -> int | None:
@@ -79,11 +82,13 @@ class _Step:
     """The static buffers of one (B, L, LoRA) bucket and, on CUDA, its captured graph."""
 
     batch: int
-    key_len: int
+    width: int
     classes: tuple[tuple[int, int], ...]
     """(rank class, chunk capacity) per class the graph launches the kernels for."""
     ids_positions: torch.Tensor
     """``[2, B]`` int64: token ids, then positions."""
+    block_table: torch.Tensor
+    """``[B, W]`` int64 block tables, padded with the null block."""
     tables: torch.Tensor
     """int32, per class ``[tokens B | slots C | starts C | counts C]``."""
     lora: LoRABatch | None
@@ -101,17 +106,18 @@ class DecodeGraphs:
         pool: LoRAWeightPool,
         *,
         max_num_seqs: int,
+        max_model_len: int,
         capture: bool = True,
     ) -> None:
         self.model = model
         self.cache = cache
         self.pool = pool
         self.capture = capture
-        self.batch_buckets = batch_buckets(min(max_num_seqs, cache.rows))
-        self.key_len_buckets = key_len_buckets(cache.max_len)
+        self.batch_buckets = batch_buckets(max_num_seqs)
+        self.width_buckets = table_width_buckets(max_model_len, cache.block_size)
         self._device = cache.k.device
         self._steps: dict[tuple[int, int, bool], _Step] = {}
-        """(batch bucket, key-length bucket, any adapter in the step) -> buffers, graph."""
+        """(batch bucket, table-width bucket, any adapter in the step) -> buffers, graph."""
         self._failed: set[tuple[int, int, bool]] = set()
         self._pool_version = pool.version
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
@@ -130,35 +136,39 @@ class DecodeGraphs:
         return sum(s.graph is not None for s in self._steps.values())
 
     def run(
-        self, ids: Sequence[int], positions: Sequence[int], routes: Sequence[Route | None]
+        self,
+        ids: Sequence[int],
+        positions: Sequence[int],
+        routes: Sequence[Route | None],
+        tables: Sequence[Sequence[int]],
     ) -> torch.Tensor | None:
-        """Decode one token for each of n sequences in cache rows ``0..n-1``; the rows
-        after them, up to the bucket, must hold no live sequence (padding writes there).
+        """Decode one token for each of n sequences.
 
         Args:
             ids, positions: per sequence, its input token and where it is written.
             routes: per sequence, ``(rank_class, slot)`` or None.
+            tables: per sequence, its block table.
         Returns:
             ``[n, vocab]`` float32 logits (a view of a static buffer, valid until the next
             call), or None when this step does not fit a bucket: the caller runs it eagerly.
         """
         n = len(ids)
         batch = _bucket(self.batch_buckets, n)
-        key_len = _bucket(self.key_len_buckets, max(positions) + 1)
+        width = _bucket(self.width_buckets, max(len(t) for t in tables))
         # Steps without any adapter replay a graph without LoRA kernels: base traffic pays
         # nothing for the adapters resident in the pool.
-        key = (batch, key_len, any(r is not None for r in routes))
-        if batch is None or key_len is None or key in self._failed:
+        key = (batch, width, any(r is not None for r in routes))
+        if batch is None or width is None or key in self._failed:
             return None
         if self.pool.version != self._pool_version:
             self._drop_all("the adapter pool was reallocated")
         step = self._steps.get(key)
         if step is None:
-            step = self._steps[key] = self._new_step(batch, key_len, lora=key[2])
+            step = self._steps[key] = self._new_step(batch, width, lora=key[2])
         known = {c for c, _ in step.classes}
         if any(r is not None and r[0] not in known for r in routes):
             return None  # a rank class the pool did not have when the buffers were made
-        self._fill(step, ids, positions, routes)
+        self._fill(step, ids, positions, routes, tables)
         if not self.capture:
             self._forward(step)
             self.num_runs += 1
@@ -168,10 +178,10 @@ class DecodeGraphs:
                 self._capture(step)
             except Exception:
                 logger.exception(
-                    "capturing the decode graph for batch %d, key length %d failed; "
+                    "capturing the decode graph for batch %d, table width %d failed; "
                     "that bucket runs eagerly",
                     batch,
-                    key_len,
+                    width,
                 )
                 self._failed.add(key)
                 del self._steps[key]
@@ -183,7 +193,7 @@ class DecodeGraphs:
 
     # -- buffers -------------------------------------------------------------------------
 
-    def _new_step(self, batch: int, key_len: int, *, lora: bool) -> _Step:
+    def _new_step(self, batch: int, width: int, *, lora: bool) -> _Step:
         dev = self._device
         classes = tuple(
             (c, chunk_capacity(batch, self.pool.capacity(c)))
@@ -202,9 +212,10 @@ class DecodeGraphs:
             mappings.append(KernelMapping(c, *views))
         return _Step(
             batch=batch,
-            key_len=key_len,
+            width=width,
             classes=classes,
             ids_positions=torch.zeros(2, batch, dtype=torch.long, device=dev),
+            block_table=torch.zeros(batch, width, dtype=torch.long, device=dev),
             tables=tables,
             lora=LoRABatch(kernel_mappings=mappings) if mappings else None,
             logits_index=torch.arange(batch, device=dev),
@@ -216,9 +227,12 @@ class DecodeGraphs:
         ids: Sequence[int],
         positions: Sequence[int],
         routes: Sequence[Route | None],
+        tables: Sequence[Sequence[int]],
     ) -> None:
         pad = step.batch - len(ids)
         _copy_in(step.ids_positions, [[*ids, *[0] * pad], [*positions, *[0] * pad]])
+        rows = [[*t, *[0] * (step.width - len(t))] for t in tables]
+        _copy_in(step.block_table, rows + [[0] * step.width] * pad)
         if not step.classes:
             return
         plans = plan_chunks(routes)
@@ -239,7 +253,7 @@ class DecodeGraphs:
         """The step, from the static buffers into the shared logits buffer (whose first
         B rows it returns)."""
         ids, positions = step.ids_positions[0], step.ids_positions[1]
-        attn = decode_only_metadata(positions, step.key_len)
+        attn = decode_only_metadata(positions, step.block_table, self.cache.block_size)
         logits = self.model(ids, positions, attn, self.cache, step.lora, step.logits_index)
         out = self._logits[: step.batch]
         out.copy_(logits)
@@ -262,7 +276,7 @@ class DecodeGraphs:
         step.graph = graph
         self.num_captures += 1
         logger.info(
-            "captured the decode graph for batch %d, key length %d", step.batch, step.key_len
+            "captured the decode graph for batch %d, table width %d", step.batch, step.width
         )
 
     def _drop_all(self, reason: str) -> None:

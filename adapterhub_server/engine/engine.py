@@ -21,6 +21,7 @@ import torch
 
 from adapterhub_server.engine.decode_graphs import DecodeGraphs
 from adapterhub_server.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from adapterhub_server.engine.kv_cache_manager import KVCacheManager
 from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from adapterhub_server.engine.sampler import NON_FINITE, Sampler, make_generator
 from adapterhub_server.engine.sampling_params import SamplingParams
@@ -29,7 +30,7 @@ from adapterhub_server.engine.sequence import Sequence
 from adapterhub_server.errors import AdapterHubError, ContextLengthError, InvalidRequestError
 from adapterhub_server.lora.cache import AdapterCache
 from adapterhub_server.lora.ops import Route, Segment, build_lora_batch
-from adapterhub_server.models.attention import KVCache, PrefillChunk, build_attention_metadata
+from adapterhub_server.models.attention import KVCache, build_attention_metadata
 from adapterhub_server.models.causal_lm import BatchedCausalLM
 from adapterhub_server.models.transfer import to_device
 
@@ -47,7 +48,9 @@ class LLMEngine:
         model: BatchedCausalLM,
         tokenizer: object,
         kv_cache: KVCache,
+        kv_manager: KVCacheManager,
         adapters: AdapterCache,
+        base_identity: str,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
@@ -59,7 +62,10 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.kv_cache = kv_cache
+        self.kv = kv_manager
         self.adapters = adapters
+        self.base_identity = base_identity
+        """Content identity of the base weights: what base rows' cached KV is keyed by."""
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.device = device
@@ -71,7 +77,10 @@ class LLMEngine:
         self.scheduler = Scheduler(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            kv=kv_manager,
             acquire_adapter=self._acquire,
+            release_adapter=self._release,
+            identity=self._identity,
         )
         self._requests: dict[str, Sequence] = {}
         self.num_steps = 0
@@ -98,6 +107,16 @@ class LLMEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens. "
                 f"However, you requested {len(prompt_ids) + params.max_tokens} tokens "
                 f"({len(prompt_ids)} in the prompt, {params.max_tokens} for the completion).",
+                param="max_tokens",
+            )
+        total = len(prompt_ids) + params.max_tokens
+        needed = self.kv.blocks_needed(total, self.scheduler.max_num_batched_tokens)
+        if needed > self.kv.pool.usable_blocks:
+            raise ContextLengthError(
+                f"This request needs {total} tokens of KV cache ({len(prompt_ids)} in the "
+                f"prompt, {params.max_tokens} for the completion), more than the whole cache "
+                f"holds ({self.kv.pool.usable_blocks * self.kv.block_size} tokens); "
+                "lower max_tokens or shorten the prompt",
                 param="max_tokens",
             )
         vocab = self.model.shape.vocab_size
@@ -164,7 +183,6 @@ class LLMEngine:
             tokens = len(plan.decodes) + sum(c.num_tokens for c in plan.prefills)
             self.step_observer(len(plan.decodes) + len(plan.prefills), tokens)
         outputs.extend(self._run_isolated(plan))
-        self._compact_rows()
         return outputs
 
     def _run_isolated(self, plan: SchedulerOutput) -> list[RequestOutput]:
@@ -216,44 +234,36 @@ class LLMEngine:
         ids: list[int] = []
         positions: list[int] = []
         dense_routes: list[Route | None] = []
-        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
         for seq in plan.decodes:
             p = seq.num_computed
             ids.append(seq.token_at(p))
             positions.append(p)
-            decode_rows.append(seq.row)
+            decode_tables.append(self.kv.block_ids(seq))
             dense_routes.append(seq.route)
         logits_index = list(range(len(plan.decodes)))
         samplers: list[Sequence] = list(plan.decodes)
-        chunks: list[PrefillChunk] = []
+        chunks: list[tuple[list[int], int, int]] = []
         segments: list[Segment] = []
         t = len(ids)
         for chunk in plan.prefills:
             seq, n, start = chunk.seq, chunk.num_tokens, chunk.seq.num_computed
-            ids.extend(seq.prompt_ids[start : start + n])
+            ids.extend(seq.tokens(start, start + n))
             positions.extend(range(start, start + n))
-            chunks.append(PrefillChunk(t, t + n, seq.row, start))
+            chunks.append((self.kv.block_ids(seq), start, n))
             if seq.route is not None:
                 segments.append(Segment(t, t + n, seq.route[0], seq.route[1]))
-            if start + n == len(seq.prompt_ids):
+            if start + n == seq.num_tokens:
                 logits_index.append(t + n - 1)
                 samplers.append(seq)
             t += n
 
         logits = None
-        # The graphs pad the batch with rows beyond the last sequence, writing position 0
-        # of each: only safe when the step holds every running sequence, in rows 0..n-1
-        # (not so for the parts of a failed step being retried).
-        if (
-            self.decode_graphs is not None
-            and not plan.prefills
-            and len(plan.decodes) == self.num_running
-            and decode_rows == list(range(len(decode_rows)))
-        ):
-            logits = self.decode_graphs.run(ids, positions, dense_routes)
+        if self.decode_graphs is not None and not plan.prefills:
+            logits = self.decode_graphs.run(ids, positions, dense_routes, decode_tables)
         if logits is None:
             logits = self._forward(
-                ids, positions, decode_rows, chunks, dense_routes, segments, logits_index
+                ids, positions, decode_tables, chunks, dense_routes, segments, logits_index
             )
         if samplers:
             generators = [s.generator for s in samplers]
@@ -271,8 +281,10 @@ class LLMEngine:
                 raise
         for seq in plan.decodes:
             seq.num_computed += 1
+            self.kv.commit(seq, seq.num_computed)
         for chunk in plan.prefills:
             chunk.seq.num_computed += chunk.num_tokens
+            self.kv.commit(chunk.seq, chunk.seq.num_computed)
         outputs: list[RequestOutput] = []
         for i, seq in enumerate(samplers):
             if seq.finished:  # aborted while the step ran
@@ -305,15 +317,17 @@ class LLMEngine:
         self,
         ids: list[int],
         positions: list[int],
-        decode_rows: list[int],
-        chunks: list[PrefillChunk],
+        decode_tables: list[list[int]],
+        chunks: list[tuple[list[int], int, int]],
         dense_routes: list[Route | None],
         segments: list[Segment],
         logits_index: list[int],
     ) -> torch.Tensor:
         """The eager forward of any step: decode tokens first, then prefill chunks."""
         dev = self.device
-        attn = build_attention_metadata(decode_rows, positions[: len(decode_rows)], chunks, dev)
+        attn = build_attention_metadata(
+            decode_tables, positions[: len(decode_tables)], chunks, self.kv.block_size, dev
+        )
         lora = build_lora_batch(
             dense_routes,
             segments,
@@ -399,7 +413,7 @@ class LLMEngine:
         cannot leave its row or adapter pin behind."""
         if seq.finished:
             return
-        was_running = seq.row is not None and seq in self.scheduler.running
+        was_running = seq in self.scheduler.running
         self.scheduler.finish(seq)
         seq.finish_reason = reason
         self._requests.pop(seq.request_id, None)
@@ -414,13 +428,18 @@ class LLMEngine:
             seq.error = f"internal error: {type(exc).__name__}: {exc}"
             seq.error_code = INTERNAL_ERROR
 
-    def _compact_rows(self) -> None:
-        for seq, src, dst in self.scheduler.compaction_moves():
-            self.kv_cache.move_row(src, dst, seq.num_computed)
-
     def _acquire(self, seq: Sequence) -> Route | None:
         assert seq.adapter is not None
         return self.adapters.acquire(seq.adapter)
+
+    def _release(self, seq: Sequence) -> None:
+        assert seq.adapter is not None
+        self.adapters.release(seq.adapter.key)
+
+    def _identity(self, seq: Sequence) -> str:
+        if seq.adapter is None:
+            return "base:" + self.base_identity
+        return "adapter:" + self.adapters.content_identity(seq.adapter.key)
 
 
 def _error_code(exc: Exception) -> str:

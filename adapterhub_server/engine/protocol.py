@@ -47,6 +47,14 @@ class EngineStats:
     """Admissions whose adapter was already in a device slot, since start."""
     adapter_cache_misses: int = 0
     """Admissions whose adapter had to be written into a device slot, since start."""
+    kv_cache_usage: float = 0.0
+    """Fraction of the KV cache's blocks held by running sequences (0-1)."""
+    prefix_cache_queried_tokens: int = 0
+    """Prompt tokens of admitted sequences looked up in the prefix cache, since start."""
+    prefix_cache_hit_tokens: int = 0
+    """Of those, tokens whose keys and values came from the cache, since start."""
+    preemptions: int = 0
+    """Running sequences that gave their KV blocks back to be recomputed later."""
 
 
 class EngineClient(Protocol):

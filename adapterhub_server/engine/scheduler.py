@@ -1,9 +1,14 @@
-"""Continuous batching: who runs in the next step, and with how many tokens.
+"""Continuous batching: who runs in the next step, with how many tokens, in which blocks.
 
 Each step first gives one token to every decoding sequence (so prefills never starve
 running decodes), then spends what is left of the token budget on prompt chunks: prompts
 already being prefilled first, then newly admitted requests in arrival order. A request is
-admitted only when a sequence slot, a KV cache row and its adapter's device slot are free.
+admitted when a sequence slot, its adapter's device slot and KV blocks for its first chunk
+are free; its prompt starts after the longest run of its blocks already in the prefix cache.
+
+When a running sequence needs a block and none is free, the newest running sequences give
+theirs back (*preemption*): they return to the head of the queue and are recomputed from
+their tokens (prompt and output so far) when blocks free up, so their output is unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from adapterhub_server.engine.kv_cache_manager import KVCacheManager
 from adapterhub_server.engine.sequence import Sequence, SequenceStatus
 from adapterhub_server.lora.ops import Route
 
@@ -22,6 +28,9 @@ logger = logging.getLogger(__name__)
 # How far past the queue head admission looks for a request whose adapter is ready, so one
 # cold adapter does not block everything behind it.
 _ADMIT_LOOKAHEAD = 64
+# Blocks admission leaves free for the running sequences to grow into: without headroom a
+# new request would be preempted again at once by the decodes of the others.
+_WATERMARK = 0.01
 
 
 @dataclass
@@ -64,14 +73,30 @@ class Scheduler:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        kv: KVCacheManager,
         acquire_adapter: Callable[[Sequence], Route | None],
+        release_adapter: Callable[[Sequence], None],
+        identity: Callable[[Sequence], str],
     ) -> None:
+        """
+        Args:
+            acquire_adapter: pin a waiting sequence's adapter in a device slot; its route,
+                or None while it is not ready.
+            release_adapter: unpin it (a sequence that is preempted or not admitted).
+            identity: the content identity a sequence's keys and values are cached under
+                (its adapter's, or the base weights').
+        """
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.kv = kv
         self.acquire_adapter = acquire_adapter
+        self.release_adapter = release_adapter
+        self.identity = identity
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._free_rows = list(range(max_num_seqs))
+        """Oldest first: the newest are preempted first."""
+        self.num_preemptions = 0
+        self._watermark = max(1, int(_WATERMARK * kv.pool.usable_blocks))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -82,23 +107,62 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        # Row order, so the decode rows are 0..n-1 and attention reads the cache by view.
-        running = sorted(self.running, key=lambda s: s.row)
-        for seq in running:
-            if not seq.prefilling and budget > 0:
-                out.decodes.append(seq)
-                budget -= 1
-        for seq in sorted(running, key=lambda s: s.arrival):
-            if seq.prefilling and budget > 0:
-                n = min(len(seq.prompt_ids) - seq.num_computed, budget)
+        scheduled: list[tuple[Sequence, int]] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            want = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._fit(seq, want)
+            if n == 0:
+                break  # `seq` itself was preempted: everything after it too
+            scheduled.append((seq, n))
+            budget -= n
+            i += 1
+        for seq, n in scheduled:
+            if seq.prefilling:
                 out.prefills.append(ScheduledChunk(seq, n))
-                budget -= n
+            else:
+                out.decodes.append(seq)
+        if not self.waiting or budget <= 0:
+            return out
         self._admit(out, budget)
         return out
+
+    def _fit(self, seq: Sequence, want: int) -> int:
+        """Blocks for `seq`'s next `want` tokens (fewer for a prompt chunk when that is all
+        that fits); preempts the newest running sequences while none fit. 0: `seq` itself
+        was preempted."""
+        kv = self.kv
+        while True:
+            room = (len(kv.block_ids(seq)) + kv.pool.num_free) * kv.block_size - seq.num_computed
+            n = min(want, room) if seq.prefilling else want
+            if n > 0 and kv.grow(seq, seq.num_computed, n):
+                return n
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return 0
+
+    def preempt(self, seq: Sequence) -> None:
+        """Give a running sequence's blocks back; it waits at the head of the queue and is
+        recomputed from its tokens later."""
+        self.running.remove(seq)
+        self.kv.close(seq)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        if seq.route is not None:
+            self.release_adapter(seq)
+            seq.route = None
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        logger.debug(
+            "preempted %s (%d tokens) for lack of KV blocks", seq.request_id, seq.num_tokens
+        )
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Sequence] = []
         looked = 0
+        kv = self.kv
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if looked >= _ADMIT_LOOKAHEAD:
                 break
@@ -113,42 +177,31 @@ class Scheduler:
                 skipped.append(seq)
                 continue
             seq.route = route
-            seq.row = self._free_rows.pop(0)
+            hit = kv.open(seq, self.identity(seq))
+            n = min(seq.num_tokens - hit, budget)
+            needed = kv.pool.blocks_for(hit + n) - len(kv.block_ids(seq))
+            if needed + self._watermark > kv.pool.num_free or not kv.grow(seq, hit, n):
+                kv.close(seq)
+                if route is not None:
+                    self.release_adapter(seq)
+                    seq.route = None
+                self.waiting.appendleft(seq)
+                break
+            kv.count_lookup(seq.num_tokens, hit)
+            seq.num_computed = hit
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            n = min(len(seq.prompt_ids), budget)
             out.prefills.append(ScheduledChunk(seq, n))
             budget -= n
         # Requests whose adapter is not ready keep their place at the head of the queue.
         self.waiting.extendleft(reversed(skipped))
 
     def finish(self, seq: Sequence) -> None:
-        """Take a running or waiting sequence out; its row becomes free."""
+        """Take a running or waiting sequence out; its blocks go back to the pool."""
         if seq in self.running:
             self.running.remove(seq)
-            assert seq.row is not None
-            self._free_rows.append(seq.row)
-            self._free_rows.sort()
+            self.kv.close(seq)
         else:
             with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
-
-    def compaction_moves(self) -> list[tuple[Sequence, int, int]]:
-        """Moves (sequence, old_row, new_row) that pack running sequences into the lowest rows.
-
-        Applied by the engine (which copies the KV) after sequences finish, so that decode
-        rows stay a prefix and attention keeps using a view of the cache.
-        """
-        moves: list[tuple[Sequence, int, int]] = []
-        while self._free_rows and self.running:
-            top = max(self.running, key=lambda s: s.row)
-            hole = self._free_rows[0]
-            if hole > top.row:
-                break
-            self._free_rows.pop(0)
-            self._free_rows.append(top.row)
-            self._free_rows.sort()
-            moves.append((top, top.row, hole))
-            top.row = hole
-        return moves

@@ -36,9 +36,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
-    """Tokens whose keys/values are in the cache."""
-    row: int | None = None
-    """KV cache row while running."""
+    """Tokens whose keys/values are in the cache (0 again after a preemption)."""
     route: Route | None = None
     """Adapter slot while running (None: base model)."""
     finish_reason: FinishReason | None = None
@@ -58,11 +56,20 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        """More than the last token is left to compute: a prompt, or a preempted sequence's
+        prompt and output, being (re)computed in chunks."""
+        return self.num_computed < self.num_tokens - 1
 
     def token_at(self, position: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Tokens at positions ``[start, end)`` (prompt, then output)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(0, start - n) : end - n]
 
     @property
     def finished(self) -> bool:

@@ -14,6 +14,7 @@ needs nothing else.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -25,7 +26,13 @@ from pathlib import Path
 from typing import Protocol
 
 from adapterhub_server.errors import AdapterNotFoundError, AdapterValidationError
-from adapterhub_server.lora.adapter import LoRAAdapter, TargetShape, load_adapter
+from adapterhub_server.lora.adapter import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    LoRAAdapter,
+    TargetShape,
+    load_adapter,
+)
 from adapterhub_server.lora.ops import Route, rank_class
 from adapterhub_server.lora.pool import LoRAWeightPool
 from adapterhub_server.lora.slots import SlotAllocator
@@ -146,6 +153,8 @@ class AdapterCache:
         self.slots = SlotAllocator(max_loras)
         self.max_cpu_loras = max_cpu_loras
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self._identities: dict[str, str] = {}
+        """Content identity of every adapter read so far, by key (see `content_identity`)."""
         self._loading: dict[str, Future[LoRAAdapter]] = {}
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
@@ -208,6 +217,13 @@ class AdapterCache:
     def release(self, key: str) -> None:
         self.slots.unpin(key)
 
+    def content_identity(self, key: str) -> str:
+        """What the adapter's cached KV is keyed by: a hash of its files' sha256, so two
+        versions of one name never share and the same bytes under two names do. Known for
+        every adapter that has been acquired (its files were read)."""
+        with self._lock:
+            return self._identities[key]
+
     def evict(self, key: str) -> bool:
         """Forget an adapter (e.g. deleted upstream) unless a running request pins it."""
         if self.slots.pinned(key):
@@ -215,6 +231,7 @@ class AdapterCache:
         self.slots.evict(key)
         with self._lock:
             self._host.pop(key, None)
+            self._identities.pop(key, None)
         return True
 
     def rank_of(self, key: str) -> int | None:
@@ -251,6 +268,9 @@ class AdapterCache:
                 max_rank=self.max_lora_rank,
                 serving_dtype=self.pool.dtype,
             )
+            digests = dict(loc.sha256 or {})
+            if not digests:
+                digests = {n: file_sha256(loc.path / n) for n in (CONFIG_FILE, WEIGHTS_FILE)}
         except (OSError, AdapterValidationError) as exc:
             if not loc.path.is_dir():
                 # Deleted after the request resolved it (a registry version's directory
@@ -263,6 +283,9 @@ class AdapterCache:
                     f"{loc.key}: the adapter's files cannot be read ({exc.strerror})"
                 ) from exc
             raise
+        identity = hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
+        with self._lock:
+            self._identities[loc.key] = identity
         seconds = time.perf_counter() - t0
         self._loads += 1
         self._load_seconds += seconds
@@ -287,19 +310,25 @@ class AdapterCache:
                 self._host.popitem(last=False)
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file; `AdapterValidationError` naming the file if it is unreadable."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        # strerror, not str(exc): that names the path, and the message reaches clients.
+        raise AdapterValidationError(f"{path.name}: cannot be read ({exc.strerror})") from exc
+    return h.hexdigest()
+
+
 def verify_files(directory: Path, expected: Mapping[str, str]) -> None:
     """Raise `AdapterValidationError` naming the first file whose sha256 differs."""
     for filename, digest in expected.items():
-        h = hashlib.sha256()
-        try:
-            with open(directory / filename, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        except OSError as exc:
-            # strerror, not str(exc): that names the path, and the message reaches clients.
-            raise AdapterValidationError(f"{filename}: cannot be read ({exc.strerror})") from exc
-        if h.hexdigest() != digest:
+        found = file_sha256(directory / filename)
+        if found != digest:
             raise AdapterValidationError(
                 f"{filename}: sha256 mismatch (stored file is corrupted: expected {digest}, "
-                f"found {h.hexdigest()})"
+                f"found {found})"
             )

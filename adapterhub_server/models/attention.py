@@ -1,13 +1,16 @@
-"""Static per-sequence KV cache and the attention of a flattened mixed batch.
+"""Paged KV cache and the attention of a flattened mixed batch.
 
-Each running sequence owns one *row* of a preallocated cache
-``[layers, rows, kv_heads, max_len, head_dim]`` and writes its keys and values in place at
-its positions: nothing is re-padded or re-copied as the batch changes. A step's tokens are
-flattened as ``[decode tokens (one per sequence)..., prefill chunk tokens...]``.
+Keys and values live in fixed-size blocks: ``[layers, num_blocks, block_size, kv_heads,
+head_dim]`` each. A sequence's *block table* lists its blocks in position order (block i
+holds positions ``[i * block_size, (i + 1) * block_size)``); who owns which block is the
+engine's business (`engine.kv_cache_manager`), this module only reads and writes them.
 
-Decode attention runs once for all decoding sequences: when their rows are ``0..n-1`` (the
-engine keeps rows compact) the cache is used through a view, otherwise rows are gathered.
-Prefill chunks attend per chunk to their cached prefix plus themselves (causal).
+A step's tokens are flattened as ``[decode tokens (one per sequence)..., prefill chunk
+tokens...]``. Every token's key and value are written in one indexed copy per layer, at its
+*slot* (``block * block_size + offset``). Decode attention runs once for all decoding
+sequences over their gathered blocks; prefill chunks attend per chunk to their cached prefix
+plus themselves (causal). Block 0 is the null block: table padding and positions a sequence
+no longer keeps point there, always masked.
 """
 
 from __future__ import annotations
@@ -22,122 +25,165 @@ from adapterhub_server.models.transfer import to_device
 
 @dataclass
 class PrefillChunk:
-    """Tokens ``[t0, t1)`` of the flat batch are positions ``[start, start + t1 - t0)`` of the
-    sequence that owns cache row `row`."""
+    """Tokens ``[t0, t1)`` of the flat batch are positions ``[start, start + t1 - t0)`` of a
+    sequence whose blocks (covering at least positions ``[0, start + t1 - t0)``) are
+    `blocks`."""
 
     t0: int
     t1: int
-    row: int
     start: int
+    blocks: torch.Tensor
+    """``[num_blocks]`` int64 block table of the sequence."""
 
 
 @dataclass
 class AttentionMetadata:
     """Per-step layout of the flat batch, built once and read by every layer."""
 
+    slot_mapping: torch.Tensor
+    """``[T]`` int64 cache slot each token's key and value are written to."""
     num_decode: int
-    decode_rows: torch.Tensor
-    """``[num_decode]`` int64 cache row of each decode token."""
     decode_positions: torch.Tensor
-    """``[num_decode]`` int64 position each decode token is written at."""
-    decode_rows_are_prefix: bool
-    """True when decode_rows == arange(num_decode): the cache is read through a view."""
-    decode_len: int
-    """Keys attended by the decode part: max(decode_positions) + 1."""
+    """``[num_decode]`` int64 position of each decode token."""
+    decode_block_table: torch.Tensor
+    """``[num_decode, max_blocks]`` int64 blocks of each decoding sequence, padded with the
+    null block."""
     decode_mask: torch.Tensor | None
-    """``[num_decode, 1, 1, decode_len]`` bool, True where a key is visible."""
+    """``[num_decode, 1, 1, max_blocks * block_size]`` bool, True where a key is visible."""
     prefills: list[PrefillChunk] = field(default_factory=list)
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def decode_window_mask(self, window: int) -> torch.Tensor:
-        """``[num_decode, 1, 1, decode_len]`` bool: keys within `window` of each decode
-        token's position (built once per step and window, from device tensors only)."""
+        """``[num_decode, 1, 1, L]`` bool: keys within `window` of each decode token's
+        position (built once per step and window, from device tensors only)."""
         mask = self._window_masks.get(window)
         if mask is None:
-            keys = torch.arange(self.decode_len, device=self.decode_positions.device)
+            assert self.decode_mask is not None
+            keys = torch.arange(self.decode_mask.shape[-1], device=self.decode_positions.device)
             mask = (keys[None, :] > self.decode_positions[:, None] - window)[:, None, None, :]
             self._window_masks[window] = mask
         return mask
 
 
+def slots_for(blocks: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of positions ``[start, end)`` of a sequence with block table `blocks`."""
+    return [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 def build_attention_metadata(
-    decode_rows: list[int],
+    decode_tables: list[list[int]],
     decode_positions: list[int],
-    prefills: list[PrefillChunk],
+    prefills: list[tuple[list[int], int, int]],
+    block_size: int,
     device: torch.device | str = "cpu",
 ) -> AttentionMetadata:
-    n = len(decode_rows)
+    """The layout of one step.
+
+    Args:
+        decode_tables: per decoding sequence, its block table.
+        decode_positions: per decoding sequence, the position of its token.
+        prefills: per prefill chunk, in flat order after the decodes: (block table, first
+            position, number of tokens).
+        block_size: positions per block.
+    """
+    n = len(decode_tables)
+    slots: list[int] = []
+    for blocks, p in zip(decode_tables, decode_positions):
+        slots.append(blocks[p // block_size] * block_size + p % block_size)
+    width = max((len(b) for b in decode_tables), default=0)
+    padded = [b + [0] * (width - len(b)) for b in decode_tables]
+    chunks: list[PrefillChunk] = []
+    t = n
+    for blocks, start, num in prefills:
+        slots.extend(slots_for(blocks, start, start + num, block_size))
+        chunks.append(PrefillChunk(t, t + num, start, to_device(blocks, torch.long, device)))
+        t += num
     pos = torch.tensor(decode_positions, dtype=torch.long)
-    decode_len = max(decode_positions) + 1 if n else 0
     mask = None
     if n:
-        mask = (torch.arange(decode_len)[None, :] <= pos[:, None])[:, None, None, :]
+        mask = (torch.arange(width * block_size)[None, :] <= pos[:, None])[:, None, None, :]
         mask = to_device(mask, torch.bool, device)
     return AttentionMetadata(
+        slot_mapping=to_device(slots, torch.long, device),
         num_decode=n,
-        decode_rows=to_device(decode_rows, torch.long, device),
         decode_positions=to_device(pos, torch.long, device),
-        decode_rows_are_prefix=decode_rows == list(range(n)),
-        decode_len=decode_len,
+        decode_block_table=to_device(
+            torch.tensor(padded, dtype=torch.long).view(n, width), torch.long, device
+        ),
         decode_mask=mask,
-        prefills=prefills,
+        prefills=chunks,
     )
 
 
-def decode_only_metadata(positions: torch.Tensor, key_len: int) -> AttentionMetadata:
-    """Layout of a decode-only step over cache rows ``0..B-1``, built on the device from
-    `positions` alone: the only host values are B and `key_len`, so a captured CUDA graph
-    of the step serves any positions below `key_len`.
+def decode_only_metadata(
+    positions: torch.Tensor, block_table: torch.Tensor, block_size: int
+) -> AttentionMetadata:
+    """Layout of a decode-only step built on the device from `positions` and `block_table`
+    alone: the only host values are their shapes, so a captured CUDA graph of the step
+    serves any positions and tables of those shapes.
 
     Args:
         positions: ``[B]`` int64, where each sequence's token is written; padding rows
-            (beyond the live sequences) write position 0 of a free cache row, which the
-            prefill of whichever sequence gets that row later overwrites.
-        key_len: keys attended per row (a bucket >= every live position + 1).
+            (beyond the live sequences) have position 0 and an all-null table, so they
+            write into the null block, which is only ever read masked.
+        block_table: ``[B, max_blocks]`` int64, padded with the null block.
     """
-    b = positions.shape[0]
-    keys = torch.arange(key_len, device=positions.device)
+    b, width = block_table.shape
+    rows = torch.arange(b, device=positions.device)
+    slots = block_table[rows, positions // block_size] * block_size + positions % block_size
+    keys = torch.arange(width * block_size, device=positions.device)
     mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
     return AttentionMetadata(
+        slot_mapping=slots,
         num_decode=b,
-        decode_rows=torch.arange(b, device=positions.device),
         decode_positions=positions,
-        decode_rows_are_prefix=True,
-        decode_len=key_len,
+        decode_block_table=block_table,
         decode_mask=mask,
     )
 
 
 class KVCache:
-    """Preallocated keys and values: ``[layers, rows, kv_heads, max_len, head_dim]`` each."""
+    """Paged keys and values: ``[layers, num_blocks, block_size, kv_heads, head_dim]`` each.
+
+    Allocated empty: a block is zeroed the first time it is handed out (`zero_blocks`),
+    so untouched memory is never committed and masked keys never hold NaN garbage (masked
+    positions still multiply their values by zero, and 0 * NaN is NaN).
+    """
 
     def __init__(
         self,
         *,
         num_layers: int,
-        rows: int,
+        num_blocks: int,
+        block_size: int,
         num_kv_heads: int,
-        max_len: int,
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_layers, rows, num_kv_heads, max_len, head_dim)
-        # Zeros, not empty: masked keys still multiply their values, and 0 * NaN garbage
-        # would poison the output.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.rows = rows
-        self.max_len = max_len
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.zero_blocks([0])
+
+    @staticmethod
+    def bytes_per_block(
+        *, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        """Keys plus values of one block over every layer."""
+        element = torch.empty(0, dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Relocate a sequence's first `length` positions (keeps decode rows compact)."""
-        self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
-        self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])
+    def zero_blocks(self, blocks: list[int]) -> None:
+        index = torch.tensor(blocks, dtype=torch.long, device=self.k.device)
+        self.k.index_fill_(1, index, 0)
+        self.v.index_fill_(1, index, 0)
 
 
 def attend(
@@ -152,7 +198,7 @@ def attend(
     sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Write this step's keys/values into the cache and attend.
+    """Write this step's keys/values into their cache slots and attend.
 
     Args:
         q: ``[T, heads, head_dim]`` (rotary already applied).
@@ -171,40 +217,44 @@ def attend(
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
-    k_cache = cache.k[layer]
+    k_cache = cache.k[layer]  # [blocks, block_size, kv_heads, d]
     v_cache = cache.v[layer]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
 
     n = meta.num_decode
     if n:
-        k_cache[meta.decode_rows, :, meta.decode_positions] = k[:n]
-        v_cache[meta.decode_rows, :, meta.decode_positions] = v[:n]
-        length = meta.decode_len
-        if meta.decode_rows_are_prefix:
-            keys = k_cache[:n, :, :length]
-            values = v_cache[:n, :, :length]
-        else:
-            keys = k_cache[meta.decode_rows, :, :length]
-            values = v_cache[meta.decode_rows, :, :length]
+        width = meta.decode_block_table.shape[1]
+        length = width * cache.block_size
+        # [n, width, block_size, kv_heads, d] -> [n, kv_heads, length, d]
+        keys = k_cache[meta.decode_block_table].view(n, length, kv_heads, head_dim)
+        values = v_cache[meta.decode_block_table].view(n, length, kv_heads, head_dim)
         mask = meta.decode_mask
         if sliding_window is not None:
             mask = mask & meta.decode_window_mask(sliding_window)
         # One query per sequence: folding the query heads that share a KV head into the
         # query-length axis gives grouped-query attention without repeating keys.
         qd = q[:n].view(n, kv_heads, group, head_dim)
-        od = _attention(qd, keys, values, mask, scale=scale, softcap=softcap)
+        od = _attention(
+            qd, keys.transpose(1, 2), values.transpose(1, 2), mask, scale=scale, softcap=softcap
+        )
         out[:n] = od.reshape(n, num_heads, head_dim)
 
     for c in meta.prefills:
         end = c.start + (c.t1 - c.t0)
-        k_cache[c.row, :, c.start : end] = k[c.t0 : c.t1].transpose(0, 1)
-        v_cache[c.row, :, c.start : end] = v[c.t0 : c.t1].transpose(0, 1)
         first = 0
         if sliding_window is not None:
             # Keys before the chunk's first window are never visible: not even read.
             first = max(0, c.start - sliding_window + 1)
-        keys = k_cache[c.row, :, first:end].repeat_interleave(group, dim=0)  # [heads, len, d]
-        values = v_cache[c.row, :, first:end].repeat_interleave(group, dim=0)
+        if c.start == 0:
+            # Nothing cached before the chunk: its own keys are all it attends to.
+            keys, values = k[c.t0 : c.t1], v[c.t0 : c.t1]
+        else:
+            keys = k_cache[c.blocks].view(-1, kv_heads, head_dim)[:end]
+            values = v_cache[c.blocks].view(-1, kv_heads, head_dim)[:end]
+        keys = keys[first:].transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, len, d]
+        values = values[first:].transpose(0, 1).repeat_interleave(group, dim=0)
         qp = q[c.t0 : c.t1].transpose(0, 1)  # [heads, chunk, d]
         if c.start == 0 and sliding_window is None and softcap is None:
             op = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, scale=scale)

@@ -36,8 +36,9 @@ class StepAttention:
 
     meta: AttentionMetadata
     cache: KVCache
-    layers_seen: set[int] = field(default_factory=set)
-    """Layer indices that attended through the engine (checked at start-up)."""
+    windows: dict[int, int | None] = field(default_factory=dict)
+    """Layer index -> the sliding window it attended with (None: every key), for every
+    layer that attended through the engine (checked at start-up)."""
 
 
 class UnsupportedAttentionError(RuntimeError):
@@ -75,7 +76,7 @@ def engine_attention(
         if kwargs.get(name) is not None:
             raise UnsupportedAttentionError(f"attention with {name!r} is not supported")
     layer = module.layer_idx
-    step.layers_seen.add(layer)
+    step.windows[layer] = sliding_window
     _, heads, tokens, head_dim = query.shape
     out = attend(
         query[0].transpose(0, 1),

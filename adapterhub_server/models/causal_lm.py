@@ -129,9 +129,9 @@ class BatchedCausalLM(nn.Module):
         finally:
             self.step_context.batch = None
 
-    def layers_attending(self, attn: AttentionMetadata, cache: KVCache) -> set[int]:
-        """Run a one-token step and return the layers whose attention went through the
-        engine: every layer must, or the model is not servable."""
+    def layers_attending(self, attn: AttentionMetadata, cache: KVCache) -> dict[int, int | None]:
+        """Run a one-token step and return, for each layer whose attention went through the
+        engine (every layer must, or the model is not servable), its sliding window."""
         step = StepAttention(attn, cache)
         self.step_context.batch = None
         with torch.inference_mode():
@@ -142,4 +142,4 @@ class BatchedCausalLM(nn.Module):
                 logits_to_keep=1,
                 **{STEP_KWARG: step},
             )
-        return step.layers_seen
+        return step.windows

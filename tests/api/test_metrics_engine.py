@@ -66,3 +66,23 @@ async def test_adapter_cache_miss_then_hit(engine_client: httpx.AsyncClient) -> 
     assert value(m, "adapterhub_time_to_first_token_seconds_count", adapter="r4") == 2
     assert value(m, "adapterhub_generation_tokens_total", adapter="r4") == 6
     assert value(m, "adapterhub_generation_tokens_total", adapter="") == 3
+
+
+async def test_kv_cache_and_prefix_metrics(engine_client: httpx.AsyncClient) -> None:
+    """A repeated long prompt is served from the prefix cache: the token counters say so,
+    and nothing holds blocks once the requests are done."""
+    prompt = "the quick brown fox jumps over the lazy dog " * 6
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "ignore_eos": True}
+    for _ in range(2):
+        response = await engine_client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+    prompt_tokens = response.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens > 2 * 16
+
+    m = samples((await engine_client.get("/metrics")).text)
+    assert value(m, "adapterhub_prefix_cache_queries_tokens_total") == 2 * prompt_tokens
+    # The second request reuses every full block of 16 but the one holding its last token.
+    hit = (prompt_tokens - 1) // 16 * 16
+    assert value(m, "adapterhub_prefix_cache_hits_tokens_total") == hit
+    assert value(m, "adapterhub_kv_cache_usage_ratio") == 0
+    assert value(m, "adapterhub_preemptions_total") == 0

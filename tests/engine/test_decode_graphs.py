@@ -19,7 +19,7 @@ from adapterhub_server.engine.decode_graphs import (
     DecodeGraphs,
     batch_buckets,
     chunk_capacity,
-    key_len_buckets,
+    table_width_buckets,
 )
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.sampling_params import SamplingParams
@@ -35,9 +35,10 @@ def test_buckets() -> None:
     assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
     assert batch_buckets(3) == [1, 2, 3]
     assert batch_buckets(1) == [1]
-    assert key_len_buckets(2048) == [64, 128, 256, 512, 1024, 2048]
-    assert key_len_buckets(200) == [64, 128, 200]
-    assert key_len_buckets(40) == [40]
+    assert table_width_buckets(2048, 16) == [4, 8, 16, 32, 64, 128]
+    assert table_width_buckets(200, 16) == [4, 8, 13]
+    assert table_width_buckets(40, 16) == [3]
+    assert table_width_buckets(100, 128) == [1]
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -66,6 +67,7 @@ def _static_engine(tiny_base: Path, tiny_adapters: dict[str, Path], **overrides)
         engine.kv_cache,
         engine.adapters.pool,
         max_num_seqs=engine.scheduler.max_num_seqs,
+        max_model_len=engine.max_model_len,
         capture=False,
     )
     return engine
@@ -112,20 +114,18 @@ def test_static_step_logits_equal_the_dynamic_step(
     assert graphs is not None
     engine.adapters.pool.ensure_capacity(16, 1)  # resident adapters, used or not
     _prefill(engine, adapters, prompt_len)
-    seqs = sorted(engine.scheduler.running, key=lambda s: s.row)
-    assert [s.row for s in seqs] == list(range(len(seqs)))
+    seqs = list(engine.scheduler.running)
     ids = [s.token_at(s.num_computed) for s in seqs]
     positions = [s.num_computed for s in seqs]
     routes = [s.route for s in seqs]
-    static = graphs.run(ids, positions, routes)
+    tables = [engine.kv.block_ids(s) for s in seqs]
+    static = graphs.run(ids, positions, routes, tables)
     assert static is not None and static.shape[0] == len(seqs)
     static = static.clone()
     (step,) = graphs._steps.values()
     # A step with no adapter in it runs without the LoRA kernels, though the pool has some.
     assert (step.lora is None) == all(a is None for a in adapters)
-    dynamic = engine._forward(
-        ids, positions, list(range(len(seqs))), [], routes, [], list(range(len(seqs)))
-    )
+    dynamic = engine._forward(ids, positions, tables, [], routes, [], list(range(len(seqs))))
     torch.testing.assert_close(static, dynamic, rtol=1e-4, atol=1e-4)
 
 
@@ -138,8 +138,8 @@ def test_the_static_step_reads_only_its_buffers(tiny_base, tiny_adapters) -> Non
     graphs = engine.decode_graphs
     assert graphs is not None
     _prefill(engine, ["r8", "r32", None, "r16-rslora", "r8"], 4)
-    seqs = sorted(engine.scheduler.running, key=lambda s: s.row)
-    step = graphs._new_step(8, 64, lora=True)
+    seqs = list(engine.scheduler.running)
+    step = graphs._new_step(8, 4, lora=True)
     forward = torch.compile(graphs._forward, backend="eager", fullgraph=True)
 
     def run(order: list[int], shift: int) -> torch.Tensor:
@@ -149,6 +149,7 @@ def test_the_static_step_reads_only_its_buffers(tiny_base, tiny_adapters) -> Non
             [s.token_at(s.num_computed) for s in chosen],
             [s.num_computed - shift for s in chosen],
             [s.route for s in chosen],
+            [engine.kv.block_ids(s) for s in chosen],
         )
         return forward(step)[: len(order)].clone()
 

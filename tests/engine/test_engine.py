@@ -41,8 +41,16 @@ class Result:
 
 
 def _engine(base: Path, adapters: dict[str, Path], **overrides: int | str) -> LLMEngine:
+    # A fixed KV budget: on CUDA the default is a fraction of the device, which an engine
+    # of an earlier test not yet collected would already hold.
     config = EngineConfig(
-        **{"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_loras": 3, **overrides}
+        **{
+            "max_num_seqs": 8,
+            "max_num_batched_tokens": 64,
+            "max_loras": 3,
+            "kv_cache_memory": 64 * 2**20,
+            **overrides,
+        }
     )
     return build_engine(ResolvedBaseModel(base, "tiny", "local"), config, lora_modules=adapters)
 

@@ -83,14 +83,9 @@ def _failing_forward(
             # A failure deep in the model leaves this attempt's keys/values in the cache;
             # garbage there instead proves every survivor's retry rewrites its positions.
             real(input_ids, positions, attn, cache, lora, logits_index)
-            spans = [
-                (r, p, p + 1)
-                for r, p in zip(attn.decode_rows.tolist(), attn.decode_positions.tolist())
-            ]
-            spans += [(c.row, c.start, c.start + c.t1 - c.t0) for c in attn.prefills]
-            for row, start, end in spans:
-                cache.k[:, row, :, start:end] = 1e4
-                cache.v[:, row, :, start:end] = -1e4
+            slots = attn.slot_mapping
+            cache.k.view(cache.k.shape[0], -1, *cache.k.shape[3:])[:, slots] = 1e4
+            cache.v.view(cache.v.shape[0], -1, *cache.v.shape[3:])[:, slots] = -1e4
             raise exc
         return real(input_ids, positions, attn, cache, lora, logits_index)
 

@@ -23,7 +23,7 @@ from adapterhub_server.config import EngineConfig
 from adapterhub_server.engine.build import build_engine
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.sampling_params import SamplingParams
-from adapterhub_server.models.attention import PrefillChunk, build_attention_metadata
+from adapterhub_server.models.attention import build_attention_metadata
 from tests.engine.conftest import greedy_continuation
 from tests.engine.test_engine import PROMPTS, Result, _drain
 from tests.tiny_families import (
@@ -105,8 +105,11 @@ def test_step_logits_equal_transformers(family: Family) -> None:
     # Two prompts prefilled in one flattened step.
     ids = torch.tensor(a + b)
     positions = torch.tensor(list(range(len(a))) + list(range(len(b))))
-    chunks = [PrefillChunk(0, len(a), 0, 0), PrefillChunk(len(a), len(a) + len(b), 1, 0)]
-    meta = build_attention_metadata([], [], chunks)
+    # Each sequence's blocks, taken from the pool so nothing else may use them.
+    bs = engine.kv.block_size
+    ta = engine.kv.pool.allocate(engine.kv.pool.blocks_for(len(a) + 1))
+    tb = engine.kv.pool.allocate(engine.kv.pool.blocks_for(len(b) + 1))
+    meta = build_attention_metadata([], [], [(ta, 0, len(a)), (tb, 0, len(b))], bs)
     logits = model(
         ids, positions, meta, cache, None, torch.tensor([len(a) - 1, len(a) + len(b) - 1])
     )
@@ -115,7 +118,7 @@ def test_step_logits_equal_transformers(family: Family) -> None:
 
     # Then one decode step for both, reading what the prefill cached.
     na, nb = int(logits[0].argmax()), int(logits[1].argmax())
-    meta = build_attention_metadata([0, 1], [len(a), len(b)], [])
+    meta = build_attention_metadata([ta, tb], [len(a), len(b)], [], bs)
     logits = model(
         torch.tensor([na, nb]), torch.tensor([len(a), len(b)]), meta, cache, None, torch.arange(2)
     )
