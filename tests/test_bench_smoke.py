@@ -47,6 +47,31 @@ def test_serve_throughput_bench(tmp_path: Path) -> None:
     assert out.with_suffix(".png").exists()
 
 
+def test_shared_prefix_bench(tmp_path: Path) -> None:
+    out = tmp_path / "shared_prefix.json"
+    stdout = _run("bench.shared_prefix", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"off", "on-cold", "on-warm"}
+    assert result["summary"]["off"]["prefix_hit_rate"] == 0
+    assert result["summary"]["on-warm"]["prefix_hit_rate"] > 0
+    assert result["meta"]["shared_prefix_tokens"] >= 64
+    assert "ttft_p50 off/on-cold" in stdout
+    assert out.with_suffix(".png").exists()
+
+
+def test_capacity_bench(tmp_path: Path) -> None:
+    # The static baseline is the engine before paged KV, a git worktree the real run points
+    # at; here the worker runs it from this tree, which exercises the same worker process.
+    out = tmp_path / "capacity.json"
+    stdout = _run("bench.capacity", "--smoke", "--old-tree", str(REPO), "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"paged", "static", "preempt"}
+    assert all(result["checks"].values()), result["checks"]
+    assert result["summary"]["static"]["peak_running"] <= result["meta"]["static_rows"]
+    assert "checks:" in stdout
+    assert out.with_suffix(".png").exists()
+
+
 @pytest.mark.slow
 def test_profile_bench(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"

@@ -151,16 +151,30 @@ def test_mixed_batch_greedy_equals_peft(family: Family) -> None:
 @pytest.mark.parametrize("family", SLIDING_FAMILIES, indirect=True)
 @pytest.mark.parametrize("adapter", [None, "wide"])
 def test_prompts_longer_than_the_window(family: Family, adapter: str | None) -> None:
-    """Chunked prefill across the window boundary, then decoding past it."""
-    engine = family.engine(max_num_batched_tokens=8, max_num_seqs=2)
+    """Chunked prefill across the window boundary, then decoding past it, in blocks of 4.
+
+    Where every layer slides (Mistral), blocks that fell out of the window are given back
+    while the sequence runs; with global layers among them (Gemma), every block stays."""
+    engine = family.engine(max_num_batched_tokens=8, max_num_seqs=2, block_size=4)
     tok = engine.tokenizer
     prompt = (tok.encode(" ".join(PROMPTS)) * 3)[: 3 * SLIDING_WINDOW]
     engine.add_request(
         "long", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), adapter
     )
     results: dict[str, Result] = {}
-    _drain(engine, results)
+    peak = 0
+    while engine.has_work():
+        peak = max(peak, engine.kv.pool.num_used)
+        for out in engine.step():
+            results.setdefault(out.request_id, Result()).token_ids += out.token_ids
     assert results["long"].token_ids == family.greedy(adapter, prompt, 12)
+    full_length = engine.kv.pool.blocks_for(len(prompt) + 12)
+    if family.name == "mistral":
+        assert engine.kv.sliding_window == SLIDING_WINDOW
+        assert peak <= engine.kv.blocks_needed(len(prompt) + 12, 8) < full_length
+    else:
+        assert engine.kv.sliding_window is None
+        assert peak >= full_length - 1
 
 
 def test_serves_over_http(family: Family, tmp_path: Path) -> None:
