@@ -71,8 +71,9 @@ class BaseModelInfo:
     """Its context window (`max_position_embeddings`): the largest `max_seq_len` of a job.
     None: unknown, only the trainer's own checks apply."""
     target_modules: frozenset[str] | None = None
-    """Leaf names of its adaptable linear modules (`q_proj`, ..., Phi-3's `qkv_proj`): what
-    `lora_target_modules` may name, besides `all-linear`. None: unknown, not checked."""
+    """Leaf names of the linear modules the trainer adapts on it (`q_proj`, ..., Phi-3's
+    `qkv_proj`; not those PEFT would move onto MoE experts): what `lora_target_modules` may
+    name, besides `all-linear`. None: unknown, not checked."""
 
     @classmethod
     def from_directory(cls, path: Path, model_id: str) -> BaseModelInfo:
@@ -84,7 +85,9 @@ class BaseModelInfo:
             BaseModelError: the config cannot be read, or is not that of a decoder-only
                 causal LM transformers implements.
         """
-        from adapterhub_server.registry.targets import targets_from_config
+        from adapterhub_server.registry.targets import meta_model_from_config, targets_from_config
+        from trainer.config import ALL_LINEAR, TrainConfigError
+        from trainer.modeling import resolve_target_modules
 
         try:
             config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
@@ -93,11 +96,17 @@ class BaseModelInfo:
         if not isinstance(config, dict):
             raise BaseModelError("the base model's config.json is not a JSON object")
         context = config.get("max_position_embeddings")
+        targets_from_config(config)  # refuses a config the engine cannot serve
+        # What the trainer will adapt: on mixture-of-experts bases PEFT moves some names
+        # (Qwen-MoE's gate_proj/up_proj/down_proj) onto the unserved expert weights, so those
+        # must be refused here, at job creation, not by the trainer minutes later.
+        try:
+            trainable = resolve_target_modules((ALL_LINEAR,), meta_model_from_config(config))
+        except TrainConfigError as exc:
+            raise BaseModelError(f"the base model cannot be fine-tuned: {exc}") from exc
         return cls(
             model_id=model_id,
             path=Path(path),
             context_length=context if isinstance(context, int) and context > 1 else None,
-            target_modules=frozenset(
-                name.rpartition(".")[2] for name in targets_from_config(config)
-            ),
+            target_modules=frozenset(trainable),
         )

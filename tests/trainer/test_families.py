@@ -56,7 +56,7 @@ def _base(path: Path) -> torch.nn.Module:
 
 @pytest.mark.parametrize("family", sorted(EXPECTED_TARGETS))
 def test_default_targets_are_the_family_linears(
-    family: str, family_base: Callable[[str], Path]
+    family: str, family_base: Callable[[str], Path], tmp_path: Path
 ) -> None:
     base = family_base(family)
     expected = EXPECTED_TARGETS[family]
@@ -87,9 +87,24 @@ def test_all_linear_stands_alone(tmp_path: Path) -> None:
         TrainConfig(data=data, name="x", target_modules="all-linear,q_proj")
 
 
-def test_fine_tuning_jobs_see_the_fused_modules(family_base: Callable[[str], Path]) -> None:
-    info = BaseModelInfo.from_directory(family_base("phi3"), "tiny-phi3")
-    assert info.target_modules == frozenset(PHI3_TARGETS)
+@pytest.mark.parametrize("family", sorted(EXPECTED_TARGETS))
+def test_fine_tuning_jobs_accept_what_the_trainer_adapts(
+    family: str, family_base: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Job creation checks `lora_target_modules` against the same names the trainer will
+    adapt: Phi-3's fused modules; on Qwen3-MoE, not the names PEFT puts on the experts."""
+    from adapterhub_server.errors import InvalidRequestError
+    from adapterhub_server.finetune.hyperparameters import _check_limits
+    from adapterhub_server.finetune.limits import FineTuningLimits
+
+    info = BaseModelInfo.from_directory(family_base(family), f"tiny-{family}")
+    assert info.target_modules == frozenset(EXPECTED_TARGETS[family])
+    if family == "qwen3_moe":
+        data = write_data(tmp_path / "train.jsonl")
+        config = TrainConfig(data=data, name="x", target_modules="q_proj,gate_proj", max_seq_len=64)
+        with pytest.raises(InvalidRequestError, match="'gate_proj' not among") as err:
+            _check_limits(config, info, FineTuningLimits(), "hyperparameters")
+        assert "q_proj" in str(err.value)
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED_TARGETS))
