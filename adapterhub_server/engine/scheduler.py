@@ -180,7 +180,9 @@ class Scheduler:
             hit = kv.open(seq, self.identity(seq))
             n = min(seq.num_tokens - hit, budget)
             needed = kv.pool.blocks_for(hit + n) - len(kv.block_ids(seq))
-            if needed + self._watermark > kv.pool.num_free or not kv.grow(seq, hit, n):
+            # Headroom only matters when others run: alone, a request may use every block.
+            headroom = self._watermark if self.running else 0
+            if needed + headroom > kv.pool.num_free or not kv.grow(seq, hit, n):
                 kv.close(seq)
                 if route is not None:
                     self.release_adapter(seq)

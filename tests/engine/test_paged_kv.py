@@ -198,8 +198,10 @@ def test_a_request_larger_than_the_whole_cache_is_refused_at_once(tiny_base: Pat
     capacity = engine.kv.pool.usable_blocks * BLOCK
     with pytest.raises(ContextLengthError, match="more than the whole cache holds"):
         engine.add_request("big", [5] * (capacity - 4), _greedy(5))
-    # One that fits exactly runs alone, whatever else is waiting.
-    engine.add_request("fits", [5] * (capacity - 4), _greedy(4))
+    # One that fills the whole cache runs, alone.
+    engine.add_request("fits", [5] * (capacity - 1), _greedy(1))
+    engine.add_request("then", [5] * (capacity - 4), _greedy(4))
     results: dict[str, Result] = {}
     _drain(engine, results)
     assert results["fits"].finish_reason == "length"
+    assert results["then"].finish_reason == "length"
