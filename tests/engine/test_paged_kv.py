@@ -205,3 +205,47 @@ def test_a_request_larger_than_the_whole_cache_is_refused_at_once(tiny_base: Pat
     _drain(engine, results)
     assert results["fits"].finish_reason == "length"
     assert results["then"].finish_reason == "length"
+
+
+def test_a_preempted_stream_carries_on_without_repeating(
+    tiny_base: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    """Streams through the async front (what the HTTP routes read): every delta of a
+    request preempted mid-stream is new text, and the whole equals an undisturbed run."""
+    import asyncio
+
+    from adapterhub_server.engine.async_engine import AsyncLLMEngine
+
+    adapters = {k: tiny_adapters[k] for k in ("r8", "r4")}
+    roomy = _workload(_engine(tiny_base, adapters), lambda i: _greedy(20))
+    engine = _engine(
+        tiny_base, adapters, kv_cache_memory=_blocks_bytes(tiny_base, 17), max_num_batched_tokens=32
+    )
+    client = AsyncLLMEngine(engine, base_model_id="tiny")
+
+    async def stream(i: int) -> tuple[list[str], list[int]]:
+        ids = [(5 * i + 3 * j) % 60 + 2 for j in range(9 + i)]
+        texts: list[str] = []
+        tokens: list[int] = []
+        async for out in client.generate(
+            request_id=f"s{i}",
+            prompt_token_ids=ids,
+            params=_greedy(20),
+            adapter=["r8", None, "r4"][i % 3],
+        ):
+            texts.append(out.text)
+            tokens += out.token_ids
+        return texts, tokens
+
+    async def main() -> list[tuple[list[str], list[int]]]:
+        return await asyncio.gather(*(stream(i) for i in range(6)))
+
+    client.start()
+    try:
+        streamed = asyncio.run(main())
+    finally:
+        client.shutdown()
+    assert engine.scheduler.num_preemptions > 0
+    for i, (texts, tokens) in enumerate(streamed):
+        assert tokens == roomy[f"r{i}"].token_ids, i
+        assert "".join(texts) == roomy[f"r{i}"].text, i
