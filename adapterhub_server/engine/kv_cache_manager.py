@@ -102,6 +102,20 @@ class KVCacheManager:
         table.num_published = len(table.blocks)
         return len(table.blocks) * bs
 
+    def cached_prefix(self, seq: TokenSource, identity: str) -> int:
+        """Tokens `open` would find cached for `seq` now (nothing is taken)."""
+        if not self.pool.prefix_caching:
+            return 0
+        bs = self.block_size
+        h = identity_root(identity)
+        n = 0
+        for i in range((seq.num_tokens - 1) // bs):
+            h = chain_hash(h, [seq.token_at(p) for p in range(i * bs, (i + 1) * bs)])
+            if self.pool.lookup(h) is None:
+                break
+            n += bs
+        return n
+
     def count_lookup(self, queried: int, hit: int) -> None:
         """Record an admitted sequence's prefix lookup (a lookup whose admission is put
         off is counted when it is retried and succeeds)."""

@@ -249,3 +249,23 @@ def test_a_preempted_stream_carries_on_without_repeating(
     for i, (texts, tokens) in enumerate(streamed):
         assert tokens == roomy[f"r{i}"].token_ids, i
         assert "".join(texts) == roomy[f"r{i}"].text, i
+
+
+def test_requests_with_a_cached_prefix_start_first(
+    tiny_base: Path, tiny_adapters: dict[str, Path], peft_greedy
+) -> None:
+    """Queued behind a request that must compute its whole prompt, one whose prefix is
+    cached is admitted first: it gets its first token in the very next step."""
+    adapters = {k: tiny_adapters[k] for k in ("r8", "r4")}
+    # Budget for the hit's one token plus all but the last of the miss's: in arrival order
+    # the miss alone would take all of it.
+    engine = _engine(tiny_base, adapters, max_num_batched_tokens=len(SHARED) + 1, max_num_seqs=4)
+    _one(engine, "warm", [*SHARED, 1], "r8")
+    engine.add_request("miss", [*SHARED, 2], _greedy(3), "r4")
+    engine.add_request("hit", [*SHARED, 3], _greedy(3), "r8")
+    first = {o.request_id for o in engine.step() if o.token_ids}
+    assert first == {"hit"}
+    results: dict[str, Result] = {}
+    _drain(engine, results)
+    assert engine.kv.stats.hit_tokens == len(SHARED)
+    assert results["miss"].token_ids == peft_greedy("r4", [*SHARED, 2], 3)
