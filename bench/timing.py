@@ -59,3 +59,27 @@ def machine_info() -> dict[str, Any]:
     if hasattr(os, "getloadavg"):
         info["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     return info
+
+
+def source_state(tree: Path | None = None) -> dict[str, Any]:
+    """Which code a figure was measured with: the tree's commit and its uncommitted files
+    under ``adapterhub_server/`` (None where git cannot tell)."""
+    import subprocess
+
+    tree = tree or Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(
+                ["git", *args], cwd=tree, capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--", "adapterhub_server")
+    return {
+        "commit": commit.strip() if commit else None,
+        "uncommitted": [line[3:] for line in status.splitlines()] if status is not None else None,
+    }
