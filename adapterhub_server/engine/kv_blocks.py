@@ -43,18 +43,14 @@ def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
 
 @dataclass
 class BlockTable:
-    """One sequence's blocks and how many of them are published in the prefix cache."""
+    """One sequence's blocks, the identity its KV is keyed by, and how many of its blocks
+    are published in the prefix cache."""
 
     root: bytes
     """`identity_root` of the sequence's adapter (or of the base weights)."""
     blocks: list[int] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)
-    """Hash chain of the sequence's first ``len(hashes)`` full blocks."""
     num_published: int = 0
     """Leading full blocks already offered to the prefix cache."""
-
-    def last_hash(self) -> bytes:
-        return self.hashes[-1] if self.hashes else self.root
 
 
 class BlockPool:

@@ -8,8 +8,11 @@ tables this class keeps).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Protocol
+from weakref import WeakKeyDictionary
 
 from adapterhub_server.engine.kv_blocks import (
     NULL_BLOCK,
@@ -50,6 +53,8 @@ class KVCacheManager:
         it are released. (With any global layer, every block stays needed.)"""
         self.stats = PrefixStats()
         self._tables: dict[int, BlockTable] = {}
+        self._chains: WeakKeyDictionary[object, tuple[bytes, list[bytes]]] = WeakKeyDictionary()
+        """Per live sequence: (identity root, hashes of its full blocks so far)."""
 
     # -- capacity --------------------------------------------------------------------------
 
@@ -86,44 +91,50 @@ class KVCacheManager:
         """
         table = BlockTable(root=identity_root(identity))
         self._tables[id(seq)] = table
-        if not self.pool.prefix_caching:
-            return 0
-        bs = self.block_size
-        for i in range((seq.num_tokens - 1) // bs):
-            h = chain_hash(
-                table.last_hash(), [seq.token_at(p) for p in range(i * bs, (i + 1) * bs)]
-            )
+        for h in self._cached_chain(seq, table.root):
             block = self.pool.lookup(h)
-            if block is None:
-                break
+            assert block is not None
             self.pool.take(block)
             table.blocks.append(block)
-            table.hashes.append(h)
         table.num_published = len(table.blocks)
-        return len(table.blocks) * bs
+        return len(table.blocks) * self.block_size
 
     def cached_prefix(self, seq: TokenSource, identity: str) -> int:
         """Tokens `open` would find cached for `seq` now (nothing is taken)."""
+        return sum(1 for _ in self._cached_chain(seq, identity_root(identity))) * self.block_size
+
+    def _cached_chain(self, seq: TokenSource, root: bytes) -> Iterator[bytes]:
+        """Hashes of `seq`'s leading full blocks that are cached, stopping before its last
+        token's block (that token is always computed)."""
         if not self.pool.prefix_caching:
-            return 0
-        bs = self.block_size
-        h = identity_root(identity)
-        n = 0
-        for i in range((seq.num_tokens - 1) // bs):
-            h = chain_hash(h, [seq.token_at(p) for p in range(i * bs, (i + 1) * bs)])
+            return
+        for _, h in zip(range((seq.num_tokens - 1) // self.block_size), self._chain(seq, root)):
             if self.pool.lookup(h) is None:
-                break
-            n += bs
-        return n
+                return
+            yield h
+
+    def _chain(self, seq: TokenSource, root: bytes) -> Iterator[bytes]:
+        """The hash chain of `seq`'s full blocks, in order. Positions never change once
+        they hold a token, so each hash is computed once per sequence and kept while the
+        sequence lives: a long prompt waiting in the queue is not rehashed every step."""
+        memo = self._chains.get(seq)
+        if memo is None or memo[0] != root:
+            memo = self._chains[seq] = (root, [])
+        chain = memo[1]
+        bs = self.block_size
+        for i in range(seq.num_tokens // bs):
+            if i == len(chain):
+                parent = chain[-1] if chain else root
+                chain.append(
+                    chain_hash(parent, [seq.token_at(p) for p in range(i * bs, (i + 1) * bs)])
+                )
+            yield chain[i]
 
     def count_lookup(self, queried: int, hit: int) -> None:
         """Record an admitted sequence's prefix lookup (a lookup whose admission is put
         off is counted when it is retried and succeeds)."""
         self.stats.queried_tokens += queried
         self.stats.hit_tokens += hit
-
-    def can_grow(self, seq: object, num_computed: int, num_new: int) -> bool:
-        return self._missing(seq, num_computed + num_new) <= self.pool.num_free
 
     def grow(self, seq: object, num_computed: int, num_new: int) -> bool:
         """Give `seq` blocks for positions up to ``num_computed + num_new``; False (nothing
@@ -139,16 +150,11 @@ class KVCacheManager:
         """After a step: publish `seq`'s blocks that are now full, and release the blocks
         its next tokens can no longer see."""
         table = self._tables[id(seq)]
-        bs = self.block_size
-        full = num_computed // bs
-        while len(table.hashes) < full:
-            i = len(table.hashes)
-            tokens = [seq.token_at(p) for p in range(i * bs, (i + 1) * bs)]
-            table.hashes.append(chain_hash(table.last_hash(), tokens))
-        if self.pool.prefix_caching:
-            for i in range(table.num_published, full):
-                if table.blocks[i] != NULL_BLOCK:
-                    self.pool.publish(table.blocks[i], table.hashes[i])
+        full = num_computed // self.block_size
+        if self.pool.prefix_caching and full > table.num_published:
+            for i, h in enumerate(islice(self._chain(seq, table.root), full)):
+                if i >= table.num_published and table.blocks[i] != NULL_BLOCK:
+                    self.pool.publish(table.blocks[i], h)
         table.num_published = max(table.num_published, full)
         self._release_outside_window(table, num_computed)
 
