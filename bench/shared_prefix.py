@@ -27,9 +27,11 @@ Prints a table, writes JSON (and a PNG) under ``bench/results/``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -184,6 +186,7 @@ def main() -> None:
 
     source = source_state()  # before the run: the tree may change while it runs
     tmp = Path(tempfile.mkdtemp(prefix="adapterhub-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the adapters: 150 MB
     if args.smoke:
         from tests.tiny_models import make_tiny_llama
 
