@@ -166,6 +166,7 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.zero_blocks([0])
 
     @staticmethod
@@ -179,6 +180,34 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values of `blocks`, copied out in that order.
+
+        Args:
+            blocks: ``[N]`` block ids.
+        Returns:
+            keys, values: ``[N, block_size, kv_heads, head_dim]`` each. On CPU they are
+            views of scratch buffers reused by the next call: a fresh tensor of megabytes
+            per layer and step costs page faults worth six times the copy (16 sequences of
+            656 tokens on the default model: 1.18 ms per layer and step, 0.18 ms into the
+            scratch buffer).
+        """
+        k, v = self.k[layer], self.v[layer]
+        if not k.is_cpu or torch.compiler.is_compiling():
+            # CUDA's caching allocator has no page-fault cost, and a traced step (the
+            # decode graphs) must not depend on Python-side buffer state.
+            return k[blocks], v[blocks]
+        n = blocks.shape[0]
+        if self._scratch is None or self._scratch[0].shape[0] < n:
+            old = 0 if self._scratch is None else self._scratch[0].shape[0]
+            shape = (max(n, 2 * old), *k.shape[1:])
+            self._scratch = (torch.empty(shape, dtype=k.dtype), torch.empty(shape, dtype=k.dtype))
+        sk, sv = self._scratch
+        return (
+            torch.index_select(k, 0, blocks, out=sk[:n]),
+            torch.index_select(v, 0, blocks, out=sv[:n]),
+        )
 
     def zero_blocks(self, blocks: list[int]) -> None:
         index = torch.tensor(blocks, dtype=torch.long, device=self.k.device)
@@ -228,8 +257,9 @@ def attend(
         width = meta.decode_block_table.shape[1]
         length = width * cache.block_size
         # [n, width, block_size, kv_heads, d] -> [n, kv_heads, length, d]
-        keys = k_cache[meta.decode_block_table].view(n, length, kv_heads, head_dim)
-        values = v_cache[meta.decode_block_table].view(n, length, kv_heads, head_dim)
+        keys, values = cache.gather(layer, meta.decode_block_table.view(-1))
+        keys = keys.view(n, length, kv_heads, head_dim)
+        values = values.view(n, length, kv_heads, head_dim)
         mask = meta.decode_mask
         if sliding_window is not None:
             mask = mask & meta.decode_window_mask(sliding_window)
@@ -251,8 +281,9 @@ def attend(
             # Nothing cached before the chunk: its own keys are all it attends to.
             keys, values = k[c.t0 : c.t1], v[c.t0 : c.t1]
         else:
-            keys = k_cache[c.blocks].view(-1, kv_heads, head_dim)[:end]
-            values = v_cache[c.blocks].view(-1, kv_heads, head_dim)[:end]
+            keys, values = cache.gather(layer, c.blocks)
+            keys = keys.view(-1, kv_heads, head_dim)[:end]
+            values = values.view(-1, kv_heads, head_dim)[:end]
         keys = keys[first:].transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, len, d]
         values = values[first:].transpose(0, 1).repeat_interleave(group, dim=0)
         qp = q[c.t0 : c.t1].transpose(0, 1)  # [heads, chunk, d]
