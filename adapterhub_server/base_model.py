@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from adapterhub_server import gguf_convert
+from adapterhub_server.cache_dirs import user_cache_dir
 from adapterhub_server.errors import BaseModelError
 
 logger = logging.getLogger(__name__)
@@ -79,12 +80,7 @@ def default_model_cache_dir() -> Path:
     `ADAPTERHUB_MODEL_CACHE` if set, else `$XDG_CACHE_HOME/adapterhub/models`, else
     `~/.cache/adapterhub/models`. Read at call time so that tests and the CLI can set it.
     """
-    explicit = os.environ.get("ADAPTERHUB_MODEL_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "adapterhub" / "models"
+    return user_cache_dir("ADAPTERHUB_MODEL_CACHE", "models")
 
 
 def resolve_base_model(

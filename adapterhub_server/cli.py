@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--lora-kernel",
         default="auto",
-        choices=["auto", "triton", "torch"],
-        help="batched LoRA ops: auto = Triton kernels on CUDA when installed, else torch",
+        choices=["auto", "triton", "cpu", "torch"],
+        help="batched LoRA ops: auto = Triton kernels on CUDA when installed, the fused C "
+        "kernel for float32 on CPU where a C compiler builds it, else torch ops",
     )
     serve.add_argument(
         "--no-cuda-graphs",

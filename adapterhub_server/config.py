@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from adapterhub_server.lora.ops import LoRABackend
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024**2
 """Largest JSON request body by default (uploads have their own, larger limit)."""
@@ -38,8 +42,9 @@ class EngineConfig:
     num_threads: int | None = None
     """CPU threads for torch; None keeps torch's default."""
     lora_kernel: str = "auto"
-    """`auto` (the Triton kernels on CUDA when Triton is installed, else torch ops),
-    `triton` (require them) or `torch`."""
+    """`auto`: the Triton kernels on CUDA when Triton is installed, the fused C kernel for
+    float32 on CPU where it builds (a C compiler, Linux), else torch ops; `triton` or `cpu`
+    require that kernel; `torch` forces the torch ops."""
     cuda_graphs: bool = True
     """On CUDA with the Triton LoRA kernels, replay decode steps from CUDA graphs captured
     per batch and key-length bucket; False runs every step eagerly (for debugging)."""
@@ -69,7 +74,7 @@ class EngineConfig:
             self.max_cpu_loras = 2 * self.max_loras
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras")
-        if self.lora_kernel not in ("auto", "triton", "torch"):
+        if self.lora_kernel not in ("auto", "triton", "cpu", "torch"):
             raise ValueError(f"unknown lora_kernel {self.lora_kernel!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
@@ -87,21 +92,19 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def use_lora_kernels(self) -> bool:
-        """Whether LoRA runs through the Triton kernels on this config's device."""
-        from adapterhub_server.lora.kernels import triton_available
+    def lora_backend(self) -> LoRABackend:
+        """The batched-LoRA backend for this config's device and dtype (`lora_backend`)."""
+        from adapterhub_server.lora.ops import lora_backend
 
-        if self.lora_kernel == "torch":
-            return False
-        if self.lora_kernel == "triton":
-            if not triton_available():
-                raise ValueError("lora_kernel='triton' but Triton is not installed")
-            return True
-        return self.torch_device().type == "cuda" and triton_available()
+        return lora_backend(self.lora_kernel, self.torch_device(), self.torch_dtype())
 
     def use_cuda_graphs(self) -> bool:
         """Whether decode steps replay CUDA graphs on this config's device."""
-        return self.cuda_graphs and self.torch_device().type == "cuda" and self.use_lora_kernels()
+        return (
+            self.cuda_graphs
+            and self.torch_device().type == "cuda"
+            and self.lora_backend() == "triton"
+        )
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -309,15 +309,15 @@ def run_peft(model, prompts, adapters, new_tokens: int, device: torch.device, pa
 @contextlib.contextmanager
 def engine_variant(engine, variant: str) -> Iterator[None]:
     """Run `engine` as `variant` (see the module docstring) for the duration."""
-    saved = engine.use_lora_kernels, engine.decode_graphs
+    saved = engine.lora_backend, engine.decode_graphs
     if variant in ("engine-eager", "engine-torch"):
         engine.decode_graphs = None
     if variant == "engine-torch":
-        engine.use_lora_kernels = False
+        engine.lora_backend = "torch"
     try:
         yield
     finally:
-        engine.use_lora_kernels, engine.decode_graphs = saved
+        engine.lora_backend, engine.decode_graphs = saved
 
 
 def _token_check(ours: list[list[int]], theirs: list[list[int]], n: int) -> dict:
@@ -399,8 +399,8 @@ def bench_decode(args, base_dir: Path, device: torch.device, dtype: torch.dtype)
         t0 = time.perf_counter()
         engine = build_engine(base, config, lora_modules={a: dirs[a] for a in names[: max(ks)]})
         print(f"  engine for {n} seqs ready in {time.perf_counter() - t0:.1f} s")
-        kernels = engine.use_lora_kernels
-        lora_ops = "triton" if kernels else "torch"
+        kernels = engine.lora_backend == "triton"
+        lora_ops = engine.lora_backend
         graphs = engine.decode_graphs is not None
         variants = ["engine"]
         if graphs and "engine-eager" not in args.skip:

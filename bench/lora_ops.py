@@ -6,11 +6,20 @@ Strategies, for a decode-shaped batch (one token per sequence, mixed adapters):
 * ``gather_bmm``  gather each token's A and B, then two batched matmuls;
 * ``segmented``   sort tokens by adapter, one shrink + expand per distinct adapter;
 * ``dense_span``  one GEMM over all active adapters' rows, a row mask, one GEMM back;
-* ``grouped``     tokens gathered per adapter, two ``bmm`` and a scatter (the engine's
-                  ``add_lora``; ``grouped_op_only`` excludes building the routing).
+* ``grouped``     tokens gathered per adapter, two ``bmm`` and a scatter (``add_lora``'s
+                  torch ops; ``grouped_op_only`` excludes building the routing);
+* ``cpu_kernel``  the fused C kernel (``lora/cpu_kernel.py``, the engine's choice on CPU
+                  in float32), routing included.
 
-Prints a table and writes JSON to ``bench/results/lora_ops_cpu.json``.
-Run: ``.venv/bin/python -m bench.lora_ops [--tokens 16] [--adapters 8] [--rank 16]``.
+``--decode-step`` instead times a whole decode step's LoRA work, model-shaped (SmolLM2-135M:
+30 layers of q/k/v, o, gate/up and down, hidden 576, intermediate 1536, k/v 192), torch ops
+against the kernel, over token/adapter mixes: the adapter weights (tens of MB) do not fit in
+cache there, as in the engine, while the single-op table above runs with them cached.
+
+Prints a table and writes JSON to ``bench/results/lora_ops_cpu.json`` (``--decode-step``:
+``lora_decode_step_cpu.json``).
+Run: ``.venv/bin/python -m bench.lora_ops [--tokens 16] [--adapters 8] [--rank 16]
+[--decode-step]``.
 """
 
 from __future__ import annotations
@@ -18,12 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from adapterhub_server.lora.ops import add_lora, add_lora_reference, build_lora_batch
-from bench.timing import median_us
+from adapterhub_server.lora.cpu_kernel import load as load_cpu_kernel
+from adapterhub_server.lora.ops import (
+    add_lora,
+    add_lora_reference,
+    build_lora_batch,
+)
+from bench.timing import machine_info, median_us
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -71,15 +88,19 @@ def run(tokens: int, adapters: int, rank: int, d_in: int, d_out: int, repeats: i
         y.addmm_(h, b_flat)
 
     def grouped() -> None:
-        batch = build_lora_batch(routes)
+        batch = build_lora_batch(routes, backend="torch")
         add_lora(torch.zeros(tokens, d_out), x, pools, batch)
 
-    prebuilt = build_lora_batch(routes)
+    prebuilt = build_lora_batch(routes, backend="torch")
 
     def grouped_op_only() -> None:
         add_lora(torch.zeros(tokens, d_out), x, pools, prebuilt)
 
-    fns = {
+    def cpu_kernel() -> None:
+        batch = build_lora_batch(routes, backend="cpu")
+        add_lora(torch.zeros(tokens, d_out), x, pools, batch)
+
+    fns: dict[str, Callable[[], None]] = {
         "loop": loop,
         "gather_bmm": gather_bmm,
         "segmented": segmented,
@@ -87,7 +108,72 @@ def run(tokens: int, adapters: int, rank: int, d_in: int, d_out: int, repeats: i
         "grouped": grouped,
         "grouped_op_only": grouped_op_only,
     }
+    if load_cpu_kernel() is not None:
+        fns["cpu_kernel"] = cpu_kernel
     return {name: median_us(fn, repeats) for name, fn in fns.items()}
+
+
+# SmolLM2-135M's adapted groups per layer: (in_features, out_features of each member).
+_HIDDEN, _INTER, _KV = 576, 1536, 192
+_LAYER_GROUPS = [
+    (_HIDDEN, (_HIDDEN, _KV, _KV)),  # q/k/v
+    (_HIDDEN, (_HIDDEN,)),  # o
+    (_HIDDEN, (_INTER, _INTER)),  # gate/up
+    (_INTER, (_HIDDEN,)),  # down
+]
+
+
+def decode_step(tokens: int, adapters: int, rank: int, layers: int, repeats: int) -> dict:
+    """One decode step's LoRA work over a model-shaped stack, tokens spread round-robin
+    over `adapters` slots; torch ops and the kernel interleaved, medians in ms."""
+    gen = torch.Generator().manual_seed(0)
+    calls = []
+    for _ in range(layers):
+        for d_in, outs in _LAYER_GROUPS:
+            a = torch.randn(adapters, len(outs) * rank, d_in, generator=gen) * 0.05
+            bs = tuple(torch.randn(adapters, rank, o, generator=gen) * 0.05 for o in outs)
+            x = torch.randn(tokens, d_in, generator=gen)
+            calls.append(({rank: (a, bs)}, x, torch.zeros(tokens, sum(outs))))
+    routes = [(rank, t % adapters) for t in range(tokens)]
+
+    def step(kernel: bool) -> Callable[[], None]:
+        def run() -> None:
+            batch = build_lora_batch(routes, backend="cpu" if kernel else "torch")
+            for pools, x, y in calls:
+                add_lora(y, x, pools, batch)
+
+        return run
+
+    fns = {"torch_ops": step(False)}
+    if load_cpu_kernel() is not None:
+        fns["cpu_kernel"] = step(True)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    # Interleaved, so that machine noise hits both alike.
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    weights_mb = sum(
+        a.nbytes + sum(b.nbytes for b in bs) for pools, _, _ in calls for a, bs in pools.values()
+    )
+    return {
+        "weights_mb": weights_mb / 1e6,
+        **{f"{n}_ms": statistics.median(v) * 1e3 for n, v in samples.items()},
+    }
+
+
+def _print_table(rows: list[dict], keys: tuple[str, ...], width: int) -> None:
+    names = [k for k in rows[0] if k not in keys]
+    print(" ".join(f"{k:>8}" for k in keys) + " " + " ".join(f"{n:>{width}}" for n in names))
+    for r in rows:
+        print(
+            " ".join(f"{r[k]:>8}" for k in keys)
+            + " "
+            + " ".join(f"{r[n]:>{width}.1f}" for n in names)
+        )
 
 
 def main() -> None:
@@ -98,31 +184,50 @@ def main() -> None:
     parser.add_argument("--d-in", type=int, default=576)
     parser.add_argument("--d-out", type=int, default=1536)
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=RESULTS / "lora_ops_cpu.json")
+    parser.add_argument(
+        "--decode-step",
+        action="store_true",
+        help="time a model-shaped decode step's LoRA work (torch ops vs the CPU kernel)",
+    )
+    parser.add_argument("--layers", type=int, default=30, help="with --decode-step")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    rows = []
-    for t in args.tokens:
-        for k in args.adapters:
-            us = run(t, k, args.rank, args.d_in, args.d_out, args.repeats)
-            rows.append({"tokens": t, "adapters": k, **{f"{n}_us": v for n, v in us.items()}})
-    names = [k for k in rows[0] if k.endswith("_us")]
-    print(f"{'tokens':>6} {'adapters':>8} " + " ".join(f"{n[:-3]:>18}" for n in names))
-    for r in rows:
-        print(f"{r['tokens']:>6} {r['adapters']:>8} " + " ".join(f"{r[n]:>18.1f}" for n in names))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "device": "cpu",
-        "processor": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "rank": args.rank,
-        "d_in": args.d_in,
-        "d_out": args.d_out,
-        "unit": "microseconds per call (median)",
-    }
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    if args.decode_step:
+        rows = []
+        for t in args.tokens:
+            for k in args.adapters:
+                ms = decode_step(t, k, args.rank, args.layers, args.repeats)
+                rows.append({"tokens": t, "adapters": k, **ms})
+        _print_table(rows, ("tokens", "adapters"), 14)
+        out = args.out or RESULTS / "lora_decode_step_cpu.json"
+        meta = {
+            **machine_info(),
+            "rank": args.rank,
+            "layers": args.layers,
+            "unit": "milliseconds per decode step (median)",
+        }
+    else:
+        rows = []
+        for t in args.tokens:
+            for k in args.adapters:
+                us = run(t, k, args.rank, args.d_in, args.d_out, args.repeats)
+                rows.append({"tokens": t, "adapters": k, **{f"{n}_us": v for n, v in us.items()}})
+        _print_table(rows, ("tokens", "adapters"), 18)
+        out = args.out or RESULTS / "lora_ops_cpu.json"
+        meta = {
+            "device": "cpu",
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "rank": args.rank,
+            "d_in": args.d_in,
+            "d_out": args.d_out,
+            "unit": "microseconds per call (median)",
+        }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def build_engine(
         adapters.load_now(adapters.locate(name))
 
     eos = _eos_token_ids(hf, tokenizer)
-    use_kernels = config.use_lora_kernels()
+    lora_backend = config.lora_backend()
     graphs = None
     if config.use_cuda_graphs():
         graphs = DecodeGraphs(
@@ -136,7 +136,7 @@ def build_engine(
         config.block_size,
         blocks.usable_blocks * config.block_size,
         "on" if config.prefix_caching else "off",
-        "triton" if use_kernels else "torch",
+        lora_backend,
         "CUDA graphs" if graphs else "eager",
         time.perf_counter() - t0,
     )
@@ -152,7 +152,7 @@ def build_engine(
         max_model_len=max_model_len,
         eos_token_ids=eos,
         device=device,
-        use_lora_kernels=use_kernels,
+        lora_backend=lora_backend,
         decode_graphs=graphs,
     )
 

@@ -29,7 +29,7 @@ from adapterhub_server.engine.scheduler import Scheduler, SchedulerOutput
 from adapterhub_server.engine.sequence import Sequence
 from adapterhub_server.errors import AdapterHubError, ContextLengthError, InvalidRequestError
 from adapterhub_server.lora.cache import AdapterCache
-from adapterhub_server.lora.ops import Route, Segment, build_lora_batch
+from adapterhub_server.lora.ops import LoRABackend, Route, Segment, build_lora_batch
 from adapterhub_server.models.attention import KVCache, build_attention_metadata
 from adapterhub_server.models.causal_lm import BatchedCausalLM
 from adapterhub_server.models.transfer import to_device
@@ -56,7 +56,7 @@ class LLMEngine:
         max_model_len: int,
         eos_token_ids: set[int],
         device: torch.device,
-        use_lora_kernels: bool = False,
+        lora_backend: LoRABackend = "torch",
         decode_graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
@@ -69,8 +69,8 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.device = device
-        self.use_lora_kernels = use_lora_kernels
-        """Route LoRA through the Triton kernels (`lora/kernels.py`) instead of torch ops."""
+        self.lora_backend: LoRABackend = lora_backend
+        """Which batched-LoRA ops serve every step (`lora.ops.lora_backend`)."""
         self.decode_graphs = decode_graphs
         """Runs decode-only steps from CUDA graphs (`engine/decode_graphs.py`); None: eager."""
         self.sampler = Sampler()
@@ -333,7 +333,7 @@ class LLMEngine:
             segments,
             device=dev,
             dtype=self.kv_cache.k.dtype,
-            use_kernels=self.use_lora_kernels,
+            backend=self.lora_backend,
         )
         return self.model(
             to_device(ids, torch.long, dev),

@@ -27,9 +27,15 @@ Two routing forms, whose best strategies differ (measured by ``bench/lora_ops.py
 Tokens with no adapter appear in no group and no segment, so they pay nothing; a step in
 which no token uses an adapter does no LoRA work at all.
 
+On CPU in float32 the dense tokens go instead through one fused C kernel call per rank
+class (`lora/cpu_kernel.py`): the grouped torch ops above cost about ten dispatches per
+adapted layer, which on a decode step weighed more than the adapter weights they read.
+The torch ops remain the fallback (no C compiler, other dtypes) and, with
+`add_lora_reference`, the oracle the kernel is tested against.
+
 On CUDA the same semantics run as two Triton kernels per rank class (`lora/kernels.py`,
-custom ops `torch.ops.adapterhub.lora_shrink` / `lora_expand`), selected by
-``build_lora_batch(..., use_kernels=True)``.
+custom ops `torch.ops.adapterhub.lora_shrink` / `lora_expand`). Which of the three serves
+an engine (``torch``, ``cpu``, ``triton``) is chosen once, by `lora_backend`.
 """
 
 from __future__ import annotations
@@ -37,17 +43,33 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from adapterhub_server.lora.kernels import KernelMapping, add_lora_kernels, build_kernel_mappings
+from adapterhub_server.lora.cpu_kernel import CpuMapping, add_lora_cpu, build_cpu_mappings
+from adapterhub_server.lora.cpu_kernel import load as load_cpu_kernel
+from adapterhub_server.lora.kernels import (
+    KernelMapping,
+    add_lora_kernels,
+    build_kernel_mappings,
+    triton_available,
+)
 from adapterhub_server.models.transfer import to_device
 
 Route = tuple[int, int]
 """(rank_class, slot) of one token's adapter."""
 
 PackedPool = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
+LoRABackend = Literal["torch", "cpu", "triton"]
 """``(A [slots, m * c, in], (B_0 [slots, c, out_0], ..., B_{m-1}))`` for one rank class."""
+
+
+GEMM_MIN_TOKENS = 64
+"""Dense tokens on one adapter from which the torch ops (a GEMM pair on that adapter) beat
+the CPU kernel, whose dot-product loops are built for a few tokens per adapter (measured
+by ``bench/lora_ops.py --decode-step``: a step of 64 tokens all on one adapter, 18 ms vs
+20 ms; 16 tokens, 6.4 vs 7.0; 64 tokens over 8 adapters, 32 vs 23)."""
 
 
 def rank_class(rank: int) -> int:
@@ -93,10 +115,13 @@ class LoRABatch:
     segments: list[Segment] = field(default_factory=list)
     kernel_mappings: list[KernelMapping] = field(default_factory=list)
     """Set instead of groups and segments when the Triton kernels serve this step."""
+    cpu_mappings: list[CpuMapping] = field(default_factory=list)
+    """The dense tokens the CPU kernel serves; `groups` then holds only those of adapters
+    with `GEMM_MIN_TOKENS` or more."""
 
     @property
     def active(self) -> bool:
-        return bool(self.groups or self.segments or self.kernel_mappings)
+        return bool(self.groups or self.segments or self.kernel_mappings or self.cpu_mappings)
 
 
 def build_lora_batch(
@@ -105,7 +130,7 @@ def build_lora_batch(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    use_kernels: bool = False,
+    backend: LoRABackend = "torch",
 ) -> LoRABatch:
     """Build one step's routing.
 
@@ -113,9 +138,12 @@ def build_lora_batch(
         dense_routes: per dense token, in token order (tokens ``0..len-1``), its
             ``(rank_class, slot)`` or None for the base model.
         segments: prefill runs that use an adapter; their token ranges follow the dense ones.
-        use_kernels: route through the Triton kernels (every token grouped by adapter).
+        backend: ``torch`` (the grouped torch ops), ``triton`` (the CUDA kernels, every
+            token grouped by adapter) or ``cpu`` (the fused CPU kernel for the dense tokens
+            of adapters with fewer than `GEMM_MIN_TOKENS` of them, torch ops for the rest);
+            `lora_backend` chooses it once per engine.
     """
-    if use_kernels:
+    if backend == "triton":
         routes: list[Route | None] = list(dense_routes)
         for s in segments:
             routes += [None] * (s.t0 - len(routes)) + [(s.rank_class, s.slot)] * (s.t1 - s.t0)
@@ -125,13 +153,69 @@ def build_lora_batch(
     for t, route in enumerate(dense_routes):
         if route is not None:
             by_class[route[0]][route[1]].append(t)
+    if backend == "cpu":
+        if torch.device(device).type != "cpu" or dtype != torch.float32:
+            raise ValueError(f"the CPU LoRA kernel cannot serve {dtype} on {device}")
+        kernel_routes = list(dense_routes)
+        for cls, slots in sorted(by_class.items()):
+            for slot, tokens in sorted(slots.items()):
+                if len(tokens) >= GEMM_MIN_TOKENS:
+                    batch.groups += _token_groups({cls: {slot: tokens}}, device, dtype)
+                    for t in tokens:
+                        kernel_routes[t] = None
+        batch.cpu_mappings = build_cpu_mappings(kernel_routes)
+        return batch
+    batch.groups = _token_groups(by_class, device, dtype)
+    return batch
+
+
+def lora_backend(requested: str, device: torch.device, dtype: torch.dtype) -> LoRABackend:
+    """The backend an engine uses for all its steps, chosen once at start.
+
+    Args:
+        requested: ``auto`` (Triton on CUDA when installed; the CPU kernel for float32 on
+            CPU where it builds; else torch), or ``triton``, ``cpu``, ``torch`` (required:
+            an error where it cannot serve).
+    """
+    cpu_serves = device.type == "cpu" and dtype == torch.float32
+    if requested == "torch":
+        return "torch"
+    if requested == "triton":
+        if not triton_available():
+            raise ValueError("lora_kernel='triton' but Triton is not installed")
+        return "triton"
+    if requested == "cpu":
+        if not cpu_serves:
+            raise ValueError(f"lora_kernel='cpu' serves float32 on CPU, not {dtype} on {device}")
+        if load_cpu_kernel() is None:
+            raise ValueError(
+                "lora_kernel='cpu' but the CPU LoRA kernel cannot be built here (it needs a "
+                "C compiler, Linux and torch's GNU OpenMP; see the log)"
+            )
+        return "cpu"
+    if requested != "auto":
+        raise ValueError(f"unknown lora_kernel {requested!r}")
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    if cpu_serves and load_cpu_kernel() is not None:
+        return "cpu"
+    return "torch"
+
+
+def _token_groups(
+    by_class: Mapping[int, Mapping[int, list[int]]],
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> list[TokenGroup]:
+    """One `TokenGroup` per rank class, from class -> slot -> its token positions."""
+    groups = []
     for cls, slots in sorted(by_class.items()):
         lo, hi = min(slots), max(slots) + 1
         if len(slots) == 1:
             (tokens,) = slots.values()
             if tokens == list(range(tokens[0], tokens[-1] + 1)):
                 empty = torch.empty(0, dtype=torch.long, device=device)
-                batch.groups.append(
+                groups.append(
                     TokenGroup(cls, lo, hi, empty, empty, None, (tokens[0], tokens[-1] + 1))
                 )
                 continue
@@ -146,7 +230,7 @@ def build_lora_batch(
             valid = torch.tensor(
                 [[1.0] * len(ts) + [0.0] * (width - len(ts)) for ts in per_slot], dtype=dtype
             ).unsqueeze(-1)
-        batch.groups.append(
+        groups.append(
             TokenGroup(
                 rank_class=cls,
                 slot_lo=lo,
@@ -157,7 +241,7 @@ def build_lora_batch(
                 contiguous=None,
             )
         )
-    return batch
+    return groups
 
 
 def add_lora(
@@ -180,6 +264,8 @@ def add_lora(
     if batch.kernel_mappings:
         add_lora_kernels(y, x, pools, batch.kernel_mappings)
         return
+    if batch.cpu_mappings:
+        add_lora_cpu(y, x, pools, batch.cpu_mappings)
     for g in batch.groups:
         a, bs = pools[g.rank_class]
         c = g.rank_class

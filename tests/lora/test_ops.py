@@ -14,9 +14,9 @@ from adapterhub_server.lora.ops import (
     build_lora_batch,
     rank_class,
 )
+from tests.lora.popularity import CLASSES, MIXES, mixed_routes
 
 D_IN = 48
-CLASSES = {8: 5, 16: 3, 32: 2}  # rank class -> slots
 # A single module, and a packed q/k/v-like group with unequal output widths.
 PACKINGS = {"single": (40,), "packed": (40, 16, 16)}
 
@@ -31,27 +31,6 @@ def _pools(seed: int = 0, outs: tuple[int, ...] = (40,)):
     return pools
 
 
-def _routes(mix: str, n: int, rng: random.Random) -> list[tuple[int, int] | None]:
-    all_routes = [(c, s) for c, k in CLASSES.items() for s in range(k)]
-    if mix == "all_same":
-        return [(16, 1)] * n
-    if mix == "all_distinct":
-        return [all_routes[i % len(all_routes)] for i in range(n)]
-    if mix == "skewed":  # zipf-like: a few adapters take most tokens
-        weights = [1 / (i + 1) ** 1.5 for i in range(len(all_routes))]
-        return rng.choices(all_routes, weights=weights, k=n)
-    if mix == "with_base":
-        return [rng.choice([*all_routes[:3], None, None]) for _ in range(n)]
-    if mix == "mixed_ranks":
-        return [rng.choice([(8, 0), (16, 2), (32, 1), (8, 4)]) for _ in range(n)]
-    if mix == "all_base":
-        return [None] * n
-    raise ValueError(mix)
-
-
-MIXES = ["all_same", "all_distinct", "skewed", "with_base", "mixed_ranks", "all_base"]
-
-
 @pytest.mark.parametrize("packing", PACKINGS)
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("num_tokens", [1, 7, 33])
@@ -60,7 +39,7 @@ def test_dense_tokens_match_reference(mix: str, num_tokens: int, packing: str) -
     outs = PACKINGS[packing]
     d_out = sum(outs)
     pools = _pools(0, outs)
-    routes = _routes(mix, num_tokens, rng)
+    routes = mixed_routes(mix, num_tokens, rng)
     x = torch.randn(num_tokens, D_IN, dtype=torch.float64)
     base = torch.randn(num_tokens, d_out, dtype=torch.float64)
     expected = base.clone()
@@ -79,7 +58,7 @@ def test_decode_plus_prefill_segments_match_reference(mix: str, packing: str) ->
     outs = PACKINGS[packing]
     d_out = sum(outs)
     pools = _pools(1, outs)
-    dense = _routes(mix, 9, rng)
+    dense = mixed_routes(mix, 9, rng)
     # Three prefill chunks after the decode tokens: adapter, base, another adapter.
     chunk_routes = [(32, 1), None, (8, 3)]
     lengths = [5, 4, 6]
@@ -116,7 +95,7 @@ def test_float32_close_to_float64_reference() -> None:
     d_out = 72
     pools64 = _pools(3, PACKINGS["packed"])
     pools32 = {c: (a.float(), tuple(b.float() for b in bs)) for c, (a, bs) in pools64.items()}
-    routes = _routes("skewed", 20, random.Random(3))
+    routes = mixed_routes("skewed", 20, random.Random(3))
     x = torch.randn(20, D_IN, dtype=torch.float64)
     expected = torch.zeros(20, d_out, dtype=torch.float64)
     add_lora_reference(expected, x, pools64, routes)

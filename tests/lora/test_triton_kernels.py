@@ -164,7 +164,7 @@ def test_lora_batch_with_kernels_equals_the_torch_path() -> None:
     x, y0 = torch.randn(31, IN), torch.randn(31, sum(OUTS))
     torch_path, kernel_path = y0.clone(), y0.clone()
     add_lora(torch_path, x, pools, build_lora_batch(dense, segments))
-    batch = build_lora_batch(dense, segments, use_kernels=True)
+    batch = build_lora_batch(dense, segments, backend="triton")
     assert batch.active and not batch.groups and not batch.segments
     add_lora(kernel_path, x, pools, batch)
     torch.testing.assert_close(kernel_path, torch_path, rtol=1e-4, atol=1e-4)
@@ -211,8 +211,8 @@ def test_kernels_on_cuda(mix: str, dtype: torch.dtype) -> None:
 def test_kernel_selection() -> None:
     from adapterhub_server.config import EngineConfig
 
-    assert not EngineConfig(device="cpu").use_lora_kernels()  # auto: CUDA only
-    assert not EngineConfig(device="cpu", lora_kernel="torch").use_lora_kernels()
-    assert EngineConfig(device="cpu", lora_kernel="triton").use_lora_kernels()
+    assert EngineConfig(device="cpu").lora_backend() != "triton"  # auto: Triton on CUDA only
+    assert EngineConfig(device="cpu", lora_kernel="torch").lora_backend() == "torch"
+    assert EngineConfig(device="cpu", lora_kernel="triton").lora_backend() == "triton"
     with pytest.raises(ValueError, match="lora_kernel"):
         EngineConfig(lora_kernel="cutlass")

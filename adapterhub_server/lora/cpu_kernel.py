@@ -1,0 +1,502 @@
+"""The fused CPU LoRA kernel (C, compiled at first use), and the per-step grouping it reads.
+
+A decode step on CPU spends its LoRA time reading adapter weights (each slot's A and B once
+per layer) and, through torch ops, dispatching ~10 small ops per adapted layer (gather,
+shrink ``bmm``, one expand ``bmm`` per module, ``cat``, scatter). This kernel does the
+shrink and the expand of every module of a packed group in one call: each adapter's A and
+B are streamed once, tokens are read and written in place (no gather, no scatter, no
+intermediate tensors), and the work is split over torch's own OpenMP threads. The shrink
+reads four rows of A at once against up to four tokens (every loaded vector of x serves
+four rows); the expand keeps 64 output columns of up to four tokens in registers over all
+rows of B, so y is read and written once. Decode-shaped calls are bound by reading the
+adapter weights: ``bench/lora_ops.py --decode-step`` measures it against the torch ops.
+
+The kernel is C rather than torch because a decode step's LoRA work is ~120 calls of a few
+microseconds of arithmetic each: dispatch, not FLOPs, was the cost (`bench/profile_step.py`).
+It is built the way Triton builds its launchers, with the system compiler at first use.
+
+Semantics, for every group g (one adapter slot s = ``slots[g]``, its tokens
+``tokens[starts[g] : starts[g + 1]]``), every token t of it and every module j::
+
+    y[t, o_j : o_j + out_j] += (A[s, j*c : (j+1)*c] @ x[t]) @ B_j[s]
+
+with ``A [slots, m * c, in]``, ``B_j [slots, c, out_j]`` (the pool layout of `lora.ops`)
+and ``o_j = out_0 + ... + out_{j-1}``: float32 only, accumulated in float32; ``c`` a
+multiple of 4 (rank classes are powers of two from 8).
+
+Built with the system C compiler (``$CC``, else ``cc``/``gcc``) into
+``$ADAPTERHUB_KERNEL_CACHE`` (default ``~/.cache/adapterhub/kernels``), keyed by the source,
+the compiler and the CPU, in well under a second. Where it cannot be built or loaded (no
+compiler, not Linux, a torch without OpenMP) `load` returns None and the torch ops serve;
+``ADAPTERHUB_CPU_LORA_KERNEL=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapterhub_server.cache_dirs import user_cache_dir
+
+logger = logging.getLogger(__name__)
+
+Route = tuple[int, int]
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* 16 floats: one AVX-512 register, two AVX2 ones; GCC/Clang lower it to what -march has. */
+typedef float v16 __attribute__((vector_size(64)));
+
+static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+static inline float hsum(v16 v) {
+    float s = 0;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+/* h[l * hs + r] = dot(a[r * in :], x[tok[l]]) for RB = 4 rows of A and NT <= 4 tokens: four
+   rows stream at once (memory-level parallelism) and every loaded x vector serves four
+   rows; RB * NT independent accumulators, so the adds do not wait on each other. */
+static inline __attribute__((always_inline)) void dot_block(
+    const float *restrict a, int64_t in, const float *restrict x, int64_t xs,
+    const int64_t *tok, const int NT, float *restrict h, int64_t hs) {
+    const float *xp[4];
+    v16 acc[4][4];
+    for (int l = 0; l < NT; l++) xp[l] = x + tok[l] * xs;
+    for (int r = 0; r < 4; r++)
+        for (int l = 0; l < NT; l++) acc[r][l] = (v16){0};
+    int64_t k = 0;
+    for (; k + 16 <= in; k += 16) {
+        v16 xv[4];
+        for (int l = 0; l < NT; l++) xv[l] = load16(xp[l] + k);
+        for (int r = 0; r < 4; r++) {
+            const v16 av = load16(a + r * in + k);
+            for (int l = 0; l < NT; l++) acc[r][l] += av * xv[l];
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int l = 0; l < NT; l++) {
+            float s = hsum(acc[r][l]);
+            for (int64_t kk = k; kk < in; kk++) s += a[r * in + kk] * xp[l][kk];
+            h[l * hs + r] = s;
+        }
+}
+
+/* Rows [r0, r1) of one slot's A (r1 - r0 a multiple of 4) against its nt tokens. */
+static void shrink_rows(const float *a, int64_t in, int64_t r0, int64_t r1, const float *x,
+                        int64_t xs, const int64_t *tok, int64_t nt, float *h, int64_t hs) {
+    for (int64_t r = r0; r < r1; r += 4) {
+        const float *ar = a + r * in;
+        int64_t l = 0;
+        for (; l + 4 <= nt; l += 4) dot_block(ar, in, x, xs, tok + l, 4, h + l * hs + r, hs);
+        switch (nt - l) {
+        case 3: dot_block(ar, in, x, xs, tok + l, 3, h + l * hs + r, hs); break;
+        case 2: dot_block(ar, in, x, xs, tok + l, 2, h + l * hs + r, hs); break;
+        case 1: dot_block(ar, in, x, xs, tok + l, 1, h + l * hs + r, hs); break;
+        }
+    }
+}
+
+/* y[tok[l], o : o + 64] += sum_r h[l * hs + r] * b[r * bs + o :] for NT <= 4 tokens: the
+   outputs stay in registers over all c rows of B, so y is read and written once. */
+static inline __attribute__((always_inline)) void expand_block(
+    const float *restrict b, int64_t bs, int64_t c, const float *restrict h, int64_t hs,
+    float *restrict y, int64_t ys, const int64_t *tok, const int NT, int64_t o) {
+    v16 acc[4][4];
+    for (int l = 0; l < NT; l++)
+        for (int j = 0; j < 4; j++) acc[l][j] = load16(y + tok[l] * ys + o + 16 * j);
+    for (int64_t r = 0; r < c; r++) {
+        const float *br = b + r * bs + o;
+        const v16 b0 = load16(br), b1 = load16(br + 16), b2 = load16(br + 32),
+                  b3 = load16(br + 48);
+        for (int l = 0; l < NT; l++) {
+            const v16 hv = (v16){0} + h[l * hs + r];
+            acc[l][0] += hv * b0;
+            acc[l][1] += hv * b1;
+            acc[l][2] += hv * b2;
+            acc[l][3] += hv * b3;
+        }
+    }
+    for (int l = 0; l < NT; l++)
+        for (int j = 0; j < 4; j++) store16(y + tok[l] * ys + o + 16 * j, acc[l][j]);
+}
+
+/* Output columns [lo, hi) of one module of one slot, for its nt tokens. */
+static void expand_cols(const float *b, int64_t bs, int64_t c, const float *h, int64_t hs,
+                        float *y, int64_t ys, const int64_t *tok, int64_t nt, int64_t lo,
+                        int64_t hi) {
+    for (int64_t l = 0; l < nt; l += 4) {
+        const int64_t n = nt - l < 4 ? nt - l : 4;
+        int64_t o = lo;
+        for (; o + 64 <= hi; o += 64) {
+            switch (n) {
+            case 4: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 4, o); break;
+            case 3: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 3, o); break;
+            case 2: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 2, o); break;
+            case 1: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 1, o); break;
+            }
+        }
+        for (int64_t t = l; t < l + n; t++) {
+            float *yt = y + tok[t] * ys;
+            for (int64_t r = 0; r < c; r++) {
+                const float hv = h[t * hs + r];
+                const float *br = b + r * bs;
+                for (int64_t oo = o; oo < hi; oo++) yt[oo] += hv * br[oo];
+            }
+        }
+    }
+}
+
+#define MAX_MODULES 8
+
+/* See the Python module docstring. Returns 0, or 1 when the scratch allocation fails,
+   2 when there are more than MAX_MODULES modules or c is not a multiple of 4. */
+int lora_sgmv_f32(const float *x, int64_t x_stride, float *y, int64_t y_stride,
+                  const float *a, int64_t in, int64_t c, int64_t m,
+                  const float *const *bs, const int64_t *outs, const int64_t *tokens,
+                  const int64_t *slots, const int64_t *starts, int64_t groups,
+                  int64_t num_threads) {
+    if (m > MAX_MODULES || c % 4 != 0) return 2;
+    const int64_t rows = m * c, n = starts[groups];
+    if (n == 0) return 0;
+    float *h = malloc(sizeof(float) * (size_t)(n * rows)); /* [n, rows], in token order */
+    if (h == NULL) return 1;
+    int64_t col0[MAX_MODULES];
+    for (int64_t j = 0, o = 0; j < m; j++) {
+        col0[j] = o;
+        o += outs[j];
+    }
+    if (num_threads <= 1 || groups % num_threads == 0) {
+        /* Whole slots per thread: A then B of one slot stream back to back, with no
+           barrier in between. Balanced because every slot of a class costs the same. */
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t t0 = starts[g], nt = starts[g + 1] - t0;
+            shrink_rows(a + slots[g] * rows * in, in, 0, rows, x, x_stride, tokens + t0, nt,
+                        h + t0 * rows, rows);
+            for (int64_t j = 0; j < m; j++)
+                expand_cols(bs[j] + slots[g] * c * outs[j], outs[j], c, h + t0 * rows + j * c,
+                            rows, y + col0[j], y_stride, tokens + t0, nt, 0, outs[j]);
+        }
+    } else {
+        /* Too few slots to share out evenly: split the rows of A (blocks of 4), then
+           (after the barrier) the output columns, so every thread gets a part of every
+           slot. */
+        int64_t blocks[MAX_MODULES], width[MAX_MODULES], per_group = 0;
+        const int64_t want = (4 * num_threads + groups * m - 1) / (groups * m);
+        for (int64_t j = 0; j < m; j++) {
+            int64_t w = (outs[j] + want - 1) / want;
+            w = (w + 63) / 64 * 64;
+            width[j] = w;
+            blocks[j] = (outs[j] + w - 1) / w;
+            per_group += blocks[j];
+        }
+        const int64_t row_blocks = rows / 4;
+#pragma omp parallel num_threads(num_threads)
+        {
+#pragma omp for schedule(static)
+            for (int64_t item = 0; item < groups * row_blocks; item++) {
+                const int64_t g = item / row_blocks, r = (item % row_blocks) * 4;
+                const int64_t t0 = starts[g];
+                shrink_rows(a + slots[g] * rows * in, in, r, r + 4, x, x_stride, tokens + t0,
+                            starts[g + 1] - t0, h + t0 * rows, rows);
+            }
+#pragma omp for schedule(static)
+            for (int64_t item = 0; item < groups * per_group; item++) {
+                const int64_t g = item / per_group, t0 = starts[g];
+                int64_t blk = item % per_group, j = 0;
+                while (blk >= blocks[j]) blk -= blocks[j++];
+                const int64_t lo = blk * width[j];
+                const int64_t hi = lo + width[j] < outs[j] ? lo + width[j] : outs[j];
+                expand_cols(bs[j] + slots[g] * c * outs[j], outs[j], c, h + t0 * rows + j * c,
+                            rows, y + col0[j], y_stride, tokens + t0, starts[g + 1] - t0, lo,
+                            hi);
+            }
+        }
+    }
+    free(h);
+    return 0;
+}
+"""
+
+_MAX_MODULES = 8
+"""The C code's MAX_MODULES."""
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+_COMPILE_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class CpuMapping:
+    """One step's dense tokens of one rank class, grouped by adapter slot (host tensors)."""
+
+    rank_class: int
+    tokens: torch.Tensor
+    """``[n]`` int64 token positions, grouped by slot, ascending within a slot."""
+    slots: torch.Tensor
+    """``[G]`` int64 slot of each group, ascending."""
+    starts: torch.Tensor
+    """``[G + 1]`` int64: group g's tokens are ``tokens[starts[g] : starts[g + 1]]``."""
+    num_rows: int
+    """Rows `x` and `y` must have at least: the highest token position + 1."""
+    max_slot: int
+    num_threads: int
+    """torch's intra-op thread count when the step was built; the kernel uses as many."""
+
+    call_args: tuple[int, int, int, int, int]
+    """The kernel's routing arguments: tokens, slots and starts pointers, groups, threads
+    (into `tokens`, `slots` and `starts`, which this mapping keeps alive)."""
+
+
+def build_cpu_mappings(routes: Sequence[Route | None]) -> list[CpuMapping]:
+    """Group a step's dense tokens by (rank class, slot), once per step for every layer.
+
+    Args:
+        routes: per dense token, ``(rank_class, slot)`` or None (base model: no work).
+    """
+    by_class: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for t, route in enumerate(routes):
+        if route is not None:
+            by_class[route[0]][route[1]].append(t)
+    threads = torch.get_num_threads()
+    mappings = []
+    for cls, by_slot in sorted(by_class.items()):
+        slots = sorted(by_slot)
+        tokens: list[int] = []
+        starts = [0]
+        for s in slots:
+            tokens += by_slot[s]
+            starts.append(len(tokens))
+        # One host tensor, three views: a step builds this once for ~100 kernel calls.
+        packed = torch.tensor(tokens + slots + starts, dtype=torch.int64)
+        n, g = len(tokens), len(slots)
+        tokens_t, slots_t, starts_t = packed[:n], packed[n : n + g], packed[n + g :]
+        mappings.append(
+            CpuMapping(
+                rank_class=cls,
+                tokens=tokens_t,
+                slots=slots_t,
+                starts=starts_t,
+                num_rows=max(tokens) + 1,
+                max_slot=slots[-1],
+                num_threads=threads,
+                call_args=(
+                    tokens_t.data_ptr(),
+                    slots_t.data_ptr(),
+                    starts_t.data_ptr(),
+                    g,
+                    threads,
+                ),
+            )
+        )
+    return mappings
+
+
+def add_lora_cpu(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    pools: Mapping[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]],
+    mappings: Sequence[CpuMapping],
+) -> None:
+    """`add_lora` for the dense tokens of a step, through the C kernel.
+
+    Args:
+        y: ``[T, sum(out_j)]`` float32, rows contiguous (modified in place).
+        x: ``[T, in]`` float32, rows contiguous.
+        pools: rank class ``c`` -> ``(A [slots, m * c, in], (B_j [slots, c, out_j], ...))``,
+            contiguous float32.
+        mappings: this step's `build_cpu_mappings`.
+    """
+    fn = load()
+    if fn is None:
+        raise RuntimeError("the CPU LoRA kernel is not available here")
+    # The kernel trusts its pointers: the checks that keep it inside its tensors are here
+    # (the pools' once per pool, in `_pool_args`; a decode step makes ~120 of these calls).
+    if x.dtype != torch.float32 or y.dtype != torch.float32 or not (x.is_cpu and y.is_cpu):
+        raise TypeError(
+            f"the CPU LoRA kernel takes float32 CPU tensors, got x {x.dtype} on {x.device}, "
+            f"y {y.dtype} on {y.device}"
+        )
+    xs, ys = x.stride(), y.stride()
+    if len(xs) != 2 or len(ys) != 2 or xs[1] != 1 or ys[1] != 1:
+        raise ValueError("x and y must be 2-D with contiguous rows")
+    rows = min(x.shape[0], y.shape[0])
+    x_args = (x.data_ptr(), xs[0], y.data_ptr(), ys[0])
+    for mp in mappings:
+        pool = _pool_args(mp.rank_class, *pools[mp.rank_class])
+        if (
+            rows < mp.num_rows
+            or mp.max_slot >= pool.slots
+            or x.shape[1] != pool.in_features
+            or y.shape[1] != pool.out_features
+        ):
+            raise ValueError(
+                f"rank class {mp.rank_class}: pool tensors do not match x, y or the routes"
+            )
+        status = fn(*x_args, *pool.args, *mp.call_args)
+        if status == 1:
+            raise MemoryError("the CPU LoRA kernel could not allocate its scratch buffer")
+        if status:
+            raise ValueError(f"the CPU LoRA kernel refused its arguments (status {status})")
+
+
+@dataclass(frozen=True)
+class _PoolArgs:
+    """One packed pool's kernel arguments, checked once: its tensors live for the
+    engine's life (reallocated only when a rank class grows, which makes a new A)."""
+
+    bs: tuple[torch.Tensor, ...]
+    slots: int
+    in_features: int
+    out_features: int
+    args: tuple[object, ...]
+    """``a, in, c, m, B pointers, outs``, as the kernel takes them."""
+
+
+# By id(A), with a weak reference that drops the entry when A is freed (a tensor's == is
+# elementwise, so tensors cannot be dictionary keys; torch's WeakIdKeyDictionary cost
+# ~9 us per lookup, 1 ms per decode step).
+_POOL_ARGS: dict[int, tuple[weakref.ref[torch.Tensor], _PoolArgs]] = {}
+
+
+def _pool_args(c: int, a: torch.Tensor, bs: tuple[torch.Tensor, ...]) -> _PoolArgs:
+    hit = _POOL_ARGS.get(id(a))
+    if hit is not None and hit[0]() is a and hit[1].bs is bs:
+        return hit[1]
+    m = len(bs)
+    outs = [b.shape[2] if b.dim() == 3 else -1 for b in bs]
+    slots = a.shape[0] if a.dim() == 3 else 0
+    if (
+        m > _MAX_MODULES
+        or not _fits(a, slots, m * c, a.shape[-1])
+        or not all(_fits(b, slots, c, out) for b, out in zip(bs, outs))
+    ):
+        raise ValueError(f"rank class {c}: pool tensors do not match x, y or the routes")
+    args = (
+        a.data_ptr(),
+        a.shape[2],
+        c,
+        m,
+        (ctypes.c_void_p * m)(*[b.data_ptr() for b in bs]),
+        (ctypes.c_int64 * m)(*outs),
+    )
+    cached = _PoolArgs(bs, slots, a.shape[2], sum(outs), args)
+    key = id(a)
+    _POOL_ARGS[key] = (weakref.ref(a, lambda _, key=key: _POOL_ARGS.pop(key, None)), cached)
+    return cached
+
+
+def _fits(t: torch.Tensor, slots: int, rows: int, cols: int) -> bool:
+    """Whether a pool tensor is a contiguous float32 CPU ``[slots, rows, cols]``."""
+    return (
+        t.is_cpu
+        and t.dtype == torch.float32
+        and t.is_contiguous()
+        and t.dim() == 3
+        and t.shape[0] == slots
+        and t.shape[1] == rows
+        and t.shape[2] == cols
+    )
+
+
+@functools.cache
+def load() -> Callable[..., int] | None:
+    """The compiled kernel, building it on first use; None where it cannot serve."""
+    if os.environ.get("ADAPTERHUB_CPU_LORA_KERNEL", "1") == "0":
+        return None
+    if sys.platform != "linux" or not _torch_uses_gomp():
+        # Another OpenMP runtime beside torch's would run a second thread pool on the
+        # same cores, each spinning while the other works.
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.info("no C compiler found: LoRA on CPU runs through torch ops")
+        return None
+    try:
+        path = _build(compiler)
+        fn = ctypes.CDLL(str(path)).lora_sgmv_f32
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("CPU LoRA kernel unavailable (%s); using torch ops", exc)
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, i, p, i, p, i, i, i, p, p, p, p, p, i, i]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _torch_uses_gomp() -> bool:
+    """Whether torch's OpenMP runtime (GNU libgomp) is loaded, so the kernel shares it."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libgomp" in line for line in maps)
+    except OSError:
+        return False
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` compiles for: a library built on one CPU may not run on
+    another that shares the cache (a mounted home directory, a Docker volume)."""
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "model name", "Features", "CPU part")):
+                    ident += line
+                if line.strip() == "":  # the first processor is enough
+                    break
+    except OSError:
+        pass
+    return ident
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    key = hashlib.sha256(
+        "\0".join([_SOURCE, compiler, version, *_FLAGS, _cpu_identity()]).encode()
+    ).hexdigest()[:24]
+    try:
+        cache = user_cache_dir("ADAPTERHUB_KERNEL_CACHE", "kernels")
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.mkdtemp(prefix="adapterhub-kernels-"))
+    target = cache / f"lora_sgmv_{key}.so"
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=cache) as tmp:
+        src = Path(tmp) / "lora_sgmv.c"
+        src.write_text(_SOURCE)
+        out = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *_FLAGS, "-o", str(out), str(src)],
+            capture_output=True,
+            text=True,
+            timeout=_COMPILE_TIMEOUT_S,
+        )
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        # Several processes may build at once: each renames a whole file into place.
+        os.replace(out, target)
+    logger.info("built the CPU LoRA kernel into %s", target)
+    return target

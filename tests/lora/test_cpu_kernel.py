@@ -1,0 +1,235 @@
+"""The fused CPU LoRA kernel against the loop reference: adapter-popularity mixes, several
+rank classes, base rows, uneven tokens per slot, shapes off the vector width, thread counts
+that do and do not divide the slots, and prefill segments beside it."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from adapterhub_server.config import EngineConfig
+from adapterhub_server.lora import cpu_kernel
+from adapterhub_server.lora.ops import (
+    GEMM_MIN_TOKENS,
+    PackedPool,
+    Route,
+    Segment,
+    add_lora,
+    add_lora_reference,
+    build_lora_batch,
+    lora_backend,
+)
+from tests.lora.popularity import CLASSES, MIXES, mixed_routes
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernel.load() is None, reason="the CPU LoRA kernel cannot be built here"
+)
+
+D_IN = 83  # not a multiple of the kernel's 32-float steps: the tails matter
+PACKINGS = {"single": (40,), "packed": (40, 17, 16), "wide": (300, 300)}
+
+
+def _pools(outs: tuple[int, ...], seed: int = 0) -> tuple[dict[int, PackedPool], dict]:
+    """float32 pools for the kernel and the same values in float64 for the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    pools64 = {}
+    for cls, slots in CLASSES.items():
+        a = torch.randn(slots, len(outs) * cls, D_IN, generator=gen, dtype=torch.float64)
+        bs = tuple(torch.randn(slots, cls, o, generator=gen, dtype=torch.float64) for o in outs)
+        pools64[cls] = (a, bs)
+    pools32 = {c: (a.float(), tuple(b.float() for b in bs)) for c, (a, bs) in pools64.items()}
+    return pools32, pools64
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """1 and 2 split whole slots between threads; 3 leaves a remainder of slots, which
+    takes the kernel's row/column split instead."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _check(got: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("packing", PACKINGS)
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 33, 70])
+def test_dense_tokens_match_reference(
+    mix: str, num_tokens: int, packing: str, threads: int
+) -> None:
+    rng = random.Random(num_tokens)
+    outs = PACKINGS[packing]
+    pools32, pools64 = _pools(outs)
+    routes = mixed_routes(mix, num_tokens, rng)
+    x = torch.randn(num_tokens, D_IN, dtype=torch.float64)
+    base = torch.randn(num_tokens, sum(outs), dtype=torch.float64)
+    expected = base.clone()
+    add_lora_reference(expected, x, pools64, routes)
+    batch = build_lora_batch(routes, backend="cpu")
+    busiest = max((routes.count(r) for r in set(routes) if r is not None), default=0)
+    assert bool(batch.groups) == (busiest >= GEMM_MIN_TOKENS)
+    assert batch.active == any(r is not None for r in routes)
+    got = base.float()
+    add_lora(got, x.float(), pools32, batch)
+    _check(got, expected)
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_decode_plus_prefill_segments_match_reference(mix: str, threads: int) -> None:
+    """Dense decode tokens through the kernel, prefill chunks through the segment GEMMs."""
+    rng = random.Random(7)
+    outs = PACKINGS["packed"]
+    pools32, pools64 = _pools(outs, seed=1)
+    dense = mixed_routes(mix, 9, rng)
+    routes = list(dense)
+    segments = []
+    t = len(dense)
+    for route, n in zip([(32, 1), None, (8, 3)], [5, 4, 6]):
+        routes.extend([route] * n)
+        if route is not None:
+            segments.append(Segment(t, t + n, route[0], route[1]))
+        t += n
+    x = torch.randn(t, D_IN, dtype=torch.float64)
+    expected = torch.zeros(t, sum(outs), dtype=torch.float64)
+    add_lora_reference(expected, x, pools64, routes)
+    got = torch.zeros(t, sum(outs))
+    add_lora(got, x.float(), pools32, build_lora_batch(dense, segments, backend="cpu"))
+    _check(got, expected)
+
+
+def test_busy_adapters_take_the_gemms_beside_the_kernel(threads: int) -> None:
+    """An adapter with many dense tokens runs as torch GEMMs and the rest through the
+    kernel, in one step; its tokens scattered among the others, as decode tokens are."""
+    outs = PACKINGS["packed"]
+    pools32, pools64 = _pools(outs, seed=4)
+    rng = random.Random(4)
+    busy: list[Route | None] = [(16, 2)] * GEMM_MIN_TOKENS + [(8, 1)] * (GEMM_MIN_TOKENS + 3)
+    routes = busy + mixed_routes("with_base", 20, rng) + mixed_routes("all_distinct", 10, rng)
+    rng.shuffle(routes)
+    batch = build_lora_batch(routes, backend="cpu")
+    assert {(g.rank_class, g.slot_lo) for g in batch.groups} == {(16, 2), (8, 1)}
+    assert batch.cpu_mappings
+    n = len(routes)
+    x = torch.randn(n, D_IN, dtype=torch.float64)
+    expected = torch.zeros(n, sum(outs), dtype=torch.float64)
+    add_lora_reference(expected, x, pools64, routes)
+    got = torch.zeros(n, sum(outs))
+    add_lora(got, x.float(), pools32, batch)
+    _check(got, expected)
+
+
+def test_matches_the_torch_ops() -> None:
+    """Both float32 paths on the same inputs: the kernel only reorders float sums."""
+    outs = PACKINGS["packed"]
+    pools32, _ = _pools(outs, seed=2)
+    routes = mixed_routes("skewed", 40, random.Random(2))
+    x = torch.randn(40, D_IN)
+    base = torch.randn(40, sum(outs))
+    via_torch, via_kernel = base.clone(), base.clone()
+    add_lora(via_torch, x, pools32, build_lora_batch(routes, backend="torch"))
+    add_lora(via_kernel, x, pools32, build_lora_batch(routes, backend="cpu"))
+    torch.testing.assert_close(via_kernel, via_torch, rtol=1e-4, atol=1e-4)
+
+
+def test_base_rows_are_untouched() -> None:
+    pools32, _ = _pools((40,))
+    routes = [None, (8, 0), None, (16, 2), None]
+    x = torch.randn(5, D_IN)
+    y = torch.randn(5, 40)
+    before = y.clone()
+    add_lora(y, x, pools32, build_lora_batch(routes, backend="cpu"))
+    for t in (0, 2, 4):
+        assert torch.equal(y[t], before[t])
+    assert not torch.equal(y[1], before[1])
+
+
+def test_strided_rows() -> None:
+    """x and y may be views whose rows are longer than their width (slices of a wider
+    tensor), as long as each row is contiguous."""
+    outs = PACKINGS["packed"]
+    pools32, pools64 = _pools(outs, seed=3)
+    routes = mixed_routes("with_base", 12, random.Random(3))
+    wide_x = torch.randn(12, D_IN + 5)
+    x = wide_x[:, 2 : 2 + D_IN]
+    wide_y = torch.zeros(12, sum(outs) + 9)
+    y = wide_y[:, 4 : 4 + sum(outs)]
+    expected = torch.zeros(12, sum(outs), dtype=torch.float64)
+    add_lora_reference(expected, x.double(), pools64, routes)
+    add_lora(y, x, pools32, build_lora_batch(routes, backend="cpu"))
+    _check(y, expected)
+    assert torch.equal(wide_y[:, :4], torch.zeros(12, 4))
+    assert torch.equal(wide_y[:, 4 + sum(outs) :], torch.zeros(12, 5))
+
+
+def test_auto_picks_the_kernel_for_float32_on_cpu_only() -> None:
+    cpu = torch.device("cpu")
+    assert lora_backend("auto", cpu, torch.float32) == "cpu"
+    assert lora_backend("auto", cpu, torch.bfloat16) == "torch"
+    assert lora_backend("torch", cpu, torch.float32) == "torch"
+    with pytest.raises(ValueError, match="float32 on CPU"):
+        lora_backend("cpu", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot serve"):
+        build_lora_batch([(8, 0)], dtype=torch.bfloat16, backend="cpu")
+    assert EngineConfig(device="cpu").lora_backend() == "cpu"
+    assert EngineConfig(device="cpu", lora_kernel="torch").lora_backend() == "torch"
+
+
+def test_refuses_what_would_leave_its_tensors() -> None:
+    """The C code trusts its pointers, so mismatches are refused before the call."""
+    pools32, _ = _pools((40,))
+    x = torch.randn(3, D_IN)
+    y = torch.zeros(3, 40)
+    with pytest.raises(ValueError, match="do not match"):  # slot 7 is past the pool's 5
+        add_lora(y, x, pools32, build_lora_batch([(8, 7)], backend="cpu"))
+    with pytest.raises(ValueError, match="do not match"):  # token 5 is past x's 3 rows
+        add_lora(y, x, pools32, build_lora_batch([None] * 5 + [(8, 0)], backend="cpu"))
+    with pytest.raises(ValueError, match="do not match"):  # x is narrower than A
+        add_lora(y, x[:, :10], pools32, build_lora_batch([(8, 0)], backend="cpu"))
+    with pytest.raises(TypeError, match="float32"):
+        add_lora(y.double(), x.double(), pools32, build_lora_batch([(8, 0)], backend="cpu"))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        add_lora(y, x.t().contiguous().t(), pools32, build_lora_batch([(8, 0)], backend="cpu"))
+
+
+def test_builds_into_the_cache_and_can_be_turned_off(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADAPTERHUB_KERNEL_CACHE", str(tmp_path))
+    cpu_kernel.load.cache_clear()
+    try:
+        assert cpu_kernel.load() is not None
+        (built,) = tmp_path.glob("lora_sgmv_*.so")
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".build-")]
+        cpu_kernel.load.cache_clear()
+        assert cpu_kernel.load() is not None  # reused, not rebuilt
+        assert list(tmp_path.glob("lora_sgmv_*.so")) == [built]
+        monkeypatch.setenv("ADAPTERHUB_CPU_LORA_KERNEL", "0")
+        cpu_kernel.load.cache_clear()
+        assert cpu_kernel.load() is None
+        assert lora_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    finally:
+        monkeypatch.undo()
+        cpu_kernel.load.cache_clear()
+
+
+def test_without_a_working_compiler_the_torch_ops_serve(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADAPTERHUB_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    cpu_kernel.load.cache_clear()
+    try:
+        assert cpu_kernel.load() is None
+        assert EngineConfig(device="cpu").lora_backend() == "torch"
+        with pytest.raises(ValueError, match="cannot be built"):
+            EngineConfig(device="cpu", lora_kernel="cpu").lora_backend()
+    finally:
+        monkeypatch.undo()
+        cpu_kernel.load.cache_clear()
