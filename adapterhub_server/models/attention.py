@@ -210,7 +210,9 @@ class KVCache:
         )
 
     def zero_blocks(self, blocks: list[int]) -> None:
-        index = torch.tensor(blocks, dtype=torch.long, device=self.k.device)
+        # Through pinned memory: a pageable copy would sync the host with the device in
+        # every step that opens a block.
+        index = to_device(blocks, torch.long, self.k.device)
         self.k.index_fill_(1, index, 0)
         self.v.index_fill_(1, index, 0)
 
