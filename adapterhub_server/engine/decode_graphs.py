@@ -18,6 +18,8 @@ buffers the graph reads, and every host-side value must be fixed per graph:
   so one graph serves any adapter mix. The adapter weights are read from the pool's slot
   tensors; when the pool reallocates them (it grew), every graph is dropped and recaptured.
   A step in which no sequence uses an adapter replays a graph without the LoRA kernels.
+  A step with a DoRA adapter in it replays a graph that also rescales every row by a static
+  ``[B]`` buffer of DoRA table rows (row 0, the identity, for the other rows; `lora.dora`).
 
 Per step the host writes ids, positions, block tables and chunk tables into pinned memory,
 issues one non-blocking copy per buffer, and replays. Graphs are captured on first use of a bucket.
@@ -93,6 +95,8 @@ class _Step:
     """int32, per class ``[tokens B | slots C | starts C | counts C]``."""
     lora: LoRABatch | None
     logits_index: torch.Tensor
+    dora_rows: torch.Tensor | None = None
+    """``[B]`` int64 each row's DoRA table row (0: unchanged); None in graphs without DoRA."""
     graph: torch.cuda.CUDAGraph | None = None
 
 
@@ -116,9 +120,10 @@ class DecodeGraphs:
         self.batch_buckets = batch_buckets(max_num_seqs)
         self.width_buckets = table_width_buckets(max_model_len, cache.block_size)
         self._device = cache.k.device
-        self._steps: dict[tuple[int, int, bool], _Step] = {}
-        """(batch bucket, table-width bucket, any adapter in the step) -> buffers, graph."""
-        self._failed: set[tuple[int, int, bool]] = set()
+        self._steps: dict[tuple[int, int, bool, bool], _Step] = {}
+        """(batch bucket, table-width bucket, any adapter in the step, any DoRA adapter in
+        the step) -> buffers, graph."""
+        self._failed: set[tuple[int, int, bool, bool]] = set()
         self._pool_version = pool.version
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         # Every graph writes its logits here rather than into its own output tensor: one
@@ -157,14 +162,20 @@ class DecodeGraphs:
         width = _bucket(self.width_buckets, max(len(t) for t in tables))
         # Steps without any adapter replay a graph without LoRA kernels: base traffic pays
         # nothing for the adapters resident in the pool.
-        key = (batch, width, any(r is not None for r in routes))
+        dora = self.pool.dora_rows
+        key = (
+            batch,
+            width,
+            any(r is not None for r in routes),
+            any(r in dora for r in routes if r is not None),
+        )
         if batch is None or width is None or key in self._failed:
             return None
         if self.pool.version != self._pool_version:
             self._drop_all("the adapter pool was reallocated")
         step = self._steps.get(key)
         if step is None:
-            step = self._steps[key] = self._new_step(batch, width, lora=key[2])
+            step = self._steps[key] = self._new_step(batch, width, lora=key[2], dora=key[3])
         known = {c for c, _ in step.classes}
         if any(r is not None and r[0] not in known for r in routes):
             return None  # a rank class the pool did not have when the buffers were made
@@ -193,7 +204,7 @@ class DecodeGraphs:
 
     # -- buffers -------------------------------------------------------------------------
 
-    def _new_step(self, batch: int, width: int, *, lora: bool) -> _Step:
+    def _new_step(self, batch: int, width: int, *, lora: bool, dora: bool = False) -> _Step:
         dev = self._device
         classes = tuple(
             (c, chunk_capacity(batch, self.pool.capacity(c)))
@@ -210,6 +221,10 @@ class DecodeGraphs:
                 views.append(tables[o : o + size])
                 o += size
             mappings.append(KernelMapping(c, *views))
+        dora_rows = torch.zeros(batch, dtype=torch.long, device=dev) if dora else None
+        lora_batch = None
+        if mappings:
+            lora_batch = LoRABatch(kernel_mappings=mappings, dora_rows=dora_rows)
         return _Step(
             batch=batch,
             width=width,
@@ -217,8 +232,9 @@ class DecodeGraphs:
             ids_positions=torch.zeros(2, batch, dtype=torch.long, device=dev),
             block_table=torch.zeros(batch, width, dtype=torch.long, device=dev),
             tables=tables,
-            lora=LoRABatch(kernel_mappings=mappings) if mappings else None,
+            lora=lora_batch,
             logits_index=torch.arange(batch, device=dev),
+            dora_rows=dora_rows,
         )
 
     def _fill(
@@ -233,6 +249,10 @@ class DecodeGraphs:
         _copy_in(step.ids_positions, [[*ids, *[0] * pad], [*positions, *[0] * pad]])
         rows = [[*t, *[0] * (step.width - len(t))] for t in tables]
         _copy_in(step.block_table, rows + [[0] * step.width] * pad)
+        if step.dora_rows is not None:
+            dora = self.pool.dora_rows
+            rows_of = [dora.get(r, 0) if r is not None else 0 for r in routes]
+            _copy_in(step.dora_rows, rows_of + [0] * pad)
         if not step.classes:
             return
         plans = plan_chunks(routes)
@@ -285,6 +305,10 @@ class DecodeGraphs:
         self._steps.clear()
         self._failed.clear()
         self._pool_version = self.pool.version
+        if self.capture:
+            # The dropped graphs released their memory pool; PyTorch refuses to capture
+            # into a pool that no live graph holds, so later captures take a fresh one.
+            self._mempool = torch.cuda.graph_pool_handle()
 
 
 def _copy_in(static: torch.Tensor, values: list) -> None:

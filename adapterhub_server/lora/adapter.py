@@ -28,6 +28,7 @@ from torch import nn
 
 from adapterhub_server.errors import AdapterValidationError
 from adapterhub_server.json_limits import JsonLimitError, parse_json
+from adapterhub_server.lora.full_modules import EmbeddingTargets, FullModules, parse_full_modules
 from adapterhub_server.lora.patterns import (
     MAX_PATTERN_KEY_CHARS,
     MAX_PATTERN_KEYS,
@@ -59,11 +60,16 @@ _KEY_RE = re.compile(
     r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight"
 )
 
+# DoRA's magnitude: PEFT saves `<module>.lora_magnitude_vector` (no `.weight`); a live model's
+# state dict has `.lora_magnitude_vector.<adapter>.weight`, and PEFT also loads `.weight` alone.
+_MAGNITUDE_RE = re.compile(
+    r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_magnitude_vector)"
+    r"(?:\.(?P<adapter>[^.]+)\.weight|\.weight)?"
+)
+
 # Config options that change what the adapter computes at inference time (or the model it
 # applies to) in ways the batched A/B kernels do not implement. Value: why it is refused.
 _UNSUPPORTED_WHEN_SET: dict[str, str] = {
-    "use_dora": "DoRA (use_dora: true) is not supported; merge it into the base or retrain as plain LoRA",
-    "modules_to_save": "modules_to_save is not supported: the adapter would replace whole base modules",
     "layers_to_transform": "layers_to_transform is not supported; save the adapter with explicit module names",
     "layers_pattern": "layers_pattern is not supported; save the adapter with explicit module names",
     "fan_in_fan_out": "fan_in_fan_out: true is not supported (Conv1D-style weights); only nn.Linear bases are served",
@@ -72,7 +78,6 @@ _UNSUPPORTED_WHEN_SET: dict[str, str] = {
     "use_qalora": "QALoRA (use_qalora: true) is not supported",
     "alora_invocation_tokens": "Activated LoRA (alora_invocation_tokens) is not supported",
     "layer_replication": "layer_replication is not supported: it changes the base model's layer stack",
-    "trainable_token_indices": "trainable_token_indices is not supported: it changes embedding rows",
     "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
     "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
     "arrow_config": "Arrow routing (arrow_config) is not supported",
@@ -123,11 +128,18 @@ class ModuleLoRA:
     """`[out_features, r]`, float32, contiguous, finite."""
     scale: float
     """lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (per-module patterns applied)."""
+    magnitude: torch.Tensor | None = None
+    """DoRA only (use_dora): `[out_features]` float32, finite; the output is then
+    `m / ||W + scale * b @ a||_row * (W x + scale * b @ a @ x) + bias` (see `lora.dora`)."""
 
     def __post_init__(self) -> None:
         if self.a.ndim != 2 or self.b.ndim != 2 or self.a.shape[0] != self.b.shape[1]:
             raise ValueError(
                 f"inconsistent LoRA factors: a {tuple(self.a.shape)}, b {tuple(self.b.shape)}"
+            )
+        if self.magnitude is not None and tuple(self.magnitude.shape) != (self.b.shape[0],):
+            raise ValueError(
+                f"DoRA magnitude {tuple(self.magnitude.shape)} does not match b {tuple(self.b.shape)}"
             )
 
     @property
@@ -156,11 +168,22 @@ class LoRAAdapter:
     """The adapter_config.json contents, as read."""
     source: str
     """Directory it was loaded from."""
+    full_modules: FullModules | None = None
+    """Full copies of the embedding / output head (modules_to_save) and trainable token
+    rows (trainable_token_indices), or None for a LoRA-only adapter."""
 
     @property
     def num_bytes(self) -> int:
-        """Bytes held by the A and B tensors."""
-        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+        """Bytes held by the A and B tensors (and DoRA magnitudes)."""
+        return sum(
+            m.a.nbytes + m.b.nbytes + (m.magnitude.nbytes if m.magnitude is not None else 0)
+            for m in self.modules.values()
+        )
+
+    @property
+    def use_dora(self) -> bool:
+        """True for a DoRA adapter (every module then has a magnitude)."""
+        return any(m.magnitude is not None for m in self.modules.values())
 
 
 def validate_adapter_name(name: str) -> str:
@@ -234,6 +257,8 @@ class _LoraSettings:
     target_modules: ModuleSelector | None
     """None: every projection (the field absent, as in old PEFT configs, or "all-linear")."""
     exclude_modules: ModuleSelector | None
+    use_dora: bool = False
+    """DoRA: every adapted module must carry a `lora_magnitude_vector` (see `lora.dora`)."""
 
 
 def _short(value: object) -> str:
@@ -361,6 +386,9 @@ def _parse_settings(config: dict[str, Any]) -> _LoraSettings:
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise _config_error(f"use_rslora must be true or false, got {_short(use_rslora)}")
+    use_dora = config.get("use_dora", False)
+    if use_dora is not None and not isinstance(use_dora, bool):
+        raise _config_error(f"use_dora must be true or false, got {_short(use_dora)}")
     return _LoraSettings(
         r=r,
         alpha=float(alpha),
@@ -369,6 +397,7 @@ def _parse_settings(config: dict[str, Any]) -> _LoraSettings:
         alpha_pattern=_compile_patterns(config, "alpha_pattern", integer=False),
         target_modules=_selector(config, "target_modules"),
         exclude_modules=_selector(config, "exclude_modules"),
+        use_dora=bool(use_dora),
     )
 
 
@@ -419,7 +448,10 @@ def _find_weights(path: Path) -> Path:
 
 def _unexpected_tensor(key: str) -> AdapterValidationError:
     if "lora_magnitude_vector" in key:
-        why = "it is a DoRA magnitude vector and DoRA is not supported"
+        why = (
+            "DoRA magnitudes are read from keys base_model.model.<module path>.lora_magnitude_vector "
+            "(as PEFT saves them)"
+        )
     elif "lora_embedding" in key:
         why = "LoRA on embedding layers is not supported"
     elif ".lora_B." in key and key.endswith(".bias"):
@@ -453,11 +485,12 @@ def _unknown_module(
 
 
 def _group_keys(keys: list[str], targets: dict[str, TargetShape]) -> dict[str, dict[str, str]]:
-    """Map module path -> {"lora_A": key, "lora_B": key}; every key must be a known LoRA weight."""
+    """Map module path -> {"lora_A": key, "lora_B": key} (and "lora_magnitude_vector": key for
+    DoRA); every key must be a known LoRA weight."""
     pairs: dict[str, dict[str, str]] = {}
     adapter_segments: set[str | None] = set()
     for key in keys:
-        match = _KEY_RE.fullmatch(key)
+        match = _KEY_RE.fullmatch(key) or _MAGNITUDE_RE.fullmatch(key)
         if match is None:
             raise _unexpected_tensor(key)
         module, kind = match["module"], match["kind"]
@@ -478,6 +511,12 @@ def _group_keys(keys: list[str], targets: dict[str, TargetShape]) -> dict[str, d
             )
         slot[kind] = key
     for module, slot in pairs.items():
+        if "lora_A" not in slot and "lora_B" not in slot:
+            raise AdapterValidationError(
+                f"{WEIGHTS_FILE}: module {module!r} has a DoRA magnitude "
+                f"({slot['lora_magnitude_vector']!r}) but no lora_A / lora_B",
+                param="file",
+            )
         for kind, other in (("lora_A", "lora_B"), ("lora_B", "lora_A")):
             if kind not in slot:
                 raise AdapterValidationError(
@@ -512,6 +551,30 @@ def _check_targeted(
             "PEFT would ignore these weights",
             param="file",
         )
+
+
+def _check_dora(pairs: dict[str, dict[str, str]], settings: _LoraSettings) -> None:
+    """A DoRA adapter has a magnitude for every adapted module; a plain one has none.
+
+    PEFT ignores (with a warning) magnitudes when `use_dora` is off, and without a saved
+    magnitude keeps the one it initialised from the adapter's initial weights, so either
+    mismatch would serve something other than what was trained.
+    """
+    for module, keys in pairs.items():
+        magnitude = keys.get("lora_magnitude_vector")
+        if magnitude is not None and not settings.use_dora:
+            raise AdapterValidationError(
+                f"{WEIGHTS_FILE}: unexpected tensor {magnitude!r}: it is a DoRA magnitude "
+                f"vector but {CONFIG_FILE} does not set use_dora: true (PEFT would ignore it)",
+                param="file",
+            )
+        if magnitude is None and settings.use_dora:
+            raise AdapterValidationError(
+                f"{CONFIG_FILE} sets use_dora: true (DoRA) but {WEIGHTS_FILE} has no "
+                f"lora_magnitude_vector for module {module!r} (expected key "
+                f"'base_model.model.{module}.lora_magnitude_vector')",
+                param="file",
+            )
 
 
 def _as_float32(key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -621,9 +684,37 @@ def _build_module(
             param="file",
         )
     scale = alpha / math.sqrt(r) if settings.use_rslora else alpha / r
-    lora = ModuleLoRA(a=_as_float32(a_key, a_raw), b=_as_float32(b_key, b_raw), scale=float(scale))
+    lora = ModuleLoRA(
+        a=_as_float32(a_key, a_raw),
+        b=_as_float32(b_key, b_raw),
+        scale=float(scale),
+        magnitude=_dora_magnitude(keys, tensors, target),
+    )
     _check_magnitude(module, lora, serving_dtype)
     return lora
+
+
+def _dora_magnitude(
+    keys: dict[str, str], tensors: dict[str, torch.Tensor], target: TargetShape
+) -> torch.Tensor | None:
+    """The module's DoRA magnitude `[out_features]` as float32, or None for plain LoRA.
+
+    Its ratio to the row norms of the adapted base weight is only known once the base is
+    at hand; the pool checks that when it copies the adapter into a slot.
+    """
+    key = keys.get("lora_magnitude_vector")
+    if key is None:
+        return None
+    raw = tensors[key]
+    if raw.ndim != 1 or raw.shape[0] != target.out_features:
+        raise _shape_error(
+            key,
+            raw.shape,
+            f"[{target.out_features}]",
+            f"a DoRA magnitude has one entry per output feature of the base module "
+            f"({target.out_features})",
+        )
+    return _as_float32(key, raw)
 
 
 def load_adapter(
@@ -634,13 +725,16 @@ def load_adapter(
     max_rank: int,
     max_file_bytes: int = 2 * 1024**3,
     serving_dtype: torch.dtype = torch.float32,
+    embeddings: EmbeddingTargets | None = None,
 ) -> LoRAAdapter:
     """Load the PEFT LoRA adapter directory `path` and validate it against `targets`.
 
     `targets` comes from `adaptable_modules(base_model)`; `max_rank` is the server's
     --max-lora-rank; `max_file_bytes` caps adapter_model.safetensors; `serving_dtype` is the
     dtype the engine computes in, whose range bounds the weights' magnitude
-    (`magnitude_limit`). `name` is stored as is (callers validate user-facing names with
+    (`magnitude_limit`); `embeddings` (`full_modules.embedding_targets(base_model)`) lets
+    modules_to_save / trainable_token_indices be validated and served (without it such
+    adapters are refused). `name` is stored as is (callers validate user-facing names with
     `validate_adapter_name`). Error messages name the directory by its last component only:
     they reach clients, and the registry's location on disk is none of theirs.
 
@@ -662,8 +756,15 @@ def load_adapter(
     tensors = load_checked_safetensors(weights_path, max_file_bytes=max_file_bytes)
     if not tensors:
         raise AdapterValidationError(f"{WEIGHTS_FILE}: holds no tensors", param="file")
+    # Takes the full-module tensors out; what is left must be LoRA weights.
+    full_modules = parse_full_modules(config, tensors, embeddings, serving_dtype)
+    if not tensors:
+        raise AdapterValidationError(
+            f"{WEIGHTS_FILE}: holds no LoRA weights (lora_A / lora_B)", param="file"
+        )
     pairs = _group_keys(list(tensors), targets)
     _check_targeted(pairs, config, settings)
+    _check_dora(pairs, settings)
 
     # Base-model order, so that consumers iterating the dict see layers in sequence.
     adapted = [m for m in targets if m in pairs]
@@ -691,6 +792,7 @@ def load_adapter(
         rank=max(m.rank for m in modules.values()),
         config=config,
         source=str(path),
+        full_modules=full_modules,
     )
     logger.info(
         "loaded adapter %s from %s: %d modules, max rank %d, %.2f MiB",

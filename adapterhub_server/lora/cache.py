@@ -33,6 +33,9 @@ from adapterhub_server.lora.adapter import (
     TargetShape,
     load_adapter,
 )
+from adapterhub_server.lora.full_module_store import FullModuleStore
+from adapterhub_server.lora.full_modules import EmbeddingTargets
+from adapterhub_server.lora.merge import MergeRecipe, MergeSpec, merge_adapters, merge_key
 from adapterhub_server.lora.ops import Route, rank_class
 from adapterhub_server.lora.pool import LoRAWeightPool
 from adapterhub_server.lora.slots import SlotAllocator
@@ -50,6 +53,9 @@ class AdapterLocation:
     created: int
     sha256: Mapping[str, str] | None = None
     """Expected sha256 per file name; checked before the files are parsed."""
+    merge: MergeRecipe | None = None
+    """Set for a per-request merge: the adapter is computed from these components (`path`
+    is unused) under a key derived from the resolved components and the parameters."""
 
 
 class AdapterSource(Protocol):
@@ -143,14 +149,22 @@ class AdapterCache:
         max_loras: int,
         max_cpu_loras: int,
         max_lora_rank: int,
+        embeddings: EmbeddingTargets | None = None,
+        full_modules: FullModuleStore | None = None,
     ) -> None:
+        """`embeddings` lets adapters with modules_to_save / trainable_token_indices load,
+        and `full_modules` holds their device copies (both None: such adapters are refused)."""
         if max_cpu_loras < max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras")
         self.source = source
         self.pool = pool
         self.targets = dict(targets)
         self.max_lora_rank = max_lora_rank
-        self.slots = SlotAllocator(max_loras)
+        self.embeddings = embeddings if full_modules is not None else None
+        self.full_modules = full_modules
+        self._has_full: dict[str, bool] = {}
+        """Whether each adapter parsed so far has full modules or token rows, by key."""
+        self.slots = SlotAllocator(max_loras, on_release=pool.release)
         self.max_cpu_loras = max_cpu_loras
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self._identities: dict[str, str] = {}
@@ -170,12 +184,34 @@ class AdapterCache:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def locate(self, ref: str) -> AdapterLocation:
-        """Resolve a reference or raise `AdapterNotFoundError`."""
+    def locate(self, ref: str | MergeSpec) -> AdapterLocation:
+        """Resolve a reference (or every id of a merge) or raise `AdapterNotFoundError`."""
+        if isinstance(ref, MergeSpec):
+            return self._locate_merge(ref)
         loc = self.source.locate(ref)
         if loc is None:
             raise AdapterNotFoundError(f"The model `{ref}` does not exist.", param="model")
         return loc
+
+    def _locate_merge(self, spec: MergeSpec) -> AdapterLocation:
+        components = []
+        for ref in spec.ids:
+            loc = self.source.locate(ref)
+            if loc is None:
+                raise AdapterNotFoundError(
+                    f"merged_adapters: the adapter `{ref}` does not exist.",
+                    param="merged_adapters.ids",
+                )
+            components.append(loc)
+        # Resolved keys (name@N) plus recorded file hashes: every spelling of the same
+        # versions shares one computed merge, and a new version gets a new one.
+        key = merge_key(spec, [f"{c.key}#{_digest_text(c.sha256)}" for c in components])
+        return AdapterLocation(
+            key=f"merge:{key[:32]}",
+            path=Path(),
+            created=int(time.time()),
+            merge=MergeRecipe(spec=spec, components=tuple(components)),
+        )
 
     def load_now(self, loc: AdapterLocation) -> LoRAAdapter:
         """Read and validate an adapter synchronously and keep it in the host tier."""
@@ -184,6 +220,46 @@ class AdapterCache:
         return adapter
 
     def acquire(self, loc: AdapterLocation) -> Route | None:
+        """Pin the adapter in a device slot (and its full modules, if any, in the
+        full-module room) and return its route.
+
+        Returns None when it is not ready yet (files being read, or no free slot or room);
+        the caller retries on a later step. Raises `AdapterValidationError` if its files
+        cannot be served.
+        """
+        route = self._acquire_lora(loc)
+        if route is None or self.full_modules is None:
+            return route
+        try:
+            if self._acquire_full(loc):
+                return route
+        except BaseException:
+            self.slots.unpin(loc.key)  # the request fails: it must not keep the slot
+            raise
+        self.slots.unpin(loc.key)
+        return None
+
+    def _acquire_full(self, loc: AdapterLocation) -> bool:
+        """Pin the adapter's full-module copy on the device (True at once for an adapter
+        without one); False while its files load or the room is full of pinned copies."""
+        assert self.full_modules is not None
+        key = loc.key
+        if self.full_modules.pin_resident(key) or self._has_full.get(key) is False:
+            return True
+        adapter = self._host_get(key)
+        if adapter is None:  # host copy evicted while its LoRA slot stayed resident
+            self._start_load(loc)
+            future = self._loading[key]
+            if not future.done():
+                return False
+            del self._loading[key]
+            adapter = future.result()
+            self._put_host(key, adapter)
+        if adapter.full_modules is None:
+            return True
+        return self.full_modules.acquire(key, adapter.full_modules)
+
+    def _acquire_lora(self, loc: AdapterLocation) -> Route | None:
         """Pin the adapter in a device slot and return its route.
 
         Returns None when it is not ready yet (its files are being read in the background,
@@ -209,13 +285,26 @@ class AdapterCache:
         if allocation is None:
             return None
         self._evictions += len(allocation.evicted)
-        self.pool.write(allocation.route, adapter)
+        for victim in allocation.evicted:  # token rows live as long as the LoRA slot
+            self._forget_full(victim)
+        try:
+            self.pool.write(allocation.route, adapter)
+        except AdapterValidationError:
+            # DoRA's scale over this base is checked at write time; nothing was written.
+            self.slots.evict(key)
+            raise
         self._device_writes += 1
         self.slots.pin(key)
         return allocation.route
 
     def release(self, key: str) -> None:
         self.slots.unpin(key)
+        if self.full_modules is not None:
+            self.full_modules.release(key)
+
+    def _forget_full(self, key: str) -> None:
+        if self.full_modules is not None:
+            self.full_modules.forget(key)
 
     def content_identity(self, key: str) -> str:
         """What the adapter's cached KV is keyed by: a hash of its files' sha256, so two
@@ -229,6 +318,7 @@ class AdapterCache:
         if self.slots.pinned(key):
             return False
         self.slots.evict(key)
+        self._forget_full(key)
         with self._lock:
             self._host.pop(key, None)
             self._identities.pop(key, None)
@@ -257,6 +347,8 @@ class AdapterCache:
             self._loading[loc.key] = self._executor.submit(self._read, loc)
 
     def _read(self, loc: AdapterLocation) -> LoRAAdapter:
+        if loc.merge is not None:
+            return self._compute_merge(loc, loc.merge)
         t0 = time.perf_counter()
         try:
             if loc.sha256:
@@ -267,6 +359,7 @@ class AdapterCache:
                 targets=self.targets,
                 max_rank=self.max_lora_rank,
                 serving_dtype=self.pool.dtype,
+                embeddings=self.embeddings,
             )
             digests = dict(loc.sha256 or {})
             if not digests:
@@ -283,7 +376,7 @@ class AdapterCache:
                     f"{loc.key}: the adapter's files cannot be read ({exc.strerror})"
                 ) from exc
             raise
-        identity = hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
+        identity = files_identity(digests)
         with self._lock:
             self._identities[loc.key] = identity
         seconds = time.perf_counter() - t0
@@ -294,6 +387,33 @@ class AdapterCache:
             self.load_observer(loc.key, seconds)
         return adapter
 
+    def _compute_merge(self, loc: AdapterLocation, recipe: MergeRecipe) -> LoRAAdapter:
+        """Parse (or reuse) the components and merge them; the merge's content identity,
+        which also seeds DARE's masks, hashes the components' content identities."""
+        components = []
+        for component in recipe.components:
+            adapter = self._host_get(component.key)
+            if adapter is None or component.key not in self._identities:
+                adapter = self._read(component)
+                self._put_host(component.key, adapter)
+            components.append(adapter)
+        with self._lock:
+            identities = [self._identities[c.key] for c in recipe.components]
+        identity = "merge:" + merge_key(recipe.spec, identities)
+        merged = merge_adapters(
+            components,
+            recipe.spec,
+            name=loc.key,
+            seed_key=identity,
+            max_rank=self.max_lora_rank,
+            serving_dtype=self.pool.dtype,
+            refs=[c.key for c in recipe.components],
+        )
+        with self._lock:
+            self._identities[loc.key] = identity
+        logger.info("merged %s (%s) as %s", recipe.spec.ids, recipe.spec.strategy, loc.key)
+        return merged
+
     def _host_get(self, key: str) -> LoRAAdapter | None:
         with self._lock:
             adapter = self._host.get(key)
@@ -302,12 +422,22 @@ class AdapterCache:
             return adapter
 
     def _put_host(self, key: str, adapter: LoRAAdapter) -> None:
+        self._has_full[key] = adapter.full_modules is not None
         with self._lock:
             self._host[key] = adapter
             self._host.move_to_end(key)
             while len(self._host) > self.max_cpu_loras:
                 # A host-evicted adapter still in a device slot keeps serving from there.
                 self._host.popitem(last=False)
+
+
+def files_identity(digests: Mapping[str, str]) -> str:
+    """An adapter's content identity from its files' sha256 (`AdapterCache.content_identity`)."""
+    return hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
+
+
+def _digest_text(digests: Mapping[str, str] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((digests or {}).items()))
 
 
 def file_sha256(path: Path) -> str:

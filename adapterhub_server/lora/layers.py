@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from adapterhub_server.frozen_linear import FrozenLinear
+from adapterhub_server.lora.dora import apply_dora
 from adapterhub_server.lora.ops import LoRABatch, add_lora
 from adapterhub_server.lora.pool import LoRAWeightPool
 
@@ -59,6 +60,9 @@ class PackedLoRALinear(nn.Module):
         self.group = group
         self.pool = pool
         self.context = context
+        # DoRA's column scale is computed from the unpacked weight when an adapter is
+        # written (FrozenLinear keeps it beside any prepacked copy).
+        pool.attach_base(group, self.base.weight, self.base.bias)
 
         self._shared = _SharedOutput()
 
@@ -69,6 +73,10 @@ class PackedLoRALinear(nn.Module):
         batch = self.context.batch
         if batch is not None and batch.active:
             add_lora(y, x2, self.pool.group_pools(self.group), batch)
+            if batch.dora_rows is not None:
+                tables = self.pool.dora_tables(self.group)
+                assert tables is not None, "DoRA tokens routed before any DoRA adapter was written"
+                apply_dora(y, tables, batch.dora_tokens, batch.dora_rows)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def members(self) -> list[PackedMember]:

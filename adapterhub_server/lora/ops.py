@@ -27,6 +27,10 @@ Two routing forms, whose best strategies differ (measured by ``bench/lora_ops.py
 Tokens with no adapter appear in no group and no segment, so they pay nothing; a step in
 which no token uses an adapter does no LoRA work at all.
 
+DoRA adapters (`lora/dora.py`) are plain LoRA here plus one rescale of their tokens' rows
+after the delta is added, whatever the backend; `LoRABatch` lists those tokens and their
+DoRA table rows once per step (`dora_tokens`, `dora_rows`).
+
 On CPU in float32 the dense tokens go instead through one fused C kernel call per rank
 class (`lora/cpu_kernel.py`): the grouped torch ops above cost about ten dispatches per
 adapted layer, which on a decode step weighed more than the adapter weights they read.
@@ -118,6 +122,11 @@ class LoRABatch:
     cpu_mappings: list[CpuMapping] = field(default_factory=list)
     """The dense tokens the CPU kernel serves; `groups` then holds only those of adapters
     with `GEMM_MIN_TOKENS` or more."""
+    dora_tokens: torch.Tensor | None = None
+    """``[n]`` int64 the tokens of DoRA adapters (dense and prefill, distinct); None with
+    `dora_rows` set: every token, in order (the static decode buffers)."""
+    dora_rows: torch.Tensor | None = None
+    """``[n]`` int64 each such token's row in the DoRA tables; None: no DoRA this step."""
 
     @property
     def active(self) -> bool:
@@ -131,6 +140,7 @@ def build_lora_batch(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     backend: LoRABackend = "torch",
+    dora_rows: Mapping[Route, int] | None = None,
 ) -> LoRABatch:
     """Build one step's routing.
 
@@ -142,7 +152,49 @@ def build_lora_batch(
             token grouped by adapter) or ``cpu`` (the fused CPU kernel for the dense tokens
             of adapters with fewer than `GEMM_MIN_TOKENS` of them, torch ops for the rest);
             `lora_backend` chooses it once per engine.
+        dora_rows: route of each resident DoRA adapter -> its DoRA table row
+            (`LoRAWeightPool.dora_rows`); routes not in it are plain LoRA.
     """
+    batch = _lora_routing(dense_routes, segments, device=device, dtype=dtype, backend=backend)
+    if dora_rows:
+        _add_dora_routing(batch, dense_routes, segments, dora_rows, device)
+    return batch
+
+
+def _add_dora_routing(
+    batch: LoRABatch,
+    dense_routes: Sequence[Route | None],
+    segments: Sequence[Segment],
+    dora_rows: Mapping[Route, int],
+    device: torch.device | str,
+) -> None:
+    """Set ``batch.dora_tokens`` / ``dora_rows`` to the step's DoRA tokens, if any."""
+    tokens: list[int] = []
+    rows: list[int] = []
+    for t, route in enumerate(dense_routes):
+        row = dora_rows.get(route) if route is not None else None
+        if row is not None:
+            tokens.append(t)
+            rows.append(row)
+    for s in segments:
+        row = dora_rows.get((s.rank_class, s.slot))
+        if row is not None:
+            tokens.extend(range(s.t0, s.t1))
+            rows.extend([row] * (s.t1 - s.t0))
+    if tokens:
+        packed = to_device(tokens + rows, torch.long, device)  # one transfer
+        batch.dora_tokens, batch.dora_rows = packed[: len(tokens)], packed[len(tokens) :]
+
+
+def _lora_routing(
+    dense_routes: Sequence[Route | None],
+    segments: Sequence[Segment],
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    backend: LoRABackend,
+) -> LoRABatch:
+    """`build_lora_batch` without DoRA: the shrink/expand routing of the chosen backend."""
     if backend == "triton":
         routes: list[Route | None] = list(dense_routes)
         for s in segments:

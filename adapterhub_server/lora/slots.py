@@ -7,6 +7,7 @@ used by any running request is pinned (a reference count) and never evicted.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapterhub_server.lora.ops import Route
@@ -22,10 +23,16 @@ class Allocation:
 class SlotAllocator:
     """At most `max_slots` adapters resident on the device, evicting idle ones LRU-first."""
 
-    def __init__(self, max_slots: int) -> None:
+    def __init__(
+        self, max_slots: int, *, on_release: Callable[[Route], None] | None = None
+    ) -> None:
+        """`on_release` is called with a slot's route whenever its adapter leaves it
+        (evicted or dropped), so that state kept per slot elsewhere (the pool's DoRA rows)
+        is freed with it."""
         if max_slots < 1:
             raise ValueError("max_slots must be >= 1")
         self.max_slots = max_slots
+        self.on_release = on_release
         self._routes: OrderedDict[str, Route] = OrderedDict()  # LRU order, oldest first
         self._pins: dict[str, int] = {}
         self._used: dict[int, set[int]] = {}
@@ -97,3 +104,5 @@ class SlotAllocator:
     def _release_slot(self, name: str) -> None:
         cls, slot = self._routes.pop(name)
         self._used[cls].discard(slot)
+        if self.on_release is not None:
+            self.on_release((cls, slot))
