@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     serve.add_argument(
+        "--max-full-module-adapters",
+        type=int,
+        default=d.max_full_module_adapters,
+        help="adapters whose full lm_head / embed_tokens copies (modules_to_save) are on the "
+        "device at once; each costs vocab x hidden per module (0: refuse such adapters)",
+    )
+    serve.add_argument(
         "--max-num-seqs",
         type=int,
         default=d.max_num_seqs,
@@ -295,6 +302,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
         max_lora_rank=args.max_lora_rank,
+        max_full_module_adapters=args.max_full_module_adapters,
         dtype=args.dtype,
         device=args.device,
         num_threads=args.num_threads,

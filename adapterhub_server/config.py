@@ -35,6 +35,12 @@ class EngineConfig:
     """Parsed adapters kept in host memory; default 2 x max_loras."""
     max_lora_rank: int = 64
     """Largest adapter rank accepted."""
+    max_full_module_adapters: int = 4
+    """Adapters whose full copies of the output head / input embedding (PEFT's
+    modules_to_save) are on the device at once, evicted least-recently-used when idle; a
+    request whose adapter finds no room waits. Each copy costs vocab x hidden elements per
+    module (SmolLM2-135M: 57 MB per module in bfloat16; a 1B Llama-3: 525 MB), reserved
+    up front from the KV budget on CUDA. 0 refuses such adapters."""
     dtype: str = "auto"
     """auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16."""
     device: str = "auto"
@@ -65,6 +71,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
+        if self.max_full_module_adapters < 0:
+            raise ValueError("max_full_module_adapters must be >= 0")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -19,6 +19,8 @@ from adapterhub_server.engine.kv_cache_manager import KVCacheManager
 from adapterhub_server.errors import BaseModelError
 from adapterhub_server.lora.adapter import adaptable_modules
 from adapterhub_server.lora.cache import AdapterCache, AdapterSource, StaticAdapterSource
+from adapterhub_server.lora.full_module_store import FullModuleStore
+from adapterhub_server.lora.full_modules import EmbeddingTargets, embedding_targets
 from adapterhub_server.lora.layers import LoRAContext, PackedLoRALinear
 from adapterhub_server.lora.pool import LoRAWeightPool, PackedGroup, packed_groups
 from adapterhub_server.models import attention_interface
@@ -67,6 +69,7 @@ def build_engine(
         ) from exc
     hf = hf.to(device).eval().requires_grad_(False)
     targets = adaptable_modules(hf)
+    embeddings = embedding_targets(hf)  # before any module is swapped
     groups = packed_groups(targets)
     pool = LoRAWeightPool(groups, max_slots=config.max_loras, dtype=dtype, device=device)
     context = LoRAContext()
@@ -97,7 +100,7 @@ def build_engine(
     window = None
     if all(w is not None for w in windows.values()):
         window = max(w for w in windows.values() if w is not None)
-    num_blocks, budget_note = _num_blocks(model, config, groups, dtype, device)
+    num_blocks, budget_note = _num_blocks(model, config, groups, dtype, device, embeddings)
     kv = _kv_cache(model, config, num_blocks)
     blocks = BlockPool(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
     blocks.on_first_use = kv.zero_blocks
@@ -112,6 +115,8 @@ def build_engine(
         max_loras=config.max_loras,
         max_cpu_loras=config.max_cpu_loras,
         max_lora_rank=config.max_lora_rank,
+        embeddings=embeddings,
+        full_modules=FullModuleStore(config.max_full_module_adapters, device=device, dtype=dtype),
     )
     for name in lora_modules or {}:
         adapters.load_now(adapters.locate(name))
@@ -261,6 +266,7 @@ def _num_blocks(
     groups: list[PackedGroup],
     dtype: torch.dtype,
     device: torch.device,
+    embeddings: EmbeddingTargets,
 ) -> tuple[int, str]:
     """How many KV blocks the budget holds, and where the budget came from (for the log)."""
     per_block = KVCache.bytes_per_block(
@@ -275,7 +281,7 @@ def _num_blocks(
     elif device.type != "cuda":
         budget, note = kv_sizing.DEFAULT_CPU_KV_CACHE_BYTES, "default on CPU"
     else:
-        budget = _gpu_kv_budget(model, config, groups, dtype, device)
+        budget = _gpu_kv_budget(model, config, groups, dtype, device, embeddings)
         note = f"--gpu-memory-utilization {config.gpu_memory_utilization}"
     try:
         return kv_sizing.num_blocks_for(budget, per_block), note
@@ -289,6 +295,7 @@ def _gpu_kv_budget(
     groups: list[PackedGroup],
     dtype: torch.dtype,
     device: torch.device,
+    embeddings: EmbeddingTargets,
 ) -> int:
     """Run the largest step the scheduler can form (a full token budget of prefill) on a
     cache just big enough for it, and give the KV cache what the utilization target leaves
@@ -313,6 +320,9 @@ def _gpu_kv_budget(
         max_rank=config.max_lora_rank,
         element=torch.empty(0, dtype=dtype).element_size(),
     )
+    # Full-module copies are allocated when adapters need them; their bound is kept free.
+    element = torch.empty(0, dtype=dtype).element_size()
+    reserve += config.max_full_module_adapters * embeddings.full_bytes(element)
     try:
         return kv_sizing.gpu_kv_budget(
             total_bytes=total,

@@ -27,6 +27,7 @@ from torch import nn
 
 from adapterhub_server.errors import AdapterValidationError, BaseModelError
 from adapterhub_server.lora.adapter import WEIGHTS_FILE, TargetShape, adaptable_modules
+from adapterhub_server.lora.full_modules import EmbeddingTargets, embedding_targets
 
 _KEY_PREFIX = "base_model.model."
 """What PEFT puts before a module path in an adapter's tensor names."""
@@ -55,6 +56,9 @@ class ModuleListing:
     unserved: dict[str, str]
     """Module path -> why no adapter may have weights for it or anything below it: the
     experts and routers of mixture-of-experts blocks."""
+    embeddings: EmbeddingTargets | None = None
+    """The input embedding and output head that full-module adapters (`modules_to_save`,
+    trainable tokens) are checked against."""
 
 
 def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -85,7 +89,7 @@ def list_modules(model: nn.Module) -> ModuleListing:
                     "router): expert weights are not served; LoRA on the attention and dense "
                     "MLP modules of MoE models is"
                 )
-    return ModuleListing(targets=targets, unserved=unserved)
+    return ModuleListing(targets=targets, unserved=unserved, embeddings=embedding_targets(model))
 
 
 def _check_config(config: Mapping[str, Any]) -> str:
@@ -185,7 +189,11 @@ def modules_from_config(config: Mapping[str, Any]) -> ModuleListing:
     except (TypeError, ValueError) as exc:
         raise BaseModelError(f"base model config.json: not plain JSON data: {exc}") from exc
     listing = _listing_of(canonical)
-    return ModuleListing(targets=dict(listing.targets), unserved=dict(listing.unserved))
+    return ModuleListing(
+        targets=dict(listing.targets),
+        unserved=dict(listing.unserved),
+        embeddings=listing.embeddings,
+    )
 
 
 def targets_from_config(config: Mapping[str, Any]) -> dict[str, TargetShape]:
@@ -233,6 +241,9 @@ class BaseModelSpec:
     unserved: Mapping[str, str] = field(default_factory=dict, repr=False)
     """Module path -> why adapters may not have weights for it or below it (see
     `ModuleListing.unserved`)."""
+    embeddings: EmbeddingTargets | None = field(default=None, repr=False)
+    """The base's input embedding and head (`ModuleListing.embeddings`); None: adapters
+    with full modules or trainable tokens cannot be validated, so they are refused."""
 
     @classmethod
     def from_directory(
@@ -248,6 +259,7 @@ class BaseModelSpec:
             targets=listing.targets,
             fingerprint=weights_fingerprint(path) if fingerprint else None,
             unserved=listing.unserved,
+            embeddings=listing.embeddings,
         )
 
     def refuse_unserved(self, adapter_dir: Path, *, max_file_bytes: int) -> None:
