@@ -14,9 +14,18 @@ import anyio
 
 from adapterhub_server.errors import InvalidRequestError
 from adapterhub_server.json_limits import JsonLimitError, check_text, parse_json
+from adapterhub_server.lora.merge import MergeSpec
 from adapterhub_server.registry import Registry
 from adapterhub_server.registry.errors import InvalidValueError
-from client.types import Adapter, AdapterDeleted, AdapterList, AdapterVersion, AliasState
+from adapterhub_server.registry.merge import publish_merge
+from client.types import (
+    Adapter,
+    AdapterDeleted,
+    AdapterList,
+    AdapterVersion,
+    AliasState,
+    MergeCreateRequest,
+)
 
 T = TypeVar("T")
 
@@ -73,6 +82,33 @@ class AdapterAdminService:
                 description=description,
                 metadata=meta,
                 expected_sha256=expected,
+            )
+        )
+        return AdapterVersion.model_validate(record.to_dict())
+
+    async def publish_merge(self, name: str, body: MergeCreateRequest) -> AdapterVersion:
+        """Merge the versions `body.ids` name (PEFT's add_weighted_adapter) and store the
+        result as a new version of `name`, with the recipe in its lineage."""
+        for param, text in (
+            ("name", name),
+            ("alias", body.alias),
+            ("description", body.description),
+        ):
+            _valid_text(text, param)
+        spec = MergeSpec(
+            ids=tuple(body.ids),
+            weights=tuple(body.weights if body.weights is not None else [1.0] * len(body.ids)),
+            strategy=body.merge_strategy,
+            density=body.density,
+            majority_sign_method=body.majority_sign_method,
+        )
+        record = await anyio.to_thread.run_sync(
+            lambda: publish_merge(
+                self.registry,
+                name,
+                spec,
+                alias=body.alias or None,
+                description=body.description,
             )
         )
         return AdapterVersion.model_validate(record.to_dict())

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from adapterhub_server.engine.protocol import EngineClient
 from adapterhub_server.lora.cache import display_name
+from adapterhub_server.lora.merge import MergeSpec
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -53,6 +54,9 @@ PREFIX = "adapterhub"
 BASE_ADAPTER = ""
 """The adapter label of requests for the base model (and of routes that name no model)."""
 UNKNOWN_ADAPTER = "<unknown>"
+MERGED_ADAPTER = "<merge>"
+"""The adapter label of per-request merges: one label for all of them keeps the metric's
+cardinality bounded (a merge's key is per request)."""
 """The adapter label of inference requests whose model did not resolve (404, bad body).
 Adapter names start with a letter or digit, so no real adapter can collide with it."""
 UNMATCHED_ROUTE = "<unmatched>"
@@ -68,8 +72,10 @@ _BATCH_TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-def adapter_label(adapter: str | None) -> str:
+def adapter_label(adapter: str | MergeSpec | None) -> str:
     """The label of a resolved adapter reference: `name@3` and `name@prod` -> `name`."""
+    if isinstance(adapter, MergeSpec):
+        return MERGED_ADAPTER
     return display_name(adapter) if adapter else BASE_ADAPTER
 
 

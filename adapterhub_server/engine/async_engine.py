@@ -34,6 +34,7 @@ from adapterhub_server.errors import (
     ShuttingDownError,
 )
 from adapterhub_server.lora.cache import display_name
+from adapterhub_server.lora.merge import MergeSpec
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class AsyncLLMEngine:
         request_id: str,
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
-        adapter: str | None,
+        adapter: str | MergeSpec | None,
     ) -> AsyncIterator[RequestOutput]:
         # Before anything is allocated: a refused request costs nothing.
         self._admit(request_id)

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from adapterhub_server.engine.outputs import RequestOutput
 from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.lora.merge import MergeSpec
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class EngineClient(Protocol):
         request_id: str,
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
-        adapter: str | None,
+        adapter: str | MergeSpec | None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; the last one has `finished=True`.
 

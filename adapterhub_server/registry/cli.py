@@ -6,6 +6,10 @@
     adapterhub-server registry list
     adapterhub-server registry show REF
     adapterhub-server registry pull hf://OWNER/REPO[@REV] [--name NAME] [--alias A]
+    adapterhub-server registry merge NAME --from REF --from REF [--weights 0.6,0.4]
+                                          [--merge-strategy cat|linear|ties|dare_linear|dare_ties]
+                                          [--density D] [--majority-sign-method total|frequency]
+                                          [--alias A] [--description D]
     adapterhub-server registry export REF OUT_DIR
     adapterhub-server registry push-hub REF OWNER/REPO [--private] [--revision R]
     adapterhub-server registry alias set NAME ALIAS VERSION
@@ -17,7 +21,7 @@
 
 Every command takes --registry DIR (default $ADAPTERHUB_REGISTRY, else
 $XDG_CACHE_HOME/adapterhub/registry or ~/.cache/adapterhub/registry) and --json.
-push and pull validate against --base-model (default: the embedded SmolLM2-135M-Instruct)
+push, pull and merge validate against --base-model (default: the embedded SmolLM2-135M-Instruct)
 and --max-lora-rank, and record the base model id and weights fingerprint.
 """
 
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_server.errors import AdapterHubError, InvalidRequestError
+from adapterhub_server.lora.merge import MAJORITY_SIGN_METHODS, MERGE_STRATEGIES, MergeSpec
 from adapterhub_server.registry.records import AdapterInfo, VersionRecord
 from adapterhub_server.registry.refs import parse_ref
 from adapterhub_server.registry.registry import (
@@ -125,6 +130,41 @@ def add_registry_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "--name", default=None, help="adapter name (default: the repo name, lowercased)"
     )
     pull.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN)")
+
+    merge = sub.add_parser(
+        "merge",
+        parents=[common, validation],
+        help="store the merge of several versions (PEFT's add_weighted_adapter) as a new version",
+    )
+    merge.add_argument("name", help="adapter name the merge is stored under")
+    merge.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        required=True,
+        metavar="REF",
+        help="a version to merge: NAME, NAME@VERSION or NAME@ALIAS (repeat, in order)",
+    )
+    merge.add_argument(
+        "--weights",
+        default=None,
+        help="comma-separated weights, one per --from (default: 1 each)",
+    )
+    merge.add_argument(
+        "--merge-strategy",
+        default="cat",
+        choices=list(MERGE_STRATEGIES),
+        help="default: %(default)s",
+    )
+    merge.add_argument(
+        "--density", type=float, default=None, help="fraction kept, for ties and dare_*"
+    )
+    merge.add_argument(
+        "--majority-sign-method",
+        default="total",
+        choices=list(MAJORITY_SIGN_METHODS),
+        help="default: %(default)s",
+    )
 
     export = sub.add_parser(
         "export", parents=[common], help="write a version as a PEFT repo directory"
@@ -262,6 +302,7 @@ def _show_text(record: VersionRecord, info: AdapterInfo) -> str:
         f"aliases:         {', '.join(record.aliases) or '-'}",
         f"base model:      {record.base_model_id or '-'}",
         f"base weights:    {record.base_fingerprint or '-'}",
+        f"kind:            {record.kind or '-'}",
         f"rank / alpha:    {record.rank} / {record.alpha:g}"
         if record.alpha is not None
         else f"rank / alpha:    {record.rank} / -",
@@ -338,6 +379,37 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         _print_json(record.to_dict())
     else:
         print(f"pulled {args.source} as {_version_summary(record)}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from adapterhub_server.registry.merge import publish_merge
+
+    if args.weights is None:
+        weights = [1.0] * len(args.sources)
+    else:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise InvalidRequestError(
+                f"--weights must be comma-separated numbers, got {args.weights!r}",
+                param="weights",
+            ) from None
+    spec = MergeSpec(
+        ids=tuple(args.sources),
+        weights=tuple(weights),
+        strategy=args.merge_strategy,
+        density=args.density,
+        majority_sign_method=args.majority_sign_method,
+    )
+    with _open_registry(args, validating=True) as registry:
+        record = publish_merge(
+            registry, args.name, spec, alias=args.alias, description=args.description
+        )
+    if args.json:
+        _print_json(record.to_dict())
+    else:
+        print(f"merged {', '.join(args.sources)} ({record.kind}) as {_version_summary(record)}")
     return 0
 
 
@@ -510,6 +582,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "push": _cmd_push,
     "pull": _cmd_pull,
+    "merge": _cmd_merge,
     "list": _cmd_list,
     "show": _cmd_show,
     "export": _cmd_export,

@@ -43,6 +43,7 @@ from adapterhub_server.registry.errors import (
 )
 from adapterhub_server.registry.interface import Staging
 from adapterhub_server.registry.records import (
+    LEGACY_KIND,
     FileRecord,
     Lineage,
     PendingVersion,
@@ -289,7 +290,8 @@ class LocalBlobStore:
 # ---------------------------------------------------------------------------------------
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the first layout; 2: adds `versions.kind` (what an adapter version holds)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -314,6 +316,7 @@ CREATE TABLE IF NOT EXISTS versions (
     description      TEXT,
     metadata         TEXT NOT NULL DEFAULT '{}',  -- JSON object
     lineage          TEXT,                        -- JSON object or NULL
+    kind             TEXT,                        -- lora, dora, merge:ties, ... (records.adapter_kind)
     PRIMARY KEY (name, version)
 );
 CREATE INDEX IF NOT EXISTS versions_by_status ON versions(status, name, version);
@@ -338,7 +341,7 @@ CREATE TABLE IF NOT EXISTS aliases (
 
 _VERSION_COLUMNS = (
     "name, version, status, created, deleted, base_model_id, base_fingerprint, rank, alpha, "
-    "target_modules, description, metadata, lineage"
+    "target_modules, description, metadata, lineage, kind"
 )
 
 
@@ -451,7 +454,12 @@ class SQLiteIndex:
                 if statement.strip():
                     conn.execute(statement)
             found = conn.execute("PRAGMA user_version").fetchone()[0]
-            if found == 0:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(versions)")}
+            if "kind" not in columns:
+                # An index written by schema 1: its rows read back as kind NULL (plain LoRA,
+                # the only kind schema 1 servers accepted).
+                conn.execute("ALTER TABLE versions ADD COLUMN kind TEXT")
+            if found < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif found > SCHEMA_VERSION:
                 raise RegistryError(
@@ -556,7 +564,7 @@ class SQLiteIndex:
         row: tuple[Any, ...], files: dict[str, FileRecord], aliases: dict[str, int]
     ) -> VersionRecord:
         (name, version, status, created, deleted, base_id, fingerprint, rank, alpha) = row[:9]
-        targets, description, metadata, lineage = row[9:]
+        targets, description, metadata, lineage, kind = row[9:]
         key = f"{name}@{version}"
         metadata = _decode_json(metadata, key, "metadata")
         targets = _decode_json(targets, key, "target_modules")
@@ -578,6 +586,9 @@ class SQLiteIndex:
             description=_valid_text(description) if description is not None else None,
             metadata=metadata if isinstance(metadata, dict) else {},
             lineage=_decode_lineage(lineage, key),
+            kind=_valid_text(kind)
+            if kind is not None
+            else (LEGACY_KIND if status == "ready" else None),
             aliases=tuple(sorted(a for a, v in aliases.items() if v == version)),
         )
 
@@ -625,7 +636,7 @@ class SQLiteIndex:
             cursor = conn.execute(
                 "UPDATE versions SET status = 'ready', writer = NULL, base_model_id = ?, "
                 "base_fingerprint = ?, rank = ?, alpha = ?, target_modules = ?, "
-                "description = ?, metadata = ?, lineage = ? "
+                "description = ?, metadata = ?, lineage = ?, kind = ? "
                 "WHERE name = ? AND version = ? AND status = 'pending'",
                 (
                     record.base_model_id,
@@ -636,6 +647,7 @@ class SQLiteIndex:
                     record.description,
                     json.dumps(dict(record.metadata), sort_keys=True, allow_nan=False),
                     lineage,
+                    record.kind,
                     record.name,
                     record.version,
                 ),

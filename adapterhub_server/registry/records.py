@@ -20,6 +20,40 @@ MAX_JSON_BYTES = 64 * 1024
 
 MAX_DESCRIPTION_CHARS = 4096
 
+LEGACY_KIND = "lora"
+"""The kind of a ready version indexed before kinds were recorded: plain LoRA, the only kind
+servers accepted then."""
+
+MERGE_LINEAGE_KEY = "merge"
+"""The lineage `extra` key holding a published merge's recipe (`registry.merge`)."""
+
+
+def _is_set(value: object) -> bool:
+    # PEFT writes null / false / [] / {} for options that are off.
+    return value is not None and value is not False and value != [] and value != {} and value != ""
+
+
+def adapter_kind(config: Mapping[str, Any], lineage: Lineage | None = None) -> str:
+    """What a version holds, from its adapter_config.json and lineage.
+
+    `merge:<strategy>` for a published merge (its lineage recipe); else the adapter's parts
+    joined with "+": `lora` or `dora` (use_dora), then `modules_to_save` and
+    `trainable_tokens` when set, e.g. `lora+modules_to_save`; a PEFT TRAINABLE_TOKENS
+    adapter alone is `trainable_tokens`.
+    """
+    if lineage is not None:
+        recipe = lineage.extra.get(MERGE_LINEAGE_KEY)
+        if isinstance(recipe, Mapping) and isinstance(recipe.get("merge_strategy"), str):
+            return f"merge:{recipe['merge_strategy']}"
+    if config.get("peft_type") == "TRAINABLE_TOKENS":
+        return "trainable_tokens"
+    parts = ["dora" if config.get("use_dora") is True else "lora"]
+    if _is_set(config.get("modules_to_save")):
+        parts.append("modules_to_save")
+    if _is_set(config.get("trainable_token_indices")):
+        parts.append("trainable_tokens")
+    return "+".join(parts)
+
 
 @dataclass(frozen=True)
 class FileRecord:
@@ -112,6 +146,8 @@ class VersionRecord:
     """Aliases that point at this version, sorted."""
     deleted: float | None = None
     """Unix time of deletion, for tombstones."""
+    kind: str | None = None
+    """What the version holds (`adapter_kind`): `lora`, `dora`, `merge:ties`, ..."""
 
     @property
     def key(self) -> str:
@@ -140,6 +176,7 @@ class VersionRecord:
             "aliases": list(self.aliases),
             "base_model_id": self.base_model_id,
             "base_fingerprint": self.base_fingerprint,
+            "kind": self.kind,
             "rank": self.rank,
             "alpha": self.alpha,
             "target_modules": list(self.target_modules),

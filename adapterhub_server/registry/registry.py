@@ -60,6 +60,7 @@ from adapterhub_server.registry.records import (
     VerifyProblem,
     VerifyReport,
     VersionRecord,
+    adapter_kind,
     check_description,
     encode_json_object,
 )
@@ -317,7 +318,7 @@ class Registry:
                         f"{files[filename].sha256} (corrupted in transit?)",
                         param="file",
                     )
-            rank, alpha, targets = self._validate(staging.path, name)
+            rank, alpha, targets, config = self._validate(staging.path, name)
             self._call_hook("staged")
 
             created = time.time()
@@ -346,6 +347,7 @@ class Registry:
                 description=description,
                 metadata=metadata_obj,
                 lineage=lineage,
+                kind=adapter_kind(config, lineage),
             )
             self.index.commit(record, alias=alias)
             committed = True
@@ -567,8 +569,11 @@ class Registry:
         _missing(files, pickles, "archive")
         return files
 
-    def _validate(self, path: Path, name: str) -> tuple[int, float | None, tuple[str, ...]]:
-        """Run the engine's own loader on the staged copy; (rank, alpha, target leaf names)."""
+    def _validate(
+        self, path: Path, name: str
+    ) -> tuple[int, float | None, tuple[str, ...], Mapping[str, Any]]:
+        """Run the engine's own loader on the staged copy; (rank, alpha, target leaf names,
+        adapter_config.json)."""
         if self.base is None:  # push checks this first; kept for direct callers
             raise RegistryError("no base model configured to validate against")
         try:
@@ -579,6 +584,7 @@ class Registry:
                 max_rank=self.limits.max_lora_rank,
                 max_file_bytes=self.limits.max_upload_bytes,
                 serving_dtype=self.limits.serving_dtype,
+                embeddings=self.base.embeddings,
             )
         except AdapterValidationError:
             # The loader knows no MoE blocks: say so when that is why (experts not served).
@@ -586,7 +592,7 @@ class Registry:
             raise
         alpha = adapter.config.get("lora_alpha")
         targets = tuple(sorted({module.rsplit(".", 1)[-1] for module in adapter.modules}))
-        return adapter.rank, float(alpha) if alpha is not None else None, targets
+        return adapter.rank, float(alpha) if alpha is not None else None, targets, adapter.config
 
     # -- reading ------------------------------------------------------------------------
 

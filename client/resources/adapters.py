@@ -10,22 +10,23 @@ import builtins
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import anyio
 
 from client._base import RequestOptions
 from client.errors import IntegrityError, NotFoundError
-from client.resources._resource import AsyncAPIResource, SyncAPIResource
+from client.resources._resource import AsyncAPIResource, SyncAPIResource, request_body
 from client.types import (
     Adapter,
     AdapterDeleted,
     AdapterList,
     AdapterVersion,
     AliasState,
+    MergeStrategy,
 )
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -77,6 +78,31 @@ def _upload_options(
         for p in present
     ]
     return RequestOptions("POST", "/v1/adapters", data=data, files=files)
+
+
+def _merge_options(
+    name: str,
+    ids: Sequence[str],
+    weights: Sequence[float] | None,
+    merge_strategy: MergeStrategy,
+    density: float | None,
+    majority_sign_method: Literal["total", "frequency"],
+    alias: str | None,
+    description: str | None,
+) -> RequestOptions:
+    body = request_body(
+        {
+            "ids": list(ids),
+            "weights": list(weights) if weights is not None else None,
+            "merge_strategy": merge_strategy,
+            "density": density,
+            "majority_sign_method": majority_sign_method,
+            "alias": alias,
+            "description": description,
+        },
+        None,
+    )
+    return RequestOptions("POST", f"/v1/adapters/{_segment(name)}/merges", json=body)
 
 
 def _split_ref(ref: str) -> tuple[str, str]:
@@ -209,6 +235,29 @@ class Adapters(SyncAPIResource):
         )
         return self._client._request(options, AdapterDeleted)
 
+    def merge(
+        self,
+        name: str,
+        *,
+        ids: Sequence[str],
+        weights: Sequence[float] | None = None,
+        merge_strategy: MergeStrategy = "cat",
+        density: float | None = None,
+        majority_sign_method: Literal["total", "frequency"] = "total",
+        alias: str | None = None,
+        description: str | None = None,
+    ) -> AdapterVersion:
+        """Store the merge of the versions `ids` name (`name`, `name@3`, `name@alias`) as a
+        new version of `name`, computed as PEFT's `add_weighted_adapter` with the same
+        weights (default 1 each), strategy and density; the recipe is kept in its lineage
+        (kind `merge:<strategy>`). Needs an admin key. `BadRequestError` for what PEFT
+        refuses (ranks or target kinds that do not combine, a rank over the limit),
+        `NotFoundError` for an unknown id."""
+        options = _merge_options(
+            name, ids, weights, merge_strategy, density, majority_sign_method, alias, description
+        )
+        return self._client._request(options, AdapterVersion)
+
     def set_alias(self, name: str, alias: str, version: int) -> AliasState:
         """Point `name@alias` at `version` (creating or moving the alias)."""
         options = RequestOptions(
@@ -303,6 +352,24 @@ class AsyncAdapters(AsyncAPIResource):
             "DELETE", _version_path(name, version), params={"force": "true" if force else None}
         )
         return await self._client._request(options, AdapterDeleted)
+
+    async def merge(
+        self,
+        name: str,
+        *,
+        ids: Sequence[str],
+        weights: Sequence[float] | None = None,
+        merge_strategy: MergeStrategy = "cat",
+        density: float | None = None,
+        majority_sign_method: Literal["total", "frequency"] = "total",
+        alias: str | None = None,
+        description: str | None = None,
+    ) -> AdapterVersion:
+        """Store the merge of the versions `ids` name as a new version; see `Adapters.merge`."""
+        options = _merge_options(
+            name, ids, weights, merge_strategy, density, majority_sign_method, alias, description
+        )
+        return await self._client._request(options, AdapterVersion)
 
     async def set_alias(self, name: str, alias: str, version: int) -> AliasState:
         """Point `name@alias` at `version` (creating or moving the alias)."""

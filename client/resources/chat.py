@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from client._base import RequestOptions
 from client._streaming import AsyncStream, Stream
 from client.resources._resource import AsyncAPIResource, SyncAPIResource, request_body
-from client.types import ChatCompletion, ChatCompletionChunk, ChatMessage, StreamOptions
+from client.types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatMessage,
+    MergedAdapters,
+    StreamOptions,
+)
 
 if TYPE_CHECKING:
     from client._async_client import AsyncAdapterHubClient
@@ -44,6 +50,7 @@ class ChatCompletions(SyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[False] = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -69,6 +76,7 @@ class ChatCompletions(SyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[True],
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -94,6 +102,7 @@ class ChatCompletions(SyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -118,6 +127,7 @@ class ChatCompletions(SyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -135,6 +145,10 @@ class ChatCompletions(SyncAPIResource):
         and `skip_special_tokens` are AdapterHub extensions. With `stream=True` the result
         is a `Stream` of `ChatCompletionChunk`s (close it, or use it in a `with` block, if
         you stop early).
+
+        `merged_adapters` (an extension in LoRAX's shape: ids, weights, merge_strategy,
+        density, majority_sign_method) serves the merge of several adapters, computed as
+        PEFT's `add_weighted_adapter`, with `model` naming the base model.
 
         Raises `NotFoundError` for an unknown model, `BadRequestError` for invalid values or
         a conversation plus the token limit over the context.
@@ -156,6 +170,7 @@ class ChatCompletions(SyncAPIResource):
                 "stop_token_ids": stop_token_ids,
                 "ignore_eos": ignore_eos,
                 "skip_special_tokens": skip_special_tokens,
+                "merged_adapters": merged_adapters,
                 "user": user,
                 "stream": stream or None,
                 "stream_options": stream_options,
@@ -189,6 +204,7 @@ class AsyncChatCompletions(AsyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[False] = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -214,6 +230,7 @@ class AsyncChatCompletions(AsyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[True],
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -239,6 +256,7 @@ class AsyncChatCompletions(AsyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -263,6 +281,7 @@ class AsyncChatCompletions(AsyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -290,6 +309,7 @@ class AsyncChatCompletions(AsyncAPIResource):
                 "stop_token_ids": stop_token_ids,
                 "ignore_eos": ignore_eos,
                 "skip_special_tokens": skip_special_tokens,
+                "merged_adapters": merged_adapters,
                 "user": user,
                 "stream": stream or None,
                 "stream_options": stream_options,

@@ -8,7 +8,7 @@ from typing import Any, Literal, overload
 from client._base import RequestOptions
 from client._streaming import AsyncStream, Stream
 from client.resources._resource import AsyncAPIResource, SyncAPIResource, request_body
-from client.types import Completion, StreamOptions
+from client.types import Completion, MergedAdapters, StreamOptions
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 """One prompt (text or token ids) or several; each prompt yields its own choice."""
@@ -39,6 +39,7 @@ class Completions(SyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[False] = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -63,6 +64,7 @@ class Completions(SyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[True],
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -87,6 +89,7 @@ class Completions(SyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -110,6 +113,7 @@ class Completions(SyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -124,6 +128,10 @@ class Completions(SyncAPIResource):
         alternatives. `top_k`, `stop_token_ids`, `ignore_eos` and `skip_special_tokens` are
         AdapterHub extensions. With `stream=True` the result is a `Stream` of `Completion`
         chunks (close it, or use it in a `with` block, if you stop early).
+
+        `merged_adapters` (an extension in LoRAX's shape: ids, weights, merge_strategy,
+        density, majority_sign_method) serves the merge of several adapters, computed as
+        PEFT's `add_weighted_adapter`, with `model` naming the base model.
 
         Raises `NotFoundError` for an unknown model, `BadRequestError` for invalid values or
         a prompt plus `max_tokens` over the context.
@@ -144,6 +152,7 @@ class Completions(SyncAPIResource):
                 "stop_token_ids": stop_token_ids,
                 "ignore_eos": ignore_eos,
                 "skip_special_tokens": skip_special_tokens,
+                "merged_adapters": merged_adapters,
                 "user": user,
                 "stream": stream or None,
                 "stream_options": stream_options,
@@ -176,6 +185,7 @@ class AsyncCompletions(AsyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[False] = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -200,6 +210,7 @@ class AsyncCompletions(AsyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[True],
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -224,6 +235,7 @@ class AsyncCompletions(AsyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -247,6 +259,7 @@ class AsyncCompletions(AsyncAPIResource):
         stop_token_ids: list[int] | None = None,
         ignore_eos: bool | None = None,
         skip_special_tokens: bool | None = None,
+        merged_adapters: MergedAdapters | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -273,6 +286,7 @@ class AsyncCompletions(AsyncAPIResource):
                 "stop_token_ids": stop_token_ids,
                 "ignore_eos": ignore_eos,
                 "skip_special_tokens": skip_special_tokens,
+                "merged_adapters": merged_adapters,
                 "user": user,
                 "stream": stream or None,
                 "stream_options": stream_options,

@@ -17,6 +17,7 @@ from client.types import (
     AliasState,
     AliasUpdate,
     ErrorResponse,
+    MergeCreateRequest,
 )
 
 router = APIRouter(tags=["adapters"], route_class=JsonLimitsRoute)
@@ -63,6 +64,17 @@ async def upload_adapter(
         metadata=metadata,
         sha256=sha256,
     )
+
+
+@router.post(
+    "/v1/adapters/{name}/merges",
+    status_code=201,
+    response_model=AdapterVersion,
+    responses=_ERRORS,
+)
+async def publish_merge(service: AdminDep, name: str, body: MergeCreateRequest) -> AdapterVersion:
+    """Store the merge of several versions (PEFT's add_weighted_adapter) as a new version."""
+    return await service.publish_merge(name, body)
 
 
 @router.get("/v1/adapters", response_model=AdapterList)
