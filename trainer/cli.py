@@ -48,7 +48,7 @@ def _opt(group: Any, flag: str, help_: str = "", *aliases: str, **kwargs: Any) -
     field = flag.lstrip("-").replace("-", "_")
     default = _DEFAULTS.get(field)
     if isinstance(default, tuple):
-        default = ",".join(default)
+        default = ",".join(map(str, default)) or None
     shown = "" if default in (None, dataclasses.MISSING) else f" (default: {default})"
     group.add_argument(
         flag, *aliases, dest=field, default=argparse.SUPPRESS, help=help_ + shown, **kwargs
@@ -89,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(default)",
     )
     _flag(lora, "--rslora", "scale by alpha / sqrt(r)")
+    _flag(lora, "--dora", "DoRA: train a magnitude per output feature besides the LoRA factors")
+    _opt(
+        lora,
+        "--modules-to-save",
+        "also train and save a full copy of these: lm_head (output head) and/or embed_tokens "
+        "(input embeddings), comma-separated",
+        metavar="NAMES",
+    )
+    _opt(
+        lora,
+        "--trainable-token-indices",
+        "train the embedding rows of these token ids (comma-separated), e.g. tokens a chat "
+        "template adds",
+        metavar="IDS",
+    )
     _opt(lora, "--extract-rank", "full SFT: rank of the extracted LoRA", type=int)
     opt = t.add_argument_group("optimisation")
     _opt(opt, "--epochs", "(default: auto: 3, more for small datasets, >= 40 steps)", type=int)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,10 @@ Batching = Literal["padded", "padding_free", "packed"]
 METHODS: tuple[str, ...] = ("lora", "full")
 SCHEDULERS: tuple[str, ...] = ("cosine", "linear")
 BATCHINGS: tuple[str, ...] = ("padded", "padding_free", "packed")
+
+MODULES_TO_SAVE: dict[str, str] = {"lm_head": "output head", "embed_tokens": "input embeddings"}
+"""The names `modules_to_save` accepts, and what each is on the base. Servers hold a full
+copy of these two per adapter; any other module would be a dense copy nobody serves."""
 
 DEFAULT_LR = {"lora": 1e-3, "full": 2e-5}
 """Peak learning rates that fit a small dataset in tens of steps: a LoRA update starts from
@@ -75,6 +80,21 @@ class TrainConfig:
     base's leaf names, which its lineage records."""
     rslora: bool = False
     """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
+    dora: bool = False
+    """DoRA (PEFT's `use_dora`): every adapted weight becomes a trained magnitude, one per
+    output feature and initialised to the norms of W's rows, times the direction
+    W + scale * B A normalised per output feature (that norm detached from the gradient,
+    as in PEFT). LoRA only."""
+    modules_to_save: tuple[str, ...] = ()
+    """`lm_head` and/or `embed_tokens` (`MODULES_TO_SAVE`): also train a full copy of the
+    base's output head / input embeddings, saved whole in the adapter (PEFT's
+    `modules_to_save`). On a base with tied embeddings the copy is untied, as in PEFT.
+    LoRA only."""
+    trainable_token_indices: tuple[int, ...] = ()
+    """Token ids whose input-embedding rows are trained (PEFT's trainable tokens: a delta
+    for those rows only; on a tied base the head's rows follow). Each must be below the
+    base's vocabulary size, checked when the run starts. Not with `embed_tokens` in
+    `modules_to_save`, which already trains every row. LoRA only."""
     epochs: int | None = None
     """Passes over the data; ignored when `max_steps` is set. None = auto (`auto_epochs`):
     3, raised for small datasets so that the run has at least 40 optimizer steps."""
@@ -147,6 +167,9 @@ class TrainConfig:
         else:
             set_(self, "target_modules", tuple(self.target_modules))
 
+        set_(self, "modules_to_save", _module_names(self.modules_to_save))
+        set_(self, "trainable_token_indices", _token_indices(self.trainable_token_indices))
+
         if self.method not in METHODS:
             _fail("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.lr is None:
@@ -187,6 +210,7 @@ class TrainConfig:
             _fail(
                 "target_modules", f"{ALL_LINEAR} already names every linear module: give it alone"
             )
+        self._check_kinds()
         if not self.data.is_file():
             _fail("data", f"training data file {str(self.data)!r} does not exist")
         if self.eval_data is not None and not self.eval_data.is_file():
@@ -205,6 +229,40 @@ class TrainConfig:
             from adapterhub_server.registry.refs import validate_alias
 
             validate_alias(self.alias)
+
+    def _check_kinds(self) -> None:
+        """DoRA / modules_to_save / trainable tokens: values the base does not decide
+        (`trainer.kinds.check_against_base` checks the rest when the base is known)."""
+        if not isinstance(self.dora, bool):
+            _fail("dora", f"must be true or false, got {self.dora!r}")
+        if self.method != "lora":
+            for name in ("dora", "modules_to_save", "trainable_token_indices"):
+                if getattr(self, name):
+                    _fail(
+                        name,
+                        f"applies to LoRA training only, not method {self.method!r} "
+                        "(which trains every weight and publishes an SVD-extracted plain LoRA)",
+                    )
+        for name in self.modules_to_save:
+            if name not in MODULES_TO_SAVE:
+                known = ", ".join(f"{k} (the {v})" for k, v in MODULES_TO_SAVE.items())
+                _fail("modules_to_save", f"{name!r} is not supported; only {known}")
+        for index in self.trainable_token_indices:
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                _fail(
+                    "trainable_token_indices",
+                    f"token ids must be non-negative integers, got {index!r}",
+                )
+        counts = Counter(self.trainable_token_indices)
+        repeated = sorted(i for i, n in counts.items() if n > 1)
+        if repeated:
+            _fail("trainable_token_indices", f"{', '.join(map(str, repeated))} given twice")
+        if self.trainable_token_indices and "embed_tokens" in self.modules_to_save:
+            _fail(
+                "trainable_token_indices",
+                "embed_tokens in modules_to_save already trains every embedding row: "
+                "give one or the other",
+            )
 
     @property
     def is_lora(self) -> bool:
@@ -239,6 +297,33 @@ class TrainConfig:
 
 def _split_csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _module_names(value: Any) -> tuple[Any, ...]:
+    """`modules_to_save` as a tuple: from a comma-separated string (the command line) or a
+    list (a config file); repeats dropped, order kept. The names are checked by
+    `_check_kinds`."""
+    if isinstance(value, str):
+        value = _split_csv(value)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        _fail("modules_to_save", f"must be a list of module names, got {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
+def _token_indices(value: Any) -> tuple[Any, ...]:
+    """`trainable_token_indices` as a tuple: from a comma-separated string (the command
+    line) or a list (a config file). The values are checked by `_check_kinds`."""
+    if isinstance(value, str):
+        out: list[int] = []
+        for part in _split_csv(value):
+            try:
+                out.append(int(part))
+            except ValueError:
+                _fail("trainable_token_indices", f"{part!r} is not an integer token id")
+        return tuple(out)
+    if not isinstance(value, (list, tuple)):
+        _fail("trainable_token_indices", f"must be a list of token ids, got {value!r}")
+    return tuple(value)
 
 
 def _fail(param: str, message: str) -> None:
@@ -324,6 +409,9 @@ FINGERPRINT_FIELDS = (
     "dropout",
     "target_modules",
     "rslora",
+    "dora",
+    "modules_to_save",
+    "trainable_token_indices",
     "epochs",
     "max_steps",
     "lr",

@@ -4,6 +4,7 @@ and the loss module the loop (and DDP) runs.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from torch import nn
 
 from trainer.config import ALL_LINEAR, TrainConfig, TrainConfigError
 from trainer.data import IGNORE_INDEX
+
+logger = logging.getLogger("trainer")
 
 
 def pick_device(spec: str | None, local_rank: int = 0) -> torch.device:
@@ -116,7 +119,12 @@ def resolve_target_modules(requested: Sequence[str], model: nn.Module) -> tuple[
 
 
 def build_model(base_path: Path, config: TrainConfig, device: torch.device) -> Any:
-    """Load the base and make it trainable: fresh LoRA (PEFT) or every parameter (full)."""
+    """Load the base and make it trainable: fresh LoRA (PEFT; DoRA, modules_to_save and
+    trainable tokens as `config` asks, see `trainer.kinds`) or every parameter (full).
+
+    Raises:
+        TrainConfigError: a kind option this base cannot take (`check_against_base`).
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=param_dtype(config, device))
@@ -132,6 +140,10 @@ def build_model(base_path: Path, config: TrainConfig, device: torch.device) -> A
     if config.is_lora:
         from peft import LoraConfig, get_peft_model
 
+        from trainer.kinds import EmbeddingFacts, check_against_base, lora_kind_arguments
+
+        facts = EmbeddingFacts.of(model)
+        check_against_base(config, facts)
         lora = LoraConfig(
             task_type="CAUSAL_LM",
             r=config.r,
@@ -140,12 +152,21 @@ def build_model(base_path: Path, config: TrainConfig, device: torch.device) -> A
             target_modules=list(resolve_target_modules(config.target_modules, model)),
             use_rslora=config.rslora,
             bias="none",
+            **lora_kind_arguments(config),
         )
         torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
         with warnings.catch_warnings():
             # peft 0.21 still calls a transformers 5 attribute that warns on every run.
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+            # A tied head in modules_to_save becomes an untied trained copy, which is
+            # PEFT's documented default and what servers reproduce; said once in the log.
+            warnings.filterwarnings("ignore", "Model has `tie_word_embeddings=True`")
             model = get_peft_model(model, lora)
+        if facts.tied and config.modules_to_save:
+            logger.info(
+                "tied embeddings: %s trained as an untied copy (PEFT's modules_to_save)",
+                ", ".join(config.modules_to_save),
+            )
     else:
         model.requires_grad_(True)
     return model.to(device)

@@ -18,6 +18,7 @@ from adapterhub_server.registry import BaseModelSpec, Lineage, Registry, Version
 from adapterhub_server.registry.registry import default_registry_dir
 from trainer.config import TrainConfig
 from trainer.extract import Extraction
+from trainer.kinds import describe_kind
 from trainer.loop import TrainResult
 
 
@@ -148,4 +149,7 @@ def describe(config: TrainConfig, base: ResolvedBaseModel, steps: int, rank: int
         if config.is_lora
         else f"LoRA r={rank} extracted by SVD from a full fine-tune"
     )
+    kind = describe_kind(config)
+    if kind:
+        what += f" ({kind})"
     return f"{what} on {base.model_id}, trained on {config.data.name} ({steps} steps)"

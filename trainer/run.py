@@ -86,6 +86,7 @@ def _run(
     from adapterhub_server.registry.targets import meta_model_from_dir
     from trainer import loop
     from trainer.data import load_examples, sha256_file
+    from trainer.kinds import EmbeddingFacts, check_against_base
     from trainer.modeling import build_model, pick_device, resolve_target_modules
 
     dataset_sha256 = sha256_file(config.data)
@@ -108,8 +109,11 @@ def _run(
     spec = BaseModelSpec.from_directory(base.path, base.model_id)
     # Names checked and `all-linear` resolved on a meta-device model, before the weights
     # load; the lineage, the resume fingerprint and the extraction see the leaf names.
-    targets = resolve_target_modules(config.target_modules, meta_model_from_dir(base.path))
+    meta = meta_model_from_dir(base.path)
+    targets = resolve_target_modules(config.target_modules, meta)
     config = dataclasses.replace(config, target_modules=targets)
+    check_against_base(config, EmbeddingFacts.of(meta))
+    del meta
     if info.is_main:
         logger.info("base model %s (%s) at %s", base.model_id, base.source, base.path)
     device = pick_device(config.device, info.local_rank)

@@ -29,6 +29,7 @@ from client.types import (
 )
 from trainer.config import ALL_LINEAR, DEFAULT_LR, TrainConfig, TrainConfigError, auto_epochs
 from trainer.data import JsonlStats
+from trainer.kinds import check_against_base
 
 EXTENSIONS: dict[str, str] = {
     "training_method": "method",
@@ -37,6 +38,9 @@ EXTENSIONS: dict[str, str] = {
     "lora_dropout": "dropout",
     "lora_target_modules": "target_modules",
     "use_rslora": "rslora",
+    "use_dora": "dora",
+    "modules_to_save": "modules_to_save",
+    "trainable_token_indices": "trainable_token_indices",
     "max_steps": "max_steps",
     "warmup_ratio": "warmup_ratio",
     "max_seq_len": "max_seq_len",
@@ -195,6 +199,9 @@ def plan_training(
             lora_dropout=config.dropout if lora else None,
             lora_target_modules=list(config.target_modules) if lora else None,
             use_rslora=config.rslora if lora else None,
+            use_dora=config.dora if lora else None,
+            modules_to_save=list(config.modules_to_save) if lora else None,
+            trainable_token_indices=list(config.trainable_token_indices) if lora else None,
             max_steps=config.max_steps,
             warmup_ratio=config.warmup_ratio,
             max_seq_len=config.max_seq_len,
@@ -294,6 +301,11 @@ def _check_limits(
             f"limit of {limits.max_learning_rate:g}",
             param=param,
         )
+    if base.embeddings is not None:
+        try:
+            check_against_base(config, base.embeddings)
+        except TrainConfigError as exc:
+            raise _renamed(exc, prefix) from None
     if base.target_modules is not None:
         unknown = [
             m for m in config.target_modules if m != ALL_LINEAR and m not in base.target_modules

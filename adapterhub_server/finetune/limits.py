@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapterhub_server.config import DEFAULT_MAX_FINE_TUNING_TOKENS
 from adapterhub_server.errors import BaseModelError
+
+if TYPE_CHECKING:
+    from trainer.kinds import EmbeddingFacts
 
 MAX_SEED = 2**32 - 1
 """Largest `seed` of a job: the trainer derives per-epoch seeds from it, which must stay
@@ -74,6 +78,10 @@ class BaseModelInfo:
     """Leaf names of the linear modules the trainer adapts on it (`q_proj`, ..., Phi-3's
     `qkv_proj`; not those PEFT would move onto MoE experts): what `lora_target_modules` may
     name, besides `all-linear`. None: unknown, not checked."""
+    embeddings: EmbeddingFacts | None = None
+    """Its token embeddings and head (vocabulary size, names, tying): what
+    `modules_to_save` and `trainable_token_indices` are checked against. None: unknown,
+    the trainer checks them when the job runs."""
 
     @classmethod
     def from_directory(cls, path: Path, model_id: str) -> BaseModelInfo:
@@ -87,6 +95,7 @@ class BaseModelInfo:
         """
         from adapterhub_server.registry.targets import meta_model_from_config, targets_from_config
         from trainer.config import ALL_LINEAR, TrainConfigError
+        from trainer.kinds import EmbeddingFacts
         from trainer.modeling import resolve_target_modules
 
         try:
@@ -100,8 +109,9 @@ class BaseModelInfo:
         # What the trainer will adapt: on mixture-of-experts bases PEFT moves some names
         # (Qwen-MoE's gate_proj/up_proj/down_proj) onto the unserved expert weights, so those
         # must be refused here, at job creation, not by the trainer minutes later.
+        meta = meta_model_from_config(config)
         try:
-            trainable = resolve_target_modules((ALL_LINEAR,), meta_model_from_config(config))
+            trainable = resolve_target_modules((ALL_LINEAR,), meta)
         except TrainConfigError as exc:
             raise BaseModelError(f"the base model cannot be fine-tuned: {exc}") from exc
         return cls(
@@ -109,4 +119,5 @@ class BaseModelInfo:
             path=Path(path),
             context_length=context if isinstance(context, int) and context > 1 else None,
             target_modules=frozenset(trainable),
+            embeddings=EmbeddingFacts.of(meta),
         )
