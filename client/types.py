@@ -69,6 +69,9 @@ __all__ = [
     "FineTuningMethodRequest",
     "FinishReason",
     "HealthStatus",
+    "MergeCreateRequest",
+    "MergeStrategy",
+    "MergedAdapters",
     "Model",
     "ModelList",
     "ReadyStatus",
@@ -158,6 +161,45 @@ def _check_stop(value: Any) -> Any:
     raise ValueError("stop must be a string or a list of strings")
 
 
+MergeStrategy = Literal["cat", "linear", "ties", "dare_linear", "dare_ties"]
+"""How `merged_adapters` combines its adapters (PEFT's `add_weighted_adapter` types)."""
+
+
+class MergedAdapters(_Request):
+    """Extension (LoRAX's shape): serve the merge of several adapters for this request.
+
+    The result equals PEFT's `add_weighted_adapter` with the same `combination_type`,
+    weights and density; `model` must name the base model.
+    """
+
+    ids: list[str]
+    """Adapter references (`name`, `name@3`, `name@alias`) to merge, 1 to 8."""
+    weights: list[float] | None = None
+    """One weight per id (negative subtracts); default 1.0 each."""
+    merge_strategy: MergeStrategy = "cat"
+    """`cat` (exact weighted sum, rank = sum of ranks), `linear`, `ties`, `dare_linear` or
+    `dare_ties` (the last four need equal ranks)."""
+    density: float | None = None
+    """Fraction of values kept, in (0, 1]; required by `ties`, `dare_linear`, `dare_ties`."""
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    """How `ties` and `dare_ties` elect each value's sign."""
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _integers_are_weights(cls, value: Any) -> Any:
+        # Strict mode refuses 1 for a float; a weight of 1 is what anyone would write.
+        if isinstance(value, list):
+            return [
+                float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value
+            ]
+        return value
+
+    @field_validator("density", mode="before")
+    @classmethod
+    def _integer_density(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class _GenerationRequest(_Request):
     """Fields shared by `/v1/completions` and `/v1/chat/completions`."""
 
@@ -188,6 +230,21 @@ class _GenerationRequest(_Request):
     """Extension: keep generating past the end-of-sequence token."""
     skip_special_tokens: bool = True
     """Extension: drop special tokens from the returned text."""
+    merged_adapters: MergedAdapters | None = None
+    """Extension: serve the merge of these adapters (with `model` naming the base model)."""
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """In [-2, 2]: subtracted from the logit of every token already generated. Default 0."""
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """In [-2, 2]: subtracted once per earlier occurrence in the output. Default 0."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> bias in [-100, 100] added to its logit; at most 300."""
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    """Extension, in (0, 2]: tokens of the prompt or output have positive logits divided
+    and negative ones multiplied by it (transformers' and vLLM's meaning). Default 1."""
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Extension, in [0, 1]: drop tokens less likely than min_p times the top token."""
+    min_tokens: int | None = Field(default=None, ge=0)
+    """Extension: EOS and `stop_token_ids` cannot end generation before this many tokens."""
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -541,6 +598,10 @@ class AdapterVersion(_Wire):
     metadata: dict[str, Any] = Field(default_factory=dict)
     lineage: dict[str, Any] | None = None
     """How it was made, when known: dataset sha256, hyperparameters, losses, versions."""
+    kind: str | None = None
+    """What the version holds: `lora`, `dora`, `lora+modules_to_save`, `trainable_tokens`,
+    ... or `merge:<strategy>` for a published merge (from its adapter_config.json and
+    lineage)."""
 
 
 class Adapter(_Wire):
@@ -565,6 +626,15 @@ class AliasUpdate(_Request):
 
     version: int = Field(ge=1)
     """The version the alias should point at."""
+
+
+class MergeCreateRequest(MergedAdapters):
+    """Body of ``POST /v1/adapters/{name}/merges``: the merge to publish as a new version."""
+
+    alias: str | None = None
+    """Point this alias at the new version."""
+    description: str | None = None
+    """Free text stored with the version."""
 
 
 class AliasState(_Wire):
@@ -676,6 +746,17 @@ class FineTuningHyperparameters(_Request):
     """Extension: leaf names of the linear modules to adapt (default all 7 projections)."""
     use_rslora: bool | None = None
     """Extension: rank-stabilised scaling alpha / sqrt(r)."""
+    use_dora: bool | None = None
+    """Extension, `lora` only: DoRA (a trained magnitude per output feature, as PEFT's
+    `use_dora`)."""
+    modules_to_save: list[str] | None = None
+    """Extension, `lora` only: `lm_head` and/or `embed_tokens`, trained and saved in full
+    (PEFT's `modules_to_save`)."""
+    trainable_token_indices: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, min_length=1
+    )
+    """Extension, `lora` only: token ids whose embedding rows are trained (PEFT's trainable
+    tokens); each below the base's vocabulary size."""
     max_steps: int | None = Field(default=None, ge=1)
     """Extension: optimizer steps to run; overrides `n_epochs`."""
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
@@ -761,6 +842,9 @@ class FineTuningJobHyperparameters(_Wire):
     lora_dropout: float | None = None
     lora_target_modules: list[str] | None = None
     use_rslora: bool | None = None
+    use_dora: bool | None = None
+    modules_to_save: list[str] | None = None
+    trainable_token_indices: list[int] | None = None
     max_steps: int | None = None
     warmup_ratio: float | None = None
     max_seq_len: int | None = None

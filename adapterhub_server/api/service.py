@@ -44,6 +44,7 @@ from adapterhub_server.errors import (
     ContextLengthError,
     InvalidRequestError,
 )
+from adapterhub_server.lora.merge import MergeError, MergeSpec
 from client.types import (
     ChatCompletion,
     ChatCompletionChoice,
@@ -133,7 +134,7 @@ class InferenceService:
         _reject_unsupported(request)
         if request.echo:
             raise InvalidRequestError("echo is not supported", param="echo")
-        adapter = self._resolve(request.model)
+        adapter = self._resolve_request(request)
         prompts = await self._completion_prompts(request.prompt, request.n or 1)
         max_tokens = request.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
         for prompt in prompts:
@@ -297,7 +298,7 @@ class InferenceService:
             raise InvalidRequestError(
                 "top_logprobs requires logprobs to be true", param="top_logprobs"
             )
-        adapter = self._resolve(request.model)
+        adapter = self._resolve_request(request)
         self._check_prompt_count(request.n or 1)
         prompt = await self._chat_prompt(request.messages)
         if request.max_completion_tokens is not None:
@@ -440,6 +441,38 @@ class InferenceService:
 
     # --- shared -----------------------------------------------------------------------------
 
+    def _resolve_request(
+        self, request: CompletionRequest | ChatCompletionRequest
+    ) -> str | MergeSpec | None:
+        """The adapter reference, the merge (`merged_adapters`), or None for the base."""
+        merged = request.merged_adapters
+        if merged is None:
+            return self._resolve(request.model)
+        if request.model and request.model != self._base_name:
+            raise InvalidRequestError(
+                f"merged_adapters needs `model` to name the base model "
+                f"({self._base_name!r}), not {request.model[:80]!r}",
+                param="model",
+            )
+        spec = MergeSpec(
+            ids=tuple(merged.ids),
+            weights=tuple(
+                merged.weights if merged.weights is not None else [1.0] * len(merged.ids)
+            ),
+            strategy=merged.merge_strategy,
+            density=merged.density,
+            majority_sign_method=merged.majority_sign_method,
+        )
+        for ref in spec.ids:
+            try:
+                self._engine.resolve_adapter(ref)
+            except AdapterNotFoundError as exc:
+                raise AdapterNotFoundError(
+                    f"merged_adapters: {exc.message}", param="merged_adapters.ids"
+                ) from None
+        note_adapter(adapter_label(spec))
+        return spec
+
     def _resolve(self, model: str) -> str | None:
         """The adapter name `model` selects, or None for the base model."""
         adapter = (
@@ -471,7 +504,7 @@ class InferenceService:
         call_id: str,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
-        adapter: str | None,
+        adapter: str | MergeSpec | None,
     ) -> list[_PrimedStream]:
         """Submit every prompt and wait for each one's first output.
 
@@ -504,6 +537,11 @@ class InferenceService:
                 firsts = [await first(iterators[0])]
             else:
                 firsts = await _gather([first(it) for it in iterators])
+            for out in firsts:
+                # An adapter (or merge) that failed to load ends the request before its
+                # first token: answer with its own status, streamed or not.
+                if out.finished and not out.token_ids and out.error_code in _ADMISSION_CODES:
+                    _raise_if_failed(out)
         except BaseException:
             await _close_all(iterators)
             raise
@@ -743,11 +781,17 @@ async def _frames(
     yield DONE_FRAME
 
 
+_ADMISSION_CODES = (AdapterNotFoundError.code, AdapterValidationError.code, MergeError.code)
+"""Error codes of requests that failed while their adapter was being loaded or merged."""
+
+
 def _raise_if_failed(out: RequestOutput) -> None:
     if out.finished and out.finish_reason == "error":
         # Admission failures of the adapter answer as they would have before queueing.
         if out.error_code == AdapterNotFoundError.code:
             raise AdapterNotFoundError(out.error or "adapter not found", param="model")
+        if out.error_code == MergeError.code:
+            raise MergeError(out.error or "invalid merge", param="merged_adapters")
         if out.error_code == AdapterValidationError.code:
             raise AdapterValidationError(out.error or "invalid adapter", param="model")
         raise GenerationFailedError(
@@ -804,8 +848,28 @@ def _sampling_params(
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=request.skip_special_tokens,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=1.0
+        if request.repetition_penalty is None
+        else request.repetition_penalty,
+        logit_bias=_logit_bias(request.logit_bias),
+        min_p=request.min_p or 0.0,
+        min_tokens=request.min_tokens or 0,
         extra=extra,
     )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's string-keyed map as (token id, bias) pairs; keys must be token ids."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not key.isdecimal():
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+            )
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
 
 
 def _text(message: ChatMessage, index: int) -> str:

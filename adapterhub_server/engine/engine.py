@@ -22,6 +22,7 @@ import torch
 from adapterhub_server.engine.decode_graphs import DecodeGraphs
 from adapterhub_server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from adapterhub_server.engine.kv_cache_manager import KVCacheManager
+from adapterhub_server.engine.logits_processors import SamplingContext
 from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from adapterhub_server.engine.sampler import NON_FINITE, Sampler, make_generator
 from adapterhub_server.engine.sampling_params import SamplingParams
@@ -29,6 +30,9 @@ from adapterhub_server.engine.scheduler import Scheduler, SchedulerOutput
 from adapterhub_server.engine.sequence import Sequence
 from adapterhub_server.errors import AdapterHubError, ContextLengthError, InvalidRequestError
 from adapterhub_server.lora.cache import AdapterCache
+from adapterhub_server.lora.full_module_batch import FullModuleBatch, Span, build_full_module_batch
+from adapterhub_server.lora.full_module_store import ResidentFullModules
+from adapterhub_server.lora.merge import MergeSpec
 from adapterhub_server.lora.ops import LoRABackend, Route, Segment, build_lora_batch
 from adapterhub_server.models.attention import KVCache, build_attention_metadata
 from adapterhub_server.models.causal_lm import BatchedCausalLM
@@ -95,9 +99,12 @@ class LLMEngine:
         request_id: str,
         prompt_ids: Seq[int],
         params: SamplingParams,
-        adapter: str | None = None,
+        adapter: str | MergeSpec | None = None,
     ) -> None:
-        """Queue a request. Raises a client error (nothing is queued) if it cannot run."""
+        """Queue a request. Raises a client error (nothing is queued) if it cannot run.
+
+        `adapter` is a reference, or a `MergeSpec` whose merged adapter the cache computes
+        once and then serves like any other (its own slot, its own prefix-cache identity)."""
         if request_id in self._requests:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         if not prompt_ids:
@@ -122,6 +129,11 @@ class LLMEngine:
         vocab = self.model.shape.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequestError("prompt token id out of the vocabulary", param="prompt")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise InvalidRequestError(
+                f"logit_bias names a token id outside the vocabulary (0 to {vocab - 1})",
+                param="logit_bias",
+            )
         location = self.adapters.locate(adapter) if adapter else None
         seq = Sequence(
             request_id=request_id,
@@ -170,6 +182,20 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     # -- the step ------------------------------------------------------------------------
+
+    def _contexts(self, seqs: list[Sequence]) -> list[SamplingContext] | None:
+        """What the logits processors read, when any row asks for them (else None)."""
+        if not any(s.params.processes_logits for s in seqs):
+            return None
+        return [
+            SamplingContext(
+                s.prompt_ids,
+                s.output_ids,
+                frozenset(s.params.stop_token_ids)
+                | (frozenset() if s.params.ignore_eos else frozenset(self.eos_token_ids)),
+            )
+            for s in seqs
+        ]
 
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
@@ -258,19 +284,24 @@ class LLMEngine:
                 samplers.append(seq)
             t += n
 
+        full = self._full_module_batch(plan, ids)
         logits = None
-        if self.decode_graphs is not None and not plan.prefills:
+        # Steps with adapters' full modules or token rows run eagerly: the graphs' static
+        # buffers hold no per-adapter embedding or head tables.
+        if self.decode_graphs is not None and not plan.prefills and full is None:
             logits = self.decode_graphs.run(ids, positions, dense_routes, decode_tables)
         if logits is None:
             logits = self._forward(
-                ids, positions, decode_tables, chunks, dense_routes, segments, logits_index
+                ids, positions, decode_tables, chunks, dense_routes, segments, logits_index, full
             )
         if samplers:
             generators = [s.generator for s in samplers]
             # A retry must draw the same random numbers the failed attempt drew.
             saved = [(g, g.get_state()) for g in generators if g is not None]
             try:
-                sampled = self.sampler(logits, [s.params for s in samplers], generators)
+                sampled = self.sampler(
+                    logits, [s.params for s in samplers], generators, self._contexts(samplers)
+                )
                 token_ids = sampled.token_ids.tolist()
                 lps = _to_list(sampled.logprobs)
                 top_ids = _to_list(sampled.top_ids)
@@ -322,6 +353,7 @@ class LLMEngine:
         dense_routes: list[Route | None],
         segments: list[Segment],
         logits_index: list[int],
+        full: FullModuleBatch | None = None,
     ) -> torch.Tensor:
         """The eager forward of any step: decode tokens first, then prefill chunks."""
         dev = self.device
@@ -334,6 +366,7 @@ class LLMEngine:
             device=dev,
             dtype=self.kv_cache.k.dtype,
             backend=self.lora_backend,
+            dora_rows=self.adapters.pool.dora_rows,
         )
         return self.model(
             to_device(ids, torch.long, dev),
@@ -342,7 +375,31 @@ class LLMEngine:
             self.kv_cache,
             lora if lora.active else None,
             to_device(logits_index, torch.long, dev),
+            full,
         )
+
+    def _full_module_batch(self, plan: SchedulerOutput, ids: list[int]) -> FullModuleBatch | None:
+        """Which of the step's tokens and logits rows use adapters' full modules or token
+        rows (the layout `_run` gives them: decodes, then prefill chunks)."""
+        store = self.adapters.full_modules
+        if store is None or not len(store):
+            return None
+        spans: list[Span] = []
+        for i, seq in enumerate(plan.decodes):
+            spans.append(Span(self._resident_full(seq), i, i + 1, i))
+        t, row = len(plan.decodes), len(plan.decodes)
+        for chunk in plan.prefills:
+            seq, n = chunk.seq, chunk.num_tokens
+            samples = seq.num_computed + n == seq.num_tokens
+            spans.append(Span(self._resident_full(seq), t, t + n, row if samples else None))
+            t, row = t + n, row + samples
+        return build_full_module_batch(spans, ids, self.device)
+
+    def _resident_full(self, seq: Sequence) -> ResidentFullModules | None:
+        if seq.route is None or seq.adapter is None:
+            return None
+        assert self.adapters.full_modules is not None
+        return self.adapters.full_modules.get(seq.adapter.key)
 
     def _append_token(
         self, seq: Sequence, token: int, logprob: TokenLogprob | None

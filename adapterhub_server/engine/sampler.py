@@ -1,6 +1,7 @@
 """Batched per-request sampling: one call per engine step over every row that emits a token.
 
-Each row carries its own SamplingParams (temperature, top_k, top_p, logprobs) and optionally
+Each row carries its own SamplingParams (penalties, logit_bias and min_tokens through
+`logits_processors`; temperature, min_p, top_k, top_p, logprobs) and optionally
 its own seeded torch.Generator. The filters run vectorised over all random rows; the only
 per-row Python work is drawing a seeded row's noise from that row's generator, which is what
 makes a seeded request independent of whatever else shares its batch.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapterhub_server.engine.logits_processors import SamplingContext, process_logits
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.models.transfer import to_device
 
@@ -64,6 +66,7 @@ class Sampler:
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
+        contexts: Sequence[SamplingContext] | None = None,
     ) -> SamplerOutput:
         """Sample one token per row.
 
@@ -72,12 +75,14 @@ class Sampler:
             params: B sampling settings, row i of `logits` uses params[i].
             generators: B generators (None = draw from the default RNG); a seeded row's
                 generator must live on `logits.device`.
+            contexts: B histories for the rows whose params process logits (penalties,
+                logit_bias, min_tokens: `process_logits` runs first); required when any does.
 
         Semantics, for each row i:
             if max(logits[i]) is NaN or +-inf: token[i] = NON_FINITE
             elif params[i].greedy (temperature < 1e-5): token[i] = argmax(logits[i])
             else:
-                p = softmax(top_p_filter(top_k_filter(logits[i] / temperature)))
+                p = softmax(top_p_filter(top_k_filter(min_p_filter(logits[i] / temperature))))
                 token[i] = argmax(p / q), q ~ Exp(1) drawn from generators[i]
             which is an exact draw from p (the exponential race / Gumbel-max trick).
         """
@@ -90,19 +95,24 @@ class Sampler:
             )
         device = logits.device
         raw = logits.float()
+        chosen_from = raw
+        if any(p.processes_logits for p in params):
+            if contexts is None or len(contexts) != batch:
+                raise ValueError("rows that process logits need their sampling contexts")
+            chosen_from = process_logits(raw, params, contexts)
 
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not random_rows:
-            # Fast path: argmax of the raw logits, no sorting, no RNG.
-            token_ids = raw.argmax(dim=-1)
+            # Fast path: argmax of the (processed) logits, no sorting, no RNG.
+            token_ids = chosen_from.argmax(dim=-1)
         elif len(random_rows) == batch:
-            token_ids = self._sample_random(raw, params, generators)
+            token_ids = self._sample_random(chosen_from, params, generators)
         else:
             # Argmax over every row costs one pass; the random rows' entries are overwritten.
-            token_ids = raw.argmax(dim=-1)
+            token_ids = chosen_from.argmax(dim=-1)
             random_idx = to_device(random_rows, torch.long, device)
             token_ids[random_idx] = self._sample_random(
-                raw.index_select(0, random_idx),
+                chosen_from.index_select(0, random_idx),
                 [params[i] for i in random_rows],
                 [generators[i] for i in random_rows],
             )
@@ -111,7 +121,7 @@ class Sampler:
         # inf, and a row masked entirely to -inf gives -inf (single -inf entries are masks).
         # Folded into the ids (no second device-to-host read): -1 marks a row the engine
         # must fail rather than answer with whatever argmax makes of NaN.
-        finite = torch.isfinite(raw.amax(dim=-1))
+        finite = torch.isfinite(raw.amax(dim=-1)) & torch.isfinite(chosen_from.amax(dim=-1))
         token_ids = torch.where(finite, token_ids, torch.full_like(token_ids, NON_FINITE))
         return self._logprobs(raw, token_ids, params)
 
@@ -135,6 +145,12 @@ class Sampler:
         # large finite logits over a small temperature would otherwise overflow to inf.
         shifted = logits - logits.amax(dim=-1, keepdim=True)
         scaled = shifted / temps.unsqueeze(1)
+        min_ps = [p.min_p for p in params]
+        if any(min_ps):
+            # After the shift the most likely token has logit 0, so "probability below
+            # min_p times the top one's" is "scaled logit below log(min_p)".
+            floor = torch.log(to_device(min_ps, torch.float32, device)).unsqueeze(1)
+            scaled = scaled.masked_fill(scaled < floor, float("-inf"))
 
         # k <= 0 means "off": keeping all V tokens is the same thing and keeps the mask uniform.
         top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]

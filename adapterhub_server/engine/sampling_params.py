@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 300
+"""OpenAI's limit on `logit_bias` entries."""
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this decode greedily: dividing logits by a smaller number overflows
 float32 (an empty answer from NaN probabilities), and the limit of sampling as the
@@ -45,6 +47,20 @@ class SamplingParams:
     """None: no logprobs. k >= 0: the sampled token's logprob plus the k most likely tokens."""
     skip_special_tokens: bool = True
     """Drop special tokens (EOS, chat markers) from the returned text."""
+    presence_penalty: float = 0.0
+    """In [-2, 2]: subtracted from the logit of every token already generated (OpenAI)."""
+    frequency_penalty: float = 0.0
+    """In [-2, 2]: subtracted once per earlier occurrence in the output (OpenAI)."""
+    repetition_penalty: float = 1.0
+    """Extension, in (0, 2]: logits of tokens in the prompt or output are divided by it when
+    positive and multiplied by it when negative (the CTRL / transformers / vLLM meaning)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias in [-100, 100]) pairs added to the logits; at most 300 (OpenAI)."""
+    min_p: float = 0.0
+    """Extension, in [0, 1]: drop tokens whose probability (after temperature) is below
+    min_p times the most likely token's."""
+    min_tokens: int = 0
+    """Extension: EOS and `stop_token_ids` cannot be chosen before this many tokens."""
     extra: dict[str, object] = field(default_factory=dict, compare=False)
     """Free-form annotations that travel with the request (not used for decoding)."""
 
@@ -67,7 +83,43 @@ class SamplingParams:
             raise SamplingParamsError("stop strings must be non-empty", "stop")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise SamplingParamsError("seed must be in [0, 2**63)", "seed")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise SamplingParamsError(f"{name} must be between -2 and 2", name)
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise SamplingParamsError("repetition_penalty must be in (0, 2]", "repetition_penalty")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise SamplingParamsError(
+                f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries", "logit_bias"
+            )
+        for token, bias in self.logit_bias:
+            if not isinstance(token, int) or token < 0:
+                raise SamplingParamsError(
+                    f"logit_bias keys must be token ids >= 0, got {token!r}", "logit_bias"
+                )
+            if not -100.0 <= bias <= 100.0:
+                raise SamplingParamsError(
+                    f"logit_bias values must be between -100 and 100, got {bias!r}",
+                    "logit_bias",
+                )
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SamplingParamsError("min_p must be in [0, 1]", "min_p")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingParamsError(
+                "min_tokens must be an integer between 0 and max_tokens", "min_tokens"
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the logits are changed before choosing (penalties, bias, min_tokens)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+        )

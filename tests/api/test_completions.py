@@ -102,11 +102,19 @@ async def test_sampling_fields_reach_the_engine(
             "ignore_eos": True,
             "skip_special_tokens": False,
             "user": "u1",
-            "frequency_penalty": 0,  # OpenAI field we do not serve: ignored, not rejected
+            "frequency_penalty": 0.5,
+            "presence_penalty": -1,
+            "logit_bias": {"5": -100, "17": 2.5},
+            "repetition_penalty": 1.2,
+            "min_p": 0.05,
+            "min_tokens": 3,
         },
     )
     assert r.status_code == 200, r.text
     params = engine.calls[0].params
+    assert (params.frequency_penalty, params.presence_penalty) == (0.5, -1.0)
+    assert params.logit_bias == ((5, -100.0), (17, 2.5))
+    assert (params.repetition_penalty, params.min_p, params.min_tokens) == (1.2, 0.05, 3)
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.5, 0.9, 7, 42)
     assert params.stop == ("x", "y")
     assert params.stop_token_ids == (5, 6)
@@ -121,6 +129,29 @@ async def test_defaults_reach_the_engine(client: httpx.AsyncClient, engine: Fake
     params = engine.calls[0].params
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (1.0, 1.0, -1, None)
     assert params.stop == ()
+    assert not params.processes_logits and params.min_p == 0.0
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"presence_penalty": -3}, "presence_penalty"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_tokens": 50, "max_tokens": 10}, "min_tokens"),
+    ],
+)
+async def test_bad_sampling_values_are_400_naming_the_field(
+    client: httpx.AsyncClient, engine: FakeEngine, body: dict, param: str
+) -> None:
+    r = await client.post("/v1/completions", json={"prompt": "hi", **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert not engine.calls
 
 
 async def test_several_prompts_give_indexed_choices(engine: FakeEngine) -> None:
