@@ -9,6 +9,13 @@ each generating exactly `--new-tokens` tokens greedily, through:
   (d) peft-swap    HF PEFT, ``set_adapter`` then ``generate`` per request, one at a time
   (e) http         the real server process over HTTP: N concurrent clients on
                    ``/v1/completions``
+  (f) engine-dora  this engine, the same requests over K DoRA adapters (same ranks and
+                   targets), loaded beside the plain ones: the cost of DoRA's column scale
+  (g) engine-merge-cat   the same requests over K per-request merges (``merged_adapters``)
+                   of two adapters each, 0.6/0.4, ``cat``: rank 2r adapters
+  (h) engine-merge-ties  the same with ``ties`` (density 0.5): rank r, computed once
+
+The merge and DoRA configurations are measured against (a): ``engine-dora/engine`` etc.
 
 Every configuration runs `--repeats` times; medians are reported. Prints a table, writes
 JSON (and a PNG bar chart) under ``bench/results/``.
@@ -58,8 +65,11 @@ PROMPTS = [
 ]
 
 
-def make_adapters(base_dir: Path, out: Path, k: int, rank: int) -> dict[str, Path]:
-    """K random rank-r PEFT adapters on all 7 projections (B non-zero so they matter)."""
+def make_adapters(
+    base_dir: Path, out: Path, k: int, rank: int, *, dora: bool = False
+) -> dict[str, Path]:
+    """K random rank-r PEFT adapters on all 7 projections (B non-zero so they matter);
+    with `dora`, DoRA adapters named ``dora<i>``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -79,6 +89,7 @@ def make_adapters(base_dir: Path, out: Path, k: int, rank: int) -> dict[str, Pat
                 "down_proj",
             ],
             lora_dropout=0.0,
+            use_dora=dora,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(base, cfg)
@@ -87,9 +98,10 @@ def make_adapters(base_dir: Path, out: Path, k: int, rank: int) -> dict[str, Pat
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-        path = out / f"adapter{i}"
+        name = f"{'dora' if dora else 'adapter'}{i}"
+        path = out / name
         model.save_pretrained(path)
-        adapters[f"adapter{i}"] = path
+        adapters[name] = path
     return adapters
 
 
@@ -311,6 +323,7 @@ def main() -> None:
     from adapterhub_server.base_model import ResolvedBaseModel, resolve_base_model
     from adapterhub_server.config import EngineConfig
     from adapterhub_server.engine.build import build_engine
+    from adapterhub_server.lora.merge import MergeSpec
 
     tmp = Path(tempfile.mkdtemp(prefix="adapterhub-bench-"))
     if args.smoke:
@@ -328,14 +341,37 @@ def main() -> None:
     names = list(adapter_dirs)
     with_adapters = [names[i % len(names)] for i in range(args.requests)]
     no_adapters: list[str | None] = [None] * args.requests
+    dora_dirs = {}
+    if "engine-dora" not in args.skip:
+        dora_dirs = make_adapters(base.path, tmp, args.adapters, args.rank, dora=True)
+    dora_names = list(dora_dirs)
+    with_dora = (
+        [dora_names[i % len(dora_names)] for i in range(args.requests)] if dora_names else []
+    )
+
+    merges: dict[str, list] = {}
+    for strategy in ("cat", "ties"):
+        if f"engine-merge-{strategy}" in args.skip or len(names) < 2:
+            continue
+        specs = [
+            MergeSpec(
+                ids=(names[i], names[(i + 1) % len(names)]),
+                weights=(0.6, 0.4),
+                strategy=strategy,
+                density=None if strategy == "cat" else 0.5,
+            )
+            for i in range(len(names))
+        ]
+        merges[strategy] = [specs[i % len(specs)] for i in range(args.requests)]
 
     config = EngineConfig(
         max_num_seqs=max(args.requests, 1),
         max_num_batched_tokens=max(512, args.requests),
-        max_loras=max(args.adapters, 1),
+        max_loras=max(args.adapters * (1 + len(merges)) + len(dora_dirs), 1),
+        max_lora_rank=max(64, 2 * args.rank),
         max_model_len=1024 if not args.smoke else None,
     )
-    engine = build_engine(base, config, lora_modules=adapter_dirs)
+    engine = build_engine(base, config, lora_modules={**adapter_dirs, **dora_dirs})
     prompts = prompt_ids(engine.tokenizer, args.requests)
 
     peft_model = None
@@ -349,6 +385,13 @@ def main() -> None:
     configs: dict[str, Callable[[], dict]] = {
         "engine": lambda: run_engine(engine, prompts, with_adapters, args.new_tokens),
         "engine-base": lambda: run_engine(engine, prompts, no_adapters, args.new_tokens),
+        "engine-dora": lambda: run_engine(engine, prompts, with_dora, args.new_tokens),
+        **{
+            f"engine-merge-{s}": (
+                lambda reqs=reqs: run_engine(engine, prompts, reqs, args.new_tokens)
+            )
+            for s, reqs in merges.items()
+        },
         "peft-mixed": lambda: run_peft_mixed(
             peft_model, engine.tokenizer, prompts, with_adapters, args.new_tokens
         ),
@@ -358,11 +401,15 @@ def main() -> None:
     }
     runs: dict[str, list[dict]] = {k: [] for k in configs if k not in args.skip}
     run_engine(engine, prompts, with_adapters, 2)  # warm-up: adapters into slots, allocator
+    if with_dora:
+        run_engine(engine, prompts, with_dora, 2)
+    for reqs in merges.values():  # computes each merge once, as a first request would
+        run_engine(engine, prompts, reqs, 2)
     # Interleave repeats so that machine noise hits every configuration alike.
     for _ in range(args.repeats):
         for name in runs:
             runs[name].append(configs[name]())
-            print(f"  {name:12s} {runs[name][-1]['tokens_per_s']:8.1f} tok/s", flush=True)
+            print(f"  {name:18s} {runs[name][-1]['tokens_per_s']:8.1f} tok/s", flush=True)
 
     if "http" not in args.skip:
         runs["http"] = []
@@ -372,7 +419,7 @@ def main() -> None:
                 runs["http"].append(
                     run_http(url, prompts, with_adapters, base.model_id, args.new_tokens)
                 )
-                print(f"  {'http':12s} {runs['http'][-1]['tokens_per_s']:8.1f} tok/s", flush=True)
+                print(f"  {'http':18s} {runs['http'][-1]['tokens_per_s']:8.1f} tok/s", flush=True)
 
     summary = {name: _median(r) for name, r in runs.items()}
     ratios = {}
@@ -382,6 +429,11 @@ def main() -> None:
                 ratios[f"engine/{other}"] = (
                     summary["engine"]["tokens_per_s"] / summary[other]["tokens_per_s"]
                 )
+        for kind in ("engine-dora", "engine-merge-cat", "engine-merge-ties"):
+            if kind in summary:
+                ratios[f"{kind}/engine"] = (
+                    summary[kind]["tokens_per_s"] / summary["engine"]["tokens_per_s"]
+                )
         if "http" in summary and "peft-mixed" in summary:
             ratios["http/peft-mixed"] = (
                 summary["http"]["tokens_per_s"] / summary["peft-mixed"]["tokens_per_s"]
@@ -389,12 +441,12 @@ def main() -> None:
 
     print()
     print(
-        f"{'config':12s} {'tok/s':>9s} {'wall s':>8s} {'mean latency s':>15s} {'decode step ms':>15s}"
+        f"{'config':18s} {'tok/s':>9s} {'wall s':>8s} {'mean latency s':>15s} {'decode step ms':>15s}"
     )
     for name, s in summary.items():
         step = s.get("median_decode_step_ms")
         print(
-            f"{name:12s} {s['tokens_per_s']:9.1f} {s['wall_s']:8.2f} {s['mean_latency_s']:15.2f} "
+            f"{name:18s} {s['tokens_per_s']:9.1f} {s['wall_s']:8.2f} {s['mean_latency_s']:15.2f} "
             f"{(f'{step:.1f}' if step else '-'):>15s}"
         )
     for k, v in ratios.items():

@@ -41,9 +41,19 @@ def test_serve_throughput_bench(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
     stdout = _run("bench.serve_throughput", "--smoke", "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result["summary"]) == {"engine", "engine-base", "peft-mixed", "peft-swap", "http"}
-    assert result["summary"]["engine"]["generated_tokens"] == 4 * 4
-    assert "engine/peft-mixed" in stdout
+    assert set(result["summary"]) == {
+        "engine",
+        "engine-base",
+        "engine-dora",
+        "engine-merge-cat",
+        "engine-merge-ties",
+        "peft-mixed",
+        "peft-swap",
+        "http",
+    }
+    for config in ("engine", "engine-dora", "engine-merge-cat", "engine-merge-ties"):
+        assert result["summary"][config]["generated_tokens"] == 4 * 4, config
+    assert "engine/peft-mixed" in stdout and "engine-dora/engine" in stdout
     assert out.with_suffix(".png").exists()
 
 
