@@ -75,19 +75,19 @@ def _failing_forward(
     real = engine.model.forward
     sizes: list[int] = []
 
-    def forward(input_ids, positions, attn, cache, lora, logits_index):
+    def forward(input_ids, positions, attn, cache, lora, logits_index, *rest):
         n = attn.num_decode + len(attn.prefills)
         sizes.append(n)
         exc = fails(input_ids, n)
         if exc is not None:
             # A failure deep in the model leaves this attempt's keys/values in the cache;
             # garbage there instead proves every survivor's retry rewrites its positions.
-            real(input_ids, positions, attn, cache, lora, logits_index)
+            real(input_ids, positions, attn, cache, lora, logits_index, *rest)
             slots = attn.slot_mapping
             cache.k.view(cache.k.shape[0], -1, *cache.k.shape[3:])[:, slots] = 1e4
             cache.v.view(cache.v.shape[0], -1, *cache.v.shape[3:])[:, slots] = -1e4
             raise exc
-        return real(input_ids, positions, attn, cache, lora, logits_index)
+        return real(input_ids, positions, attn, cache, lora, logits_index, *rest)
 
     monkeypatch.setattr(engine.model, "forward", forward)
     return sizes
@@ -263,8 +263,8 @@ def test_a_sampling_failure_replays_the_survivors_random_draws(
     poisoned = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
     real = engine.sampler
 
-    def sampler(logits, params, generators):
-        out = real(logits, params, generators)  # consumes every row's random draw
+    def sampler(logits, params, generators, contexts=None):
+        out = real(logits, params, generators, contexts)  # consumes every row's random draw
         if any(p is poisoned for p in params):
             raise FloatingPointError("sampling blew up")
         return out

@@ -28,8 +28,8 @@ def test_non_finite_logits_fail_only_their_request(
     assert all(ids[-1] != marker for rid, ids, _ in reqs if rid != victim_id)
     real = engine.model.forward
 
-    def forward(input_ids, positions, attn, cache, lora, logits_index):
-        logits = real(input_ids, positions, attn, cache, lora, logits_index).clone()
+    def forward(input_ids, positions, attn, cache, lora, logits_index, *rest):
+        logits = real(input_ids, positions, attn, cache, lora, logits_index, *rest).clone()
         hit = input_ids[logits_index] == marker
         hit[: attn.num_decode] = False  # prefill rows only: decodes may emit the marker
         logits[hit.nonzero().flatten(), 5] = poison
