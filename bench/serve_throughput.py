@@ -126,10 +126,14 @@ def run_engine(engine, prompts, adapters, new_tokens: int) -> dict:
     generated = 0
     decode_steps: list[float] = []
     while engine.has_work():
+        if engine.idle:
+            # Waiting on background adapter loads or merges: a busy loop here would hold
+            # the GIL against the loader thread (as the server's engine loop does not).
+            time.sleep(0.001)
         s0 = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - s0
-        if all(o.request_id in first for o in outs):
+        if outs and all(o.request_id in first for o in outs):
             decode_steps.append(dt)
         now = time.perf_counter() - t0
         for o in outs:
