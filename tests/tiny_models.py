@@ -107,10 +107,12 @@ def make_peft_adapter(
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
     b_std: float = 0.3,
+    use_dora: bool = False,
 ) -> Path:
     """Save a PEFT LoRA adapter for the model at `base_dir` with random (non-zero) A and B.
 
-    B is random rather than PEFT's zero init so that the adapter changes the output.
+    B is random rather than PEFT's zero init so that the adapter changes the output; with
+    `use_dora`, a DoRA adapter whose magnitudes are randomised too (`randomise_dora`).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -125,18 +127,37 @@ def make_peft_adapter(
         use_rslora=use_rslora,
         rank_pattern=rank_pattern or {},
         alpha_pattern=alpha_pattern or {},
+        use_dora=use_dora,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, config)
+    if use_dora:
+        randomise_dora(model, seed, b_std=b_std)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+                elif "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * b_std)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def randomise_dora(model: torch.nn.Module, seed: int, *, b_std: float = 0.3) -> None:
+    """Random A and B (PEFT starts B at zero) and magnitudes 0.5x-1.5x of PEFT's initial
+    ones (the base rows' norms), so that g = m / ||W + s B A|| is far from 1 and varies."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
             if "lora_A" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+                param.copy_(noise * 0.3)
             elif "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * b_std)
-    model.save_pretrained(out_dir)
-    return out_dir
+                param.copy_(noise * b_std)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.5 * torch.rand(param.shape, generator=gen) * noise.sign())
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:

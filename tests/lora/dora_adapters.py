@@ -2,58 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from tests.tiny_models import ALL_PROJECTIONS
+from tests.tiny_models import make_peft_adapter
 
 
-def randomise_dora(model: torch.nn.Module, seed: int, *, b_std: float = 0.3) -> None:
-    """Random A and B (PEFT starts B at zero) and magnitudes 0.5x-1.5x of PEFT's initial
-    ones (the base rows' norms), so that g = m / ||W + s B A|| is far from 1 and varies."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            if "lora_A" in name:
-                param.copy_(noise * 0.3)
-            elif "lora_B" in name:
-                param.copy_(noise * b_std)
-            elif "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.5 * torch.rand(param.shape, generator=gen) * noise.sign())
-
-
-def make_dora_adapter(
-    base_dir: Path,
-    out_dir: Path,
-    *,
-    seed: int,
-    r: int = 8,
-    alpha: float = 16,
-    target_modules: Sequence[str] = ALL_PROJECTIONS,
-    use_rslora: bool = False,
-) -> Path:
-    """Save a PEFT DoRA adapter (`use_dora: true`) for the causal LM at `base_dir`."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        target_modules=list(target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        use_rslora=use_rslora,
-        use_dora=True,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base, config)
-    randomise_dora(model, seed)
-    model.save_pretrained(out_dir)
-    return out_dir
+def make_dora_adapter(base_dir: Path, out_dir: Path, *, seed: int, **kwargs: Any) -> Path:
+    """Save a PEFT DoRA adapter (`use_dora: true`) for the causal LM at `base_dir`
+    (`make_peft_adapter`'s options)."""
+    return make_peft_adapter(base_dir, out_dir, seed=seed, use_dora=True, **kwargs)
 
 
 def make_mixed_adapters(base_dir: Path, plain: dict[str, Path], root: Path) -> dict[str, Path]:

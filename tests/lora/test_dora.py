@@ -22,7 +22,7 @@ from adapterhub_server.lora.kernels import triton_available
 from adapterhub_server.lora.layers import LoRAContext
 from adapterhub_server.lora.ops import Route, Segment, build_lora_batch
 from adapterhub_server.lora.pool import LoRAWeightPool, packed_groups
-from tests.lora.dora_adapters import randomise_dora
+from tests.tiny_models import randomise_dora
 
 HIDDEN, Q_OUT, KV_OUT = 32, 48, 16
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

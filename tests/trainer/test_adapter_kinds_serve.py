@@ -16,16 +16,22 @@ from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.registry import BaseModelSpec, Registry, RegistryLimits
 from adapterhub_server.registry.source import RegistryAdapterSource
 from tests.engine.conftest import greedy_continuation
-from tests.trainer.test_adapter_kinds import KINDS, data, train  # noqa: F401 (fixture)
+from tests.trainer.helpers import write_data
+from tests.trainer.test_adapter_kinds import KINDS, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_data(tmp_path / "train.jsonl")
 
 
 def test_trained_kinds_serve_like_peft_in_one_batch(
     tiny_base: Path,
     tiny_adapters: dict[str, Path],
     data: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
