@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterhub_server.base_model import ResolvedBaseModel
 from adapterhub_server.config import EngineConfig
-from adapterhub_server.engine.build import build_engine
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.sampling_params import SamplingParams
 from tests.engine.conftest import greedy_continuation
+from tests.engine.test_engine import _engine as engine_for
 from tests.full_module_adapters import make_full_module_adapter, peft_model
 from tests.tiny_models import build_tokenizer, make_peft_adapter, make_tiny_llama
 
@@ -89,16 +88,8 @@ def reference(setup):
 
 
 def _engine(base: Path, adapters: dict[str, Path], **overrides) -> LLMEngine:
-    config = EngineConfig(
-        **{
-            "max_num_seqs": 12,
-            "max_num_batched_tokens": 48,
-            "max_loras": 4,
-            "kv_cache_memory": 64 * 2**20,
-            **overrides,
-        }
-    )
-    return build_engine(ResolvedBaseModel(base, "tiny", "local"), config, lora_modules=adapters)
+    settings = {"max_num_seqs": 12, "max_num_batched_tokens": 48, "max_loras": 4}
+    return engine_for(base, adapters, **{**settings, **overrides})
 
 
 def _run(engine: LLMEngine, reqs, timeout: float = 120.0) -> dict[str, list[int]]:
