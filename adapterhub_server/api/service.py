@@ -12,39 +12,47 @@ cancellation, because closing it is what aborts the request and frees its batch 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
-    Awaitable,
     Callable,
     Mapping,
     Sequence,
 )
-from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 from jinja2.exceptions import TemplateError
-from pydantic import BaseModel
 
-from adapterhub_server.api.errors import GenerationFailedError, describe_error
 from adapterhub_server.api.metrics import ApiMetrics, adapter_label, note_adapter
+from adapterhub_server.api.streams import (
+    ADMISSION_CODES,
+    Call,
+    ChoiceResult,
+    EventStream,
+    PrimedStream,
+    close_all,
+    collect_all,
+    finish_reason,
+    first_output,
+    gather,
+    raise_if_failed,
+    sse_frame,
+    sse_frames,
+)
 from adapterhub_server.config import DEFAULT_MAX_PROMPTS_PER_REQUEST
 from adapterhub_server.engine.outputs import RequestOutput, TokenLogprob
 from adapterhub_server.engine.protocol import EngineClient
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.errors import (
     AdapterNotFoundError,
-    AdapterValidationError,
     ContextLengthError,
     InvalidRequestError,
 )
-from adapterhub_server.lora.merge import MergeError, MergeSpec
+from adapterhub_server.lora.merge import MergeSpec
 from client.types import (
     ChatCompletion,
     ChatCompletionChoice,
@@ -61,7 +69,6 @@ from client.types import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionUsage,
-    FinishReason,
     HealthStatus,
     Model,
     ModelList,
@@ -140,7 +147,7 @@ class InferenceService:
         for prompt in prompts:
             self._check_context(len(prompt), max_tokens, "prompt", "max_tokens")
         params = _sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs)
-        call = _Call(
+        call = Call(
             id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=request.model or self._base_name,
@@ -148,8 +155,8 @@ class InferenceService:
         )
         streams = await self._start(call.id, prompts, params, adapter)
         if request.stream:
-            return EventStream(self._completion_frames(call, streams, params), streams)
-        results = await _collect_all(streams)
+            return EventStream(self._completionsse_frames(call, streams, params), streams)
+        results = await collect_all(streams)
         choices = [
             CompletionChoice(
                 index=i,
@@ -167,24 +174,24 @@ class InferenceService:
             usage=_usage(results),
         )
 
-    def _completion_frames(
-        self, call: _Call, streams: list[_PrimedStream], params: SamplingParams
+    def _completionsse_frames(
+        self, call: Call, streams: list[PrimedStream], params: SamplingParams
     ) -> AsyncGenerator[str, None]:
         offsets = [0] * len(streams)
-        totals = [_Result() for _ in streams]
+        totals = [ChoiceResult() for _ in streams]
 
         def frame(index: int, out: RequestOutput) -> str:
             logprobs = self._completion_logprobs(out.logprobs, params, offset=offsets[index])
             offsets[index] += len(out.text)
             choice = CompletionChoice(
-                index=index, text=out.text, logprobs=logprobs, finish_reason=_finish_reason(out)
+                index=index, text=out.text, logprobs=logprobs, finish_reason=finish_reason(out)
             )
-            return _frame(
+            return sse_frame(
                 Completion(id=call.id, created=call.created, model=call.model, choices=[choice])
             )
 
         def usage_frame() -> str:
-            return _frame(
+            return sse_frame(
                 Completion(
                     id=call.id,
                     created=call.created,
@@ -194,7 +201,7 @@ class InferenceService:
                 )
             )
 
-        return _frames(streams, totals, frame, usage_frame if call.include_usage else None)
+        return sse_frames(streams, totals, frame, usage_frame if call.include_usage else None)
 
     def _completion_logprobs(
         self, logprobs: Sequence[TokenLogprob], params: SamplingParams, *, offset: int
@@ -311,7 +318,7 @@ class InferenceService:
         self._check_context(len(prompt), max_tokens, "messages", max_param)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = _sampling_params(request, max_tokens=max_tokens, logprobs=logprobs)
-        call = _Call(
+        call = Call(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=request.model or self._base_name,
@@ -319,8 +326,8 @@ class InferenceService:
         )
         streams = await self._start(call.id, [prompt], params, adapter)
         if request.stream:
-            return EventStream(self._chat_frames(call, streams, params), streams)
-        results = await _collect_all(streams)
+            return EventStream(self._chatsse_frames(call, streams, params), streams)
+        results = await collect_all(streams)
         choices = [
             ChatCompletionChoice(
                 index=i,
@@ -338,15 +345,15 @@ class InferenceService:
             usage=_usage(results),
         )
 
-    def _chat_frames(
-        self, call: _Call, streams: list[_PrimedStream], params: SamplingParams
+    def _chatsse_frames(
+        self, call: Call, streams: list[PrimedStream], params: SamplingParams
     ) -> AsyncGenerator[str, None]:
-        totals = [_Result() for _ in streams]
+        totals = [ChoiceResult() for _ in streams]
 
         def chunk(
             choices: list[ChatCompletionChunkChoice], usage: CompletionUsage | None = None
         ) -> str:
-            return _frame(
+            return sse_frame(
                 ChatCompletionChunk(
                     id=call.id,
                     created=call.created,
@@ -361,7 +368,7 @@ class InferenceService:
                 index=index,
                 delta=ChoiceDelta(content=out.text or None),
                 logprobs=self._chat_logprobs(out.logprobs, params),
-                finish_reason=_finish_reason(out),
+                finish_reason=finish_reason(out),
             )
             return chunk([choice])
 
@@ -379,7 +386,7 @@ class InferenceService:
             )
             for i in range(len(streams))
         ]
-        return _frames(
+        return sse_frames(
             streams, totals, frame, usage_frame if call.include_usage else None, opening=opening
         )
 
@@ -505,7 +512,7 @@ class InferenceService:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         adapter: str | MergeSpec | None,
-    ) -> list[_PrimedStream]:
+    ) -> list[PrimedStream]:
         """Submit every prompt and wait for each one's first output.
 
         Waiting for the first output lets errors the engine raises on admission (unknown or
@@ -517,7 +524,7 @@ class InferenceService:
         submitted = time.perf_counter()
 
         async def first(iterator: AsyncIterator[RequestOutput]) -> RequestOutput:
-            out = await _first(iterator)
+            out = await first_output(iterator)
             if self._metrics is not None and out.token_ids:  # not an admission failure
                 self._metrics.observe_first_token(label, time.perf_counter() - submitted)
             return out
@@ -536,17 +543,17 @@ class InferenceService:
             if len(iterators) == 1:
                 firsts = [await first(iterators[0])]
             else:
-                firsts = await _gather([first(it) for it in iterators])
+                firsts = await gather([first(it) for it in iterators])
             for out in firsts:
                 # An adapter (or merge) that failed to load ends the request before its
                 # first token: answer with its own status, streamed or not.
-                if out.finished and not out.token_ids and out.error_code in _ADMISSION_CODES:
-                    _raise_if_failed(out)
+                if out.finished and not out.token_ids and out.error_code in ADMISSION_CODES:
+                    raise_if_failed(out)
         except BaseException:
-            await _close_all(iterators)
+            await close_all(iterators)
             raise
         return [
-            _PrimedStream(it, out, on_close=self._token_counter(label))
+            PrimedStream(it, out, on_close=self._token_counter(label))
             for it, out in zip(iterators, firsts, strict=True)
         ]
 
@@ -569,254 +576,6 @@ class InferenceService:
             text = self._engine.tokenizer.decode([token_id])
             self._token_text[token_id] = text
         return text
-
-
-class EventStream:
-    """The server-sent-event frames of one streamed response.
-
-    It owns the engine streams it reads: `aclose()` closes them even if iteration never
-    started, which a bare async generator would not do.
-    """
-
-    def __init__(self, frames: AsyncGenerator[str, None], streams: Sequence[_PrimedStream]) -> None:
-        self._frames = frames
-        self._streams = list(streams)
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._frames
-
-    async def aclose(self) -> None:
-        """Stop the stream and abort whatever the engine is still generating for it."""
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._frames.aclose()
-            finally:
-                await _close_all(self._streams)
-
-
-# --- engine stream plumbing -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Call:
-    """Identity of one API call, shared by its response and every chunk of its stream."""
-
-    id: str
-    created: int
-    model: str
-    include_usage: bool
-
-
-@dataclass
-class _Result:
-    """What one choice has produced so far."""
-
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: FinishReason | None = None
-
-    def add(self, out: RequestOutput) -> None:
-        self.text += out.text
-        self.logprobs.extend(out.logprobs)
-        self.prompt_tokens = out.prompt_tokens
-        self.completion_tokens = out.completion_tokens
-        if out.finished:
-            self.finish_reason = _finish_reason(out)
-
-
-class _PrimedStream:
-    """An engine stream whose first output has already been received."""
-
-    def __init__(
-        self,
-        iterator: AsyncIterator[RequestOutput],
-        first: RequestOutput,
-        *,
-        on_close: Callable[[RequestOutput], None] | None = None,
-    ) -> None:
-        """`on_close` gets the last output read (cumulative token counts), once."""
-        self._iterator = iterator
-        self._first: RequestOutput | None = first
-        self._done = first.finished
-        self._last = first
-        self._on_close = on_close
-
-    def __aiter__(self) -> _PrimedStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._first is not None:
-            out, self._first = self._first, None
-            return out
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            out = await anext(self._iterator)
-        except StopAsyncIteration:
-            raise GenerationFailedError(
-                "the engine ended the request without finishing it"
-            ) from None
-        self._done = out.finished
-        self._last = out
-        return out
-
-    async def aclose(self) -> None:
-        # Streams are closed more than once (by their reader and by their owner).
-        report, self._on_close = self._on_close, None
-        try:
-            await _aclose(self._iterator)
-        finally:
-            if report is not None:
-                report(self._last)
-
-
-async def _first(iterator: AsyncIterator[RequestOutput]) -> RequestOutput:
-    try:
-        return await anext(iterator)
-    except StopAsyncIteration:
-        raise GenerationFailedError("the engine produced no output") from None
-
-
-async def _gather(coros: Sequence[Awaitable[T]]) -> list[T]:
-    """Await all concurrently; the first failure cancels the others and is raised.
-
-    Like `asyncio.gather`, except that no task outlives the call: a stream still being read
-    by a stray task could be neither closed nor aborted.
-    """
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in tasks:
-            if task.done() and (error := task.exception()) is not None:
-                raise error
-        return [task.result() for task in tasks]
-    finally:
-        with anyio.CancelScope(shield=True):
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _collect(stream: _PrimedStream) -> _Result:
-    result = _Result()
-    async for out in stream:
-        _raise_if_failed(out)
-        result.add(out)
-    return result
-
-
-async def _collect_all(streams: Sequence[_PrimedStream]) -> list[_Result]:
-    """Run every stream to its end; close all of them whatever happens."""
-    try:
-        if len(streams) == 1:
-            return [await _collect(streams[0])]
-        return await _gather([_collect(s) for s in streams])
-    finally:
-        await _close_all(streams)
-
-
-async def _merge(
-    streams: Sequence[_PrimedStream],
-) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-    """Outputs of several streams as they arrive, tagged with the stream's index."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                index = pending.pop(task)
-                try:
-                    out = task.result()
-                except StopAsyncIteration:
-                    continue
-                if not out.finished:
-                    pending[asyncio.ensure_future(anext(streams[index]))] = index
-                yield index, out
-    finally:
-        with anyio.CancelScope(shield=True):
-            for task in pending:
-                task.cancel()
-            # Let the cancelled reads unwind before anyone closes the streams under them.
-            await asyncio.gather(*pending, return_exceptions=True)
-
-
-async def _frames(
-    streams: Sequence[_PrimedStream],
-    totals: list[_Result],
-    frame: Callable[[int, RequestOutput], str],
-    usage_frame: Callable[[], str] | None,
-    *,
-    opening: Sequence[str] = (),
-) -> AsyncGenerator[str, None]:
-    """SSE frames: `opening`, one per output of `streams`, usage (if asked), `[DONE]`.
-
-    A failure after the response has started can only be reported in-band: it becomes an
-    error event, followed by `[DONE]` so clients stop reading.
-    """
-    try:
-        for text in opening:
-            yield text
-        # aclosing: the merge's read-ahead tasks must end before the streams are closed.
-        async with aclosing(_merge(streams)) as outputs:
-            async for index, out in outputs:
-                _raise_if_failed(out)
-                totals[index].add(out)
-                if out.text or out.logprobs or out.finished:
-                    yield frame(index, out)
-        if usage_frame is not None:
-            yield usage_frame()
-    except Exception as exc:
-        status, body, _ = describe_error(exc)
-        if status >= 500:
-            logger.error("stream failed after the response started", exc_info=exc)
-        yield _frame(body)
-    finally:
-        await _close_all(streams)
-    yield DONE_FRAME
-
-
-_ADMISSION_CODES = (AdapterNotFoundError.code, AdapterValidationError.code, MergeError.code)
-"""Error codes of requests that failed while their adapter was being loaded or merged."""
-
-
-def _raise_if_failed(out: RequestOutput) -> None:
-    if out.finished and out.finish_reason == "error":
-        # Admission failures of the adapter answer as they would have before queueing.
-        if out.error_code == AdapterNotFoundError.code:
-            raise AdapterNotFoundError(out.error or "adapter not found", param="model")
-        if out.error_code == MergeError.code:
-            raise MergeError(out.error or "invalid merge", param="merged_adapters")
-        if out.error_code == AdapterValidationError.code:
-            raise AdapterValidationError(out.error or "invalid adapter", param="model")
-        raise GenerationFailedError(
-            out.error or "generation failed", code=out.error_code or "generation_failed"
-        )
-    if out.finished and out.finish_reason == "abort":
-        raise GenerationFailedError(
-            "the request was aborted by the server", code=out.error_code or "request_aborted"
-        )
-
-
-async def _aclose(iterator: Any) -> None:
-    close = getattr(iterator, "aclose", None)
-    if close is not None:
-        await close()
-
-
-async def _close_all(iterators: Sequence[Any]) -> None:
-    """Close every stream, shielded: this runs while the request is being cancelled."""
-    with anyio.CancelScope(shield=True):
-        for iterator in iterators:
-            try:
-                await _aclose(iterator)
-            except Exception:
-                logger.exception("closing an engine stream failed")
 
 
 # --- small helpers ----------------------------------------------------------------------------
@@ -899,20 +658,9 @@ def max_token_bytes(tokenizer: Any) -> int:
     return 4 * max(longest, 1)
 
 
-def _finish_reason(out: RequestOutput) -> FinishReason | None:
-    """The OpenAI finish reason of a finished output; None before the end."""
-    if not out.finished:
-        return None
-    return "length" if out.finish_reason == "length" else "stop"
-
-
-def _usage(results: Sequence[_Result]) -> CompletionUsage:
+def _usage(results: Sequence[ChoiceResult]) -> CompletionUsage:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
     return CompletionUsage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
-
-
-def _frame(body: BaseModel) -> str:
-    return f"data: {body.model_dump_json()}\n\n"

@@ -11,7 +11,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from adapterhub_server.api.errors import ClientDisconnectedError
-from adapterhub_server.api.service import EventStream, InferenceService
+from adapterhub_server.api.service import InferenceService
+from adapterhub_server.api.streams import EventStream
 from client.types import ErrorResponse
 
 T = TypeVar("T")
