@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from adapterhub_server.engine.logits_processors import SamplingContext
 from adapterhub_server.engine.sampler import NON_FINITE, Sampler, SamplerOutput, make_generator
 from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.engine.structured import TokenMasks
 
 VOCAB = 500
 
@@ -301,3 +303,71 @@ def test_rows_without_a_finite_maximum_are_marked(temperature: float) -> None:
         for i in (3, 4)
     ]
     assert all(0 <= t < logits.shape[1] for t in out.token_ids[3:].tolist())
+
+
+# -- grammar masks (structured outputs) ----------------------------------------------------
+
+
+def _masks(allowed: dict[int, list[int]], vocab: int = VOCAB) -> TokenMasks:
+    """Masks that allow, in each listed row, only the listed tokens."""
+    rows = sorted(allowed)
+    bias = torch.full((len(rows), vocab), float("-inf"))
+    for r, row in enumerate(rows):
+        bias[r, allowed[row]] = 0.0
+    return TokenMasks(torch.tensor(rows), bias)
+
+
+def test_masked_rows_choose_only_allowed_tokens_and_free_rows_are_untouched() -> None:
+    """Greedy, random and seeded rows, constrained and free, in one batch: constrained rows
+    pick only allowed tokens; free rows' tokens and logprobs are bit-identical to a batch
+    without masks (their seeded streams advance the same)."""
+    logits = _logits(6, seed=7)
+    params = [
+        SamplingParams(temperature=0.0, logprobs=2),
+        SamplingParams(temperature=0.9, seed=1, logprobs=2),
+        SamplingParams(temperature=0.0, logprobs=2),
+        SamplingParams(temperature=1.3, seed=2, top_p=0.9, logprobs=2),
+        SamplingParams(temperature=0.7, seed=3, top_k=20, logprobs=2),
+        SamplingParams(temperature=0.0, logprobs=2),
+    ]
+    allowed = {1: [3, 250, 499], 2: [10, 11], 4: [42]}
+
+    def run(masks: TokenMasks | None) -> SamplerOutput:
+        gens = [make_generator(p.seed) for p in params]
+        return Sampler()(logits.clone(), params, gens, None, masks)
+
+    free, masked = run(None), run(_masks(allowed))
+    for row, tokens in allowed.items():
+        assert masked.token_ids[row].item() in tokens
+    for row in (0, 3, 5):
+        assert masked.token_ids[row] == free.token_ids[row]
+        assert torch.equal(masked.logprobs[row], free.logprobs[row])
+        assert torch.equal(masked.top_ids[row], free.top_ids[row])
+    # The masked greedy row picks the best allowed token; logprobs stay the raw ones.
+    assert masked.token_ids[2].item() == max(allowed[2], key=lambda t: logits[2, t].item())
+    assert masked.logprobs[2].item() == pytest.approx(
+        torch.log_softmax(logits[2], -1)[masked.token_ids[2]].item()
+    )
+
+
+def test_mask_wins_over_logit_bias_and_penalties() -> None:
+    logits = _logits(2, seed=8)
+    forbidden = int(logits[0].argmin())
+    params = [
+        SamplingParams(temperature=0.0, logit_bias=((forbidden, 100.0),), repetition_penalty=1.5),
+        SamplingParams(temperature=0.0, logit_bias=((forbidden, 100.0),)),
+    ]
+    contexts = [SamplingContext([forbidden, 5], [], frozenset())] * 2
+    out = Sampler()(logits, params, [None, None], contexts, _masks({0: [5, 6]}))
+    assert out.token_ids[0].item() in (5, 6)
+    assert out.token_ids[1].item() == forbidden  # the free row still gets its bias
+
+
+def test_grammar_wins_when_min_tokens_removes_its_only_choice() -> None:
+    """min_tokens forbids the stop token the grammar requires: the grammar's choice stands
+    (without the fallback the row would have no finite logit and fail as NON_FINITE)."""
+    logits = _logits(1, seed=9)
+    params = [SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=(7,))]
+    contexts = [SamplingContext([1, 2], [3], frozenset({7}))]
+    out = Sampler()(logits, params, [None], contexts, _masks({0: [7]}))
+    assert out.token_ids.tolist() == [7]

@@ -26,6 +26,7 @@ from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.outputs import RequestOutput
 from adapterhub_server.engine.protocol import EngineStats, ServableAdapter
 from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.engine.structured import CompiledGrammar, GrammarSpec
 from adapterhub_server.errors import (
     AdapterNotFoundError,
     ConflictError,
@@ -249,6 +250,7 @@ class AsyncLLMEngine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         adapter: str | MergeSpec | None,
+        follows: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         # Before anything is allocated: a refused request costs nothing.
         self._admit(request_id)
@@ -258,7 +260,9 @@ class AsyncLLMEngine:
 
         def add() -> None:
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params, adapter)
+                self.engine.add_request(
+                    request_id, prompt_token_ids, params, adapter, follows=follows
+                )
             except Exception as exc:  # handed back to the caller's event loop
                 loop.call_soon_threadsafe(_settle_value, accepted, None, exc)
                 return
@@ -284,6 +288,18 @@ class AsyncLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         self._submit(lambda: self._abort_now(request_id))
+
+    async def compile_grammar(self, spec: GrammarSpec) -> CompiledGrammar:
+        compiler = self.engine.grammar_compiler
+        if compiler is None:
+            raise InvalidRequestError(
+                "structured outputs are not available for this model: its tokenizer cannot "
+                "drive the grammar engine",
+                param="response_format",
+            )
+        # A worker thread waits (at most the timeout) on the compile pool: neither the
+        # event loop nor the engine thread ever blocks on a compile.
+        return await asyncio.to_thread(compiler.compile, spec, self.engine.grammar_compile_timeout)
 
     async def call_on_engine(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between steps and return its result.

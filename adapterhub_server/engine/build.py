@@ -16,6 +16,7 @@ from adapterhub_server.engine.decode_graphs import DecodeGraphs
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.kv_blocks import BlockPool
 from adapterhub_server.engine.kv_cache_manager import KVCacheManager
+from adapterhub_server.engine.structured import GrammarCompiler
 from adapterhub_server.errors import BaseModelError
 from adapterhub_server.lora.adapter import adaptable_modules
 from adapterhub_server.lora.cache import AdapterCache, AdapterSource, StaticAdapterSource
@@ -122,6 +123,7 @@ def build_engine(
         adapters.load_now(adapters.locate(name))
 
     eos = _eos_token_ids(hf, tokenizer)
+    grammars = _grammar_compiler(tokenizer, model.shape.vocab_size, eos, config)
     lora_backend = config.lora_backend()
     graphs = None
     if config.use_cuda_graphs():
@@ -159,7 +161,26 @@ def build_engine(
         device=device,
         lora_backend=lora_backend,
         decode_graphs=graphs,
+        grammar_compiler=grammars,
+        grammar_compile_timeout=config.grammar_compile_timeout,
     )
+
+
+def _grammar_compiler(
+    tokenizer: object, vocab_size: int, eos: set[int], config: EngineConfig
+) -> GrammarCompiler | None:
+    """The structured-output compiler for this tokenizer, or None (with a warning) where
+    llguidance cannot use it (a slow tokenizer, no EOS): such requests then get a 400."""
+    try:
+        return GrammarCompiler(
+            tokenizer,
+            vocab_size=vocab_size,
+            eos_token_ids=eos,
+            cache_size=config.grammar_cache_size,
+        )
+    except Exception as exc:  # an optional feature must not stop the server
+        logger.warning("structured outputs are unavailable for this tokenizer: %s", exc)
+        return None
 
 
 def _servable_config(path: Path) -> object:

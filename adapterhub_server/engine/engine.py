@@ -9,6 +9,12 @@ captured CUDA graph instead (`engine/decode_graphs.py`). It is driven by one thr
 Failures stay with the sequences that cause them: a step whose forward or sampling raises
 (including an accelerator out-of-memory) is retried in halves until the failing sequences
 run alone, and only those fail; the rest of the batch advances as if nothing had happened.
+
+Structured outputs (`engine/structured/`): a sequence whose params carry a grammar gets its
+own matcher. Each step fills the constrained rows' token masks on a worker thread while the
+forward runs, the sampler applies them, and each matcher accepts its token only once the
+step is committed, so a failed attempt leaves it where it was. Steps with no constrained
+sequence alive do none of this.
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ from adapterhub_server.engine.sampler import NON_FINITE, Sampler, make_generator
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.engine.scheduler import Scheduler, SchedulerOutput
 from adapterhub_server.engine.sequence import Sequence
+from adapterhub_server.engine.structured import (
+    DEFAULT_COMPILE_TIMEOUT,
+    GrammarCompiler,
+    MaskFiller,
+    PendingMasks,
+)
 from adapterhub_server.errors import AdapterHubError, ContextLengthError, InvalidRequestError
 from adapterhub_server.lora.cache import AdapterCache
 from adapterhub_server.lora.full_module_batch import FullModuleBatch, Span, build_full_module_batch
@@ -43,6 +55,7 @@ logger = logging.getLogger(__name__)
 INTERNAL_ERROR = "internal_error"
 OUT_OF_MEMORY = "out_of_memory"
 NON_FINITE_LOGITS = "non_finite_logits"
+GRAMMAR_FAILED = "grammar_failed"
 
 
 class LLMEngine:
@@ -62,6 +75,8 @@ class LLMEngine:
         device: torch.device,
         lora_backend: LoRABackend = "torch",
         decode_graphs: DecodeGraphs | None = None,
+        grammar_compiler: GrammarCompiler | None = None,
+        grammar_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -77,6 +92,14 @@ class LLMEngine:
         """Which batched-LoRA ops serve every step (`lora.ops.lora_backend`)."""
         self.decode_graphs = decode_graphs
         """Runs decode-only steps from CUDA graphs (`engine/decode_graphs.py`); None: eager."""
+        self.grammar_compiler = grammar_compiler
+        """Compiles structured-output specs for this model's tokenizer (the API calls it
+        off the engine thread); None where the tokenizer cannot drive one."""
+        self.grammar_compile_timeout = grammar_compile_timeout
+        """Seconds a compile may take before the request gets a 400."""
+        self._mask_filler: MaskFiller | None = None
+        self._num_constrained = 0
+        """Live requests with a grammar: 0 keeps steps free of any grammar work."""
         self.sampler = Sampler()
         self.scheduler = Scheduler(
             max_num_seqs=max_num_seqs,
@@ -100,11 +123,15 @@ class LLMEngine:
         prompt_ids: Seq[int],
         params: SamplingParams,
         adapter: str | MergeSpec | None = None,
+        *,
+        follows: str | None = None,
     ) -> None:
         """Queue a request. Raises a client error (nothing is queued) if it cannot run.
 
         `adapter` is a reference, or a `MergeSpec` whose merged adapter the cache computes
-        once and then serves like any other (its own slot, its own prefix-cache identity)."""
+        once and then serves like any other (its own slot, its own prefix-cache identity).
+        `follows` is a live request with the same prompt and adapter (choice 0 of `n > 1`):
+        this one is admitted once that one's prompt blocks are cached, and shares them."""
         if request_id in self._requests:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         if not prompt_ids:
@@ -134,6 +161,13 @@ class LLMEngine:
                 f"logit_bias names a token id outside the vocabulary (0 to {vocab - 1})",
                 param="logit_bias",
             )
+        grammar = params.grammar
+        if grammar is not None and grammar.vocab_size < vocab:
+            raise InvalidRequestError(
+                f"the grammar was compiled for {grammar.vocab_size} tokens, not this model's "
+                f"{vocab}",
+                param="response_format",
+            )
         location = self.adapters.locate(adapter) if adapter else None
         seq = Sequence(
             request_id=request_id,
@@ -145,9 +179,12 @@ class LLMEngine:
             ),
             stop_checker=StopChecker(params.stop),
             generator=make_generator(params.seed, device=self.device),
+            matcher=grammar.matcher() if grammar is not None else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
+        self._num_constrained += seq.matcher is not None
         self._requests[request_id] = seq
-        self.scheduler.add(seq)
+        self.scheduler.add(seq, follows=self._requests.get(follows) if follows else None)
 
     def abort(self, request_id: str, error_code: str | None = None) -> RequestOutput | None:
         """Stop a request now and free its slot; returns its final output if it was live.
@@ -271,6 +308,9 @@ class LLMEngine:
         samplers: list[Sequence] = list(plan.decodes)
         chunks: list[tuple[list[int], int, int]] = []
         segments: list[Segment] = []
+        prompt_rows: list[tuple[Sequence, int]] = []
+        """(sequence, prompt position) of each logits row after the samplers' rows."""
+        prompt_index: list[int] = []
         t = len(ids)
         for chunk in plan.prefills:
             seq, n, start = chunk.seq, chunk.num_tokens, chunk.seq.num_computed
@@ -282,43 +322,89 @@ class LLMEngine:
             if start + n == seq.num_tokens:
                 logits_index.append(t + n - 1)
                 samplers.append(seq)
+            if seq.needs_prompt_logprobs:
+                # Position q's logits give the logprob of prompt token q + 1 (the last
+                # prompt position's are the sampler's); a recompute skips those known.
+                first = max(start, len(seq.prompt_logprobs or ()) - 1)
+                for q in range(first, min(start + n, len(seq.prompt_ids) - 1)):
+                    prompt_rows.append((seq, q))
+                    prompt_index.append(t + q - start)
             t += n
+        logits_index += prompt_index
 
-        full = self._full_module_batch(plan, ids)
-        logits = None
-        # Steps with adapters' full modules or token rows run eagerly: the graphs' static
-        # buffers hold no per-adapter embedding or head tables.
-        if self.decode_graphs is not None and not plan.prefills and full is None:
-            logits = self.decode_graphs.run(ids, positions, dense_routes, decode_tables)
-        if logits is None:
-            logits = self._forward(
-                ids, positions, decode_tables, chunks, dense_routes, segments, logits_index, full
-            )
-        if samplers:
-            generators = [s.generator for s in samplers]
-            # A retry must draw the same random numbers the failed attempt drew.
-            saved = [(g, g.get_state()) for g in generators if g is not None]
-            try:
-                sampled = self.sampler(
-                    logits, [s.params for s in samplers], generators, self._contexts(samplers)
+        full = self._full_module_batch(plan, ids, len(samplers), prompt_rows)
+        # Started before the forward, joined before sampling: the fill runs beside it.
+        pending = self._start_masks(samplers) if self._num_constrained else None
+        grammar_failed: dict[int, str] = {}
+        try:
+            logits = None
+            # Steps with adapters' full modules or token rows run eagerly: the graphs'
+            # static buffers hold no per-adapter embedding or head tables.
+            if self.decode_graphs is not None and not plan.prefills and full is None:
+                logits = self.decode_graphs.run(ids, positions, dense_routes, decode_tables)
+            if logits is None:
+                logits = self._forward(
+                    ids,
+                    positions,
+                    decode_tables,
+                    chunks,
+                    dense_routes,
+                    segments,
+                    logits_index,
+                    full,
                 )
-                token_ids = sampled.token_ids.tolist()
-                lps = _to_list(sampled.logprobs)
-                top_ids = _to_list(sampled.top_ids)
-                top_lps = _to_list(sampled.top_logprobs)
-            except BaseException:
-                for g, state in saved:
-                    g.set_state(state)
-                raise
+            prompt_entries = (
+                _prompt_logprobs(logits[len(samplers) :], prompt_rows) if prompt_rows else []
+            )
+            logits = logits[: len(samplers)]
+            if samplers:
+                masks = None
+                if pending is not None:
+                    masks, grammar_failed = pending.wait()
+                generators = [s.generator for s in samplers]
+                # A retry must draw the same random numbers the failed attempt drew.
+                saved = [(g, g.get_state()) for g in generators if g is not None]
+                try:
+                    args = (logits, [s.params for s in samplers], generators)
+                    contexts = self._contexts(samplers)
+                    # Masks only where a row is constrained: other steps make the plain call.
+                    if masks is None:
+                        sampled = self.sampler(*args, contexts)
+                    else:
+                        sampled = self.sampler(*args, contexts, masks)
+                    token_ids = sampled.token_ids.tolist()
+                    lps = _to_list(sampled.logprobs)
+                    top_ids = _to_list(sampled.top_ids)
+                    top_lps = _to_list(sampled.top_logprobs)
+                except BaseException:
+                    for g, state in saved:
+                        g.set_state(state)
+                    raise
+        except BaseException:
+            if pending is not None:
+                # The retry refills these matchers: this fill must have stopped first.
+                pending.discard()
+            raise
         for seq in plan.decodes:
             seq.num_computed += 1
             self.kv.commit(seq, seq.num_computed)
         for chunk in plan.prefills:
             chunk.seq.num_computed += chunk.num_tokens
             self.kv.commit(chunk.seq, chunk.seq.num_computed)
+        for (seq, _), entry in zip(prompt_rows, prompt_entries, strict=True):
+            assert seq.prompt_logprobs is not None
+            seq.prompt_logprobs.append(entry)
         outputs: list[RequestOutput] = []
         for i, seq in enumerate(samplers):
             if seq.finished:  # aborted while the step ran
+                continue
+            if grammar_failed and i in grammar_failed:
+                # Its mask is meaningless: answering from it could break the grammar.
+                outputs.append(
+                    self._fail(
+                        seq, f"structured output failed: {grammar_failed[i]}", GRAMMAR_FAILED
+                    )
+                )
                 continue
             if token_ids[i] == NON_FINITE:
                 # An empty or garbage answer would look like success; the numbers are the
@@ -378,9 +464,16 @@ class LLMEngine:
             full,
         )
 
-    def _full_module_batch(self, plan: SchedulerOutput, ids: list[int]) -> FullModuleBatch | None:
+    def _full_module_batch(
+        self,
+        plan: SchedulerOutput,
+        ids: list[int],
+        num_samplers: int,
+        prompt_rows: list[tuple[Sequence, int]],
+    ) -> FullModuleBatch | None:
         """Which of the step's tokens and logits rows use adapters' full modules or token
-        rows (the layout `_run` gives them: decodes, then prefill chunks)."""
+        rows (the layout `_run` gives them: decodes, then prefill chunks; logits rows of the
+        samplers, then of prompt positions)."""
         store = self.adapters.full_modules
         if store is None or not len(store):
             return None
@@ -393,6 +486,9 @@ class LLMEngine:
             samples = seq.num_computed + n == seq.num_tokens
             spans.append(Span(self._resident_full(seq), t, t + n, row if samples else None))
             t, row = t + n, row + samples
+        for j, (seq, _) in enumerate(prompt_rows):
+            # A logits row alone (its token is in the chunk's span above).
+            spans.append(Span(self._resident_full(seq), 0, 0, num_samplers + j))
         return build_full_module_batch(spans, ids, self.device)
 
     def _resident_full(self, seq: Sequence) -> ResidentFullModules | None:
@@ -401,9 +497,27 @@ class LLMEngine:
         assert self.adapters.full_modules is not None
         return self.adapters.full_modules.get(seq.adapter.key)
 
+    def _start_masks(self, samplers: list[Sequence]) -> PendingMasks | None:
+        """Start filling the grammar masks of the constrained rows among `samplers`."""
+        rows = [i for i, s in enumerate(samplers) if s.matcher is not None]
+        if not rows:
+            return None
+        if self._mask_filler is None:
+            self._mask_filler = MaskFiller(self.model.shape.vocab_size, self.device)
+        return self._mask_filler.start(rows, [samplers[i].matcher for i in rows])
+
     def _append_token(
         self, seq: Sequence, token: int, logprob: TokenLogprob | None
     ) -> RequestOutput:
+        matcher = seq.matcher
+        if matcher is not None and not matcher.accept(token):
+            # The mask should have made this impossible; never emit what the grammar
+            # refuses, and fail this sequence alone.
+            return self._fail(
+                seq,
+                f"internal error: the grammar refused sampled token {token}: {matcher.error}",
+                GRAMMAR_FAILED,
+            )
         seq.output_ids.append(token)
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
@@ -420,6 +534,8 @@ class LLMEngine:
                 if stop_at is not None:
                     seq.stop_at = stop_at
                     reason = "stop"
+            if reason is None and matcher is not None and matcher.terminated:
+                reason = "stop"  # the output is complete: nothing may follow
             if reason is None and (
                 len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len
             ):
@@ -444,6 +560,9 @@ class LLMEngine:
         new_ids = seq.output_ids[seq.tokens_emitted :]
         seq.tokens_emitted = len(seq.output_ids)
         logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and not seq.needs_prompt_logprobs:
+            prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
         return RequestOutput(
             request_id=seq.request_id,
             text=new_text,
@@ -453,6 +572,7 @@ class LLMEngine:
             finished=seq.finished,
             finish_reason=seq.finish_reason,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             error=seq.error,
             error_code=seq.error_code,
         )
@@ -472,6 +592,9 @@ class LLMEngine:
             return
         was_running = seq in self.scheduler.running
         self.scheduler.finish(seq)
+        if seq.matcher is not None:
+            self._num_constrained -= 1
+            seq.matcher = None
         seq.finish_reason = reason
         self._requests.pop(seq.request_id, None)
         if was_running and seq.route is not None and seq.adapter is not None:
@@ -515,3 +638,26 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 def _to_list(t: torch.Tensor | None) -> list | None:
     return t.tolist() if t is not None else None
+
+
+def _prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> list[TokenLogprob]:
+    """Logprob, rank and top alternatives of each prompt token from its preceding position.
+
+    Args:
+        logits: ``[P, V]`` logits of prompt positions, row j for ``rows[j] = (seq, q)``,
+            scoring token ``seq.prompt_ids[q + 1]``.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    targets = to_device([s.prompt_ids[q + 1] for s, q in rows], torch.long, logp.device)
+    chosen = logp.gather(1, targets.unsqueeze(1))
+    ranks = ((logp > chosen).sum(dim=1) + 1).tolist()
+    k = min(max(s.params.prompt_logprobs or 0 for s, _ in rows), logp.shape[1])
+    top_lp, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+    top_lps = top_lp.tolist() if top_lp is not None else None
+    top_idx = top_ids.tolist() if top_ids is not None else None
+    out = []
+    for j, ((seq, q), lp) in enumerate(zip(rows, chosen.squeeze(1).tolist(), strict=True)):
+        kk = seq.params.prompt_logprobs or 0
+        top = tuple(zip(top_idx[j][:kk], top_lps[j][:kk])) if top_idx and top_lps else ()
+        out.append(TokenLogprob(seq.prompt_ids[q + 1], lp, top, rank=ranks[j]))
+    return out

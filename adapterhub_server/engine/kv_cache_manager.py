@@ -82,16 +82,17 @@ class KVCacheManager:
     def has(self, seq: object) -> bool:
         return id(seq) in self._tables
 
-    def open(self, seq: TokenSource, identity: str) -> int:
+    def open(self, seq: TokenSource, identity: str, *, lookup: bool = True) -> int:
         """Start `seq`'s table, taking the longest run of cached blocks that match its
-        tokens; returns the number of tokens whose keys and values are already there.
+        tokens (none without `lookup`); returns the number of tokens whose keys and values
+        are already there.
 
         At least the last token is always left to compute: its logits are what the first
         step samples from.
         """
         table = BlockTable(root=identity_root(identity))
         self._tables[id(seq)] = table
-        for h in self._cached_chain(seq, table.root):
+        for h in self._cached_chain(seq, table.root) if lookup else ():
             block = self.pool.lookup(h)
             assert block is not None
             self.pool.take(block)

@@ -16,6 +16,8 @@ class TokenLogprob:
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
     """(token_id, logprob) of the most likely tokens at this position, most likely first."""
+    rank: int | None = None
+    """1 + how many tokens were more likely here (set for prompt tokens)."""
 
 
 @dataclass
@@ -36,6 +38,9 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """One entry per token in `token_ids` when the request asked for logprobs."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With `SamplingParams.prompt_logprobs`, on the request's first output only: one entry
+    per prompt token (None for the first, which has no context)."""
     error: str | None = None
     """Set when finish_reason is "error": why this request (alone) failed."""
     error_code: str | None = None

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from adapterhub_server.engine.outputs import RequestOutput
 from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.engine.structured import CompiledGrammar, GrammarSpec
 from adapterhub_server.lora.merge import MergeSpec
 
 
@@ -93,8 +94,13 @@ class EngineClient(Protocol):
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         adapter: str | MergeSpec | None,
+        follows: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; the last one has `finished=True`.
+
+        `follows` names an earlier request of the same prompt and adapter (choice 0 of an
+        `n > 1` request): this one starts once that one's prompt is cached, and reads its
+        keys and values instead of computing them again.
 
         Raises `ContextLengthError` if prompt + max_tokens exceed `max_model_len`, and
         `AdapterNotFoundError` / `AdapterValidationError` if the adapter cannot be served.
@@ -102,3 +108,13 @@ class EngineClient(Protocol):
         """
 
     async def abort(self, request_id: str) -> None: ...
+
+    async def compile_grammar(self, spec: GrammarSpec) -> CompiledGrammar:
+        """Compile a structured-output spec for `SamplingParams.grammar`, off the event loop
+        and the engine thread, from a bounded cache.
+
+        Raises `GrammarError` (400; the caller sets its `param`) when the spec is invalid,
+        uses a construct the grammar engine does not implement (named in the message), or
+        takes longer than the configured compile timeout; `InvalidRequestError` when this
+        model's tokenizer cannot drive structured outputs.
+        """

@@ -1,8 +1,8 @@
 """Batched per-request sampling: one call per engine step over every row that emits a token.
 
 Each row carries its own SamplingParams (penalties, logit_bias and min_tokens through
-`logits_processors`; temperature, min_p, top_k, top_p, logprobs) and optionally
-its own seeded torch.Generator. The filters run vectorised over all random rows; the only
+`logits_processors`; a grammar's token mask; temperature, min_p, top_k, top_p, logprobs)
+and optionally its own seeded torch.Generator. The filters run vectorised over all random rows; the only
 per-row Python work is drawing a seeded row's noise from that row's generator, which is what
 makes a seeded request independent of whatever else shares its batch.
 """
@@ -16,6 +16,7 @@ import torch
 
 from adapterhub_server.engine.logits_processors import SamplingContext, process_logits
 from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.engine.structured.bitmask import TokenMasks, mask_logits
 from adapterhub_server.models.transfer import to_device
 
 __all__ = ["NON_FINITE", "Sampler", "SamplerOutput", "make_generator"]
@@ -67,18 +68,25 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
         contexts: Sequence[SamplingContext] | None = None,
+        masks: TokenMasks | None = None,
     ) -> SamplerOutput:
         """Sample one token per row.
 
         Args:
             logits: [B, V] next-token logits of any float dtype (computed in float32).
+                With `masks` and no row asking for logprobs, float32 logits' constrained
+                rows are masked in place (the caller's buffer is consumed).
             params: B sampling settings, row i of `logits` uses params[i].
             generators: B generators (None = draw from the default RNG); a seeded row's
                 generator must live on `logits.device`.
             contexts: B histories for the rows whose params process logits (penalties,
                 logit_bias, min_tokens: `process_logits` runs first); required when any does.
+            masks: the grammar masks of the constrained rows (structured outputs), applied
+                after the processors; other rows are not touched.
 
-        Semantics, for each row i:
+        Semantics, for each row i (l = logits[i] after the processors and, for a
+        constrained row, with the tokens its grammar forbids at -inf; if that forbids every
+        token, the grammar wins: l = logits[i] with the grammar's mask alone):
             if max(logits[i]) is NaN or +-inf: token[i] = NON_FINITE
             elif params[i].greedy (temperature < 1e-5): token[i] = argmax(logits[i])
             else:
@@ -100,6 +108,10 @@ class Sampler:
             if contexts is None or len(contexts) != batch:
                 raise ValueError("rows that process logits need their sampling contexts")
             chosen_from = process_logits(raw, params, contexts)
+        if masks is not None:
+            # Logprobs are the raw logits': only then must `raw` survive the masking.
+            keep_raw = any(p.logprobs is not None for p in params)
+            chosen_from = _constrain(raw, chosen_from, masks, keep_raw=keep_raw)
 
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not random_rows:
@@ -200,6 +212,43 @@ class Sampler:
             return SamplerOutput(token_ids, chosen, None, None)
         top_logprobs, top_ids = logp.topk(k, dim=-1, sorted=True)
         return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)
+
+
+def _constrain(
+    raw: torch.Tensor, processed: torch.Tensor, masks: TokenMasks, *, keep_raw: bool
+) -> torch.Tensor:
+    """`processed` with each constrained row's forbidden tokens at -inf.
+
+    Args:
+        raw: ``[B, V]`` float32 raw logits; masked in place unless `keep_raw` (its
+            constrained rows then only lose tokens, which the finiteness check tolerates).
+        processed: ``[B, V]`` float32 after the logits processors, or `raw` itself.
+    Returns:
+        ``[B, V]`` float32; unconstrained rows equal `processed`.
+
+    Semantics, for each constrained row i with bias b (0 / -inf):
+        out[i] = processed[i] + b
+        if every out[i] is -inf: out[i] = raw[i] + b
+    The fallback is the grammar winning over min_tokens or stop ids that removed all its
+    choices; logit_bias and penalties cannot lift a forbidden token (-inf stays -inf).
+    """
+    if processed is raw:
+        # Copying [B, V] costs more than the mask itself: skip it when nobody reads raw.
+        if keep_raw:
+            out = raw.clone()
+            mask_logits(out, masks)
+            return out
+        # The model's logits are inference tensors: updated in place only in this mode.
+        with torch.inference_mode():
+            mask_logits(raw, masks)
+        return raw
+    out = processed  # a fresh tensor from process_logits
+    mask_logits(out, masks)
+    sub = out.index_select(0, masks.rows)  # [R, V]
+    alive = torch.isfinite(sub.amax(dim=-1, keepdim=True))  # [R, 1], decided on the device
+    fallback = raw.index_select(0, masks.rows) + masks.bias
+    out.index_copy_(0, masks.rows, torch.where(alive, sub, fallback))
+    return out
 
 
 def _apply_top_k_top_p(

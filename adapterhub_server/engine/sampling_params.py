@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adapterhub_server.engine.structured import CompiledGrammar
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -45,6 +49,10 @@ class SamplingParams:
     """Keep generating past the tokenizer's EOS token."""
     logprobs: int | None = None
     """None: no logprobs. k >= 0: the sampled token's logprob plus the k most likely tokens."""
+    prompt_logprobs: int | None = None
+    """None: none. k >= 0: every prompt token's logprob (and rank) plus the k most likely
+    tokens at its position; the prompt is then computed whole, never read from the prefix
+    cache, since cached blocks hold no logits."""
     skip_special_tokens: bool = True
     """Drop special tokens (EOS, chat markers) from the returned text."""
     presence_penalty: float = 0.0
@@ -61,6 +69,11 @@ class SamplingParams:
     min_p times the most likely token's."""
     min_tokens: int = 0
     """Extension: EOS and `stop_token_ids` cannot be chosen before this many tokens."""
+    grammar: CompiledGrammar | None = field(default=None, compare=False)
+    """Structured output: every generated token must keep the output inside this grammar
+    (`EngineClient.compile_grammar` makes it); the sequence ends with finish_reason "stop"
+    when the grammar is complete. The grammar's mask wins over logit_bias, penalties and
+    min_tokens: no token outside it is ever chosen."""
     extra: dict[str, object] = field(default_factory=dict, compare=False)
     """Free-form annotations that travel with the request (not used for decoding)."""
 
@@ -73,6 +86,10 @@ class SamplingParams:
             raise SamplingParamsError("top_p must be in (0, 1]", "top_p")
         if self.top_k < -1:
             raise SamplingParamsError("top_k must be -1 (disabled) or >= 0", "top_k")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise SamplingParamsError(
+                f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "prompt_logprobs"
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise SamplingParamsError(
                 f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs"

@@ -97,9 +97,29 @@ class Scheduler:
         """Oldest first: the newest are preempted first."""
         self.num_preemptions = 0
         self._watermark = max(1, int(_WATERMARK * kv.pool.usable_blocks))
+        self._leaders: dict[Sequence, Sequence] = {}
+        """Follower -> leader: sequences with the leader's prompt (the other choices of an
+        `n > 1` request) that wait for the leader's prompt to be in the prefix cache."""
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, *, follows: Sequence | None = None) -> None:
+        """Queue `seq`. With `follows` (a queued sequence with the same prompt and adapter),
+        `seq` is admitted only once the leader's prompt has been computed, so that it reads
+        the leader's full prompt blocks from the prefix cache instead of computing them
+        again in the same step (the choices of one request share their prompt's KV)."""
+        if follows is not None and self.kv.pool.prefix_caching:
+            self._leaders[seq] = follows
         self.waiting.append(seq)
+
+    def _waits_for_leader(self, seq: Sequence) -> bool:
+        leader = self._leaders.get(seq)
+        if leader is None:
+            return False
+        if leader.finished or leader.num_computed >= len(leader.prompt_ids) - 1:
+            # The leader's prompt blocks are published (or it is gone and whatever it
+            # cached stays in the LRU): from now on the follower is an ordinary request.
+            del self._leaders[seq]
+            return False
+        return True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -194,6 +214,9 @@ class Scheduler:
                 break
             seq = self.waiting.popleft()
             looked += 1
+            if self._leaders and self._waits_for_leader(seq):
+                skipped.append(seq)
+                continue
             try:
                 route = self.acquire_adapter(seq) if seq.adapter is not None else None
             except Exception as exc:  # one bad adapter fails its own request only
@@ -203,7 +226,8 @@ class Scheduler:
                 skipped.append(seq)
                 continue
             seq.route = route
-            hit = kv.open(seq, self.identity(seq))
+            # Cached blocks hold keys and values, not logits: prompt logprobs need the prompt.
+            hit = kv.open(seq, self.identity(seq), lookup=not seq.needs_prompt_logprobs)
             n = min(seq.num_tokens - hit, budget)
             needed = kv.pool.blocks_for(hit + n) - len(kv.block_ids(seq))
             # Headroom only matters when others run: alone, a request may use every block.
@@ -226,6 +250,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Take a running or waiting sequence out; its blocks go back to the pool."""
+        self._leaders.pop(seq, None)
         if seq in self.running:
             self.running.remove(seq)
             self.kv.close(seq)

@@ -11,6 +11,7 @@ import torch
 from adapterhub_server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from adapterhub_server.engine.outputs import FinishReason, TokenLogprob
 from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.engine.structured import GrammarMatcher
 from adapterhub_server.lora.cache import AdapterLocation
 from adapterhub_server.lora.ops import Route
 
@@ -49,6 +50,19 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     stop_at: int | None = None
     """Character index where a stop string begins (the text is cut there)."""
+    matcher: GrammarMatcher | None = None
+    """Where the output stands in the request's grammar (structured outputs): advanced by
+    every committed token, so it stays valid across preemption (the recompute keeps the
+    output tokens); None when unconstrained, and again once finished."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With `params.prompt_logprobs`: an entry per prompt token computed so far (the first is
+    None); sent with the first output, then set to None."""
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its prompt's logprobs are still to compute (so no prefix-cache reads)."""
+        entries = self.prompt_logprobs
+        return entries is not None and len(entries) < len(self.prompt_ids)
 
     @property
     def num_tokens(self) -> int:
