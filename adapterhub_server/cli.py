@@ -12,6 +12,7 @@ from adapterhub_server import __version__
 from adapterhub_server.config import (
     DEFAULT_MAX_PROMPTS_PER_REQUEST,
     DEFAULT_MAX_REQUEST_BYTES,
+    TOOL_CALL_PARSERS,
     EngineConfig,
     ServerConfig,
 )
@@ -153,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="most completions one request may ask for, prompts x n (default: %(default)s)",
     )
     serve.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default="auto",
+        help="format of the tool calls the model writes: auto detects it from the chat "
+        "template (hermes where the template renders no tools) (default: %(default)s)",
+    )
+    serve.add_argument(
         "--jobs-dir",
         type=Path,
         default=None,
@@ -183,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.max_queued_requests,
         help="requests accepted beyond the running batch; more get 429 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--grammar-compile-timeout",
+        type=float,
+        default=d.grammar_compile_timeout,
+        metavar="SECONDS",
+        help="time a structured output's grammar (JSON schema, regex, choice, grammar) may "
+        "take to compile; past it the request gets 400 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--grammar-cache-size",
+        type=int,
+        default=d.grammar_cache_size,
+        metavar="N",
+        help="compiled grammars kept for reuse, least recently used dropped (default: %(default)s)",
     )
     serve.add_argument(
         "--shutdown-timeout",
@@ -307,6 +330,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.device,
         num_threads=args.num_threads,
         max_queued_requests=args.max_queued_requests,
+        grammar_compile_timeout=args.grammar_compile_timeout,
+        grammar_cache_size=args.grammar_cache_size,
         lora_kernel=args.lora_kernel,
         cuda_graphs=args.cuda_graphs,
         block_size=args.block_size,
@@ -328,6 +353,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_upload_bytes=args.max_upload_bytes,
         max_request_bytes=args.max_request_bytes,
         max_prompts_per_request=args.max_prompts_per_request,
+        tool_call_parser=args.tool_call_parser,
         fine_tuning=not args.no_fine_tuning,
         jobs_dir=args.jobs_dir,
         max_concurrent_jobs=args.max_concurrent_jobs,

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024**2
 """Largest JSON request body by default (uploads have their own, larger limit)."""
 DEFAULT_MAX_PROMPTS_PER_REQUEST = 64
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral")
+"""`--tool-call-parser` values (`api/tools/parsers.py` implements the three formats)."""
 """Most completions one request may ask for (prompts x `n`) by default."""
 DEFAULT_MAX_FINE_TUNING_TOKENS = 100_000_000
 """Most tokens one fine-tuning job may train on by default (see `ServerConfig`)."""
@@ -67,10 +69,21 @@ class EngineConfig:
     max_queued_requests: int = 256
     """Requests accepted beyond the running batch; past it new requests get HTTP 429 with
     Retry-After at once, so memory stays flat under overload."""
+    grammar_compile_timeout: float = 10.0
+    """Seconds a structured output's grammar (JSON schema, regex, choice list, grammar) may
+    take to compile, on a worker thread; past it the request gets HTTP 400. Typical
+    schemas compile in about a millisecond."""
+    grammar_cache_size: int = 256
+    """Compiled grammars kept for reuse, least recently used dropped first; 0 compiles
+    every request's grammar anew."""
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
+        if not 0 < self.grammar_compile_timeout < float("inf"):
+            raise ValueError("grammar_compile_timeout must be a positive, finite number of seconds")
+        if self.grammar_cache_size < 0:
+            raise ValueError("grammar_cache_size must be >= 0")
         if self.max_full_module_adapters < 0:
             raise ValueError("max_full_module_adapters must be >= 0")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
@@ -144,6 +157,9 @@ class ServerConfig:
     max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST
     """Most completions one request may ask for (prompts x `n`); more is a 400 at once.
     Capped at `max_num_seqs + max_queued_requests` (see `prompts_per_request_limit`)."""
+    tool_call_parser: str = "auto"
+    """How chat outputs are read for tool calls: `auto` (from the chat template; `hermes`
+    where the template renders no tools), `hermes`, `llama3_json` or `mistral`."""
     fine_tuning: bool = True
     """Serve `/v1/files` and `/v1/fine_tuning/jobs` (only with a registry to publish into)."""
     jobs_dir: Path | None = None
@@ -200,6 +216,8 @@ class ServerConfig:
             raise ValueError("max_fine_tuning_tokens must be >= 1")
         if self.max_prompts_per_request < 1:
             raise ValueError("max_prompts_per_request must be >= 1")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}")
 
     @property
     def prompts_per_request_limit(self) -> int:

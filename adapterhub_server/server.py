@@ -45,6 +45,7 @@ class Server:
     max_upload_bytes: int
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST
+    tool_call_parser: str = "auto"
     fine_tuning: FineTuningService | None = None
     api_keys: ApiKeys = field(default_factory=ApiKeys)
 
@@ -109,6 +110,7 @@ def build_server(config: ServerConfig, base: ResolvedBaseModel | None = None) ->
         max_upload_bytes=config.max_upload_bytes,
         max_request_bytes=config.max_request_bytes,
         max_prompts_per_request=config.prompts_per_request_limit,
+        tool_call_parser=config.tool_call_parser,
         fine_tuning=fine_tuning,
         api_keys=ApiKeys(inference=config.api_keys, admin=config.admin_keys),
     )
@@ -142,6 +144,7 @@ def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
             server.max_prompts_per_request if server else DEFAULT_MAX_PROMPTS_PER_REQUEST
         ),
         api_keys=server.api_keys if server else None,
+        tool_call_parser=server.tool_call_parser if server else "auto",
     )
     # Batch sizes and adapter load times are observed on the engine's own thread.
     observe_engine(app, engine.engine)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any
@@ -28,7 +28,7 @@ from client._base import (
 from client._streaming import AsyncStream
 from client.errors import AdapterHubError
 from client.resources.adapters import AsyncAdapters
-from client.resources.chat import AsyncChat
+from client.resources.chat import AsyncChat, Messages
 from client.resources.completions import AsyncCompletions
 from client.resources.files import AsyncFiles, TrainingData
 from client.resources.fine_tuning import (
@@ -38,7 +38,14 @@ from client.resources.fine_tuning import (
     supervised_method,
 )
 from client.resources.models import AsyncModels
-from client.types import HealthStatus, TrainingMethod
+from client.resources.tokenize import detokenize_options, tokenize_options
+from client.types import (
+    ChatCompletionTool,
+    DetokenizeResponse,
+    HealthStatus,
+    TokenizeResponse,
+    TrainingMethod,
+)
 
 logger = logging.getLogger("client")
 
@@ -126,6 +133,43 @@ class AsyncAdapterHubClient:
     async def health(self) -> HealthStatus:
         """`GET /health`: answers while the server process serves HTTP."""
         return await self._request(RequestOptions("GET", "/health"), HealthStatus)
+
+    async def tokenize(
+        self,
+        *,
+        model: str | None = None,
+        prompt: str | None = None,
+        messages: Messages | None = None,
+        add_special_tokens: bool | None = None,
+        add_generation_prompt: bool | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[ChatCompletionTool | Mapping[str, Any]] | None = None,
+        return_token_strs: bool | None = None,
+    ) -> TokenizeResponse:
+        """`POST /tokenize`: the token ids of `prompt` (as completions tokenize it) or of
+        `messages` rendered as chat completions render them (with `add_generation_prompt`,
+        `chat_template_kwargs` and `tools`), and the model's context length. `model` (default:
+        the base model) must be one the server serves; `return_token_strs=True` also returns
+        each token's vocabulary string."""
+        options = tokenize_options(
+            model=model,
+            prompt=prompt,
+            messages=messages,
+            add_special_tokens=add_special_tokens,
+            add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=chat_template_kwargs,
+            tools=tools,
+            return_token_strs=return_token_strs,
+        )
+        return await self._request(options, TokenizeResponse)
+
+    async def detokenize(
+        self, *, tokens: Sequence[int], model: str | None = None
+    ) -> DetokenizeResponse:
+        """`POST /detokenize`: the text of `tokens` (special tokens included)."""
+        return await self._request(
+            detokenize_options(model=model, tokens=tokens), DetokenizeResponse
+        )
 
     async def train(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from types import TracebackType
 from typing import Any
@@ -28,7 +28,7 @@ from client._base import (
 from client._streaming import Stream
 from client.errors import AdapterHubError
 from client.resources.adapters import Adapters
-from client.resources.chat import Chat
+from client.resources.chat import Chat, Messages
 from client.resources.completions import Completions
 from client.resources.files import Files, TrainingData
 from client.resources.fine_tuning import (
@@ -38,7 +38,14 @@ from client.resources.fine_tuning import (
     supervised_method,
 )
 from client.resources.models import Models
-from client.types import HealthStatus, TrainingMethod
+from client.resources.tokenize import detokenize_options, tokenize_options
+from client.types import (
+    ChatCompletionTool,
+    DetokenizeResponse,
+    HealthStatus,
+    TokenizeResponse,
+    TrainingMethod,
+)
 
 logger = logging.getLogger("client")
 
@@ -125,6 +132,39 @@ class AdapterHubClient:
     def health(self) -> HealthStatus:
         """`GET /health`: answers while the server process serves HTTP."""
         return self._request(RequestOptions("GET", "/health"), HealthStatus)
+
+    def tokenize(
+        self,
+        *,
+        model: str | None = None,
+        prompt: str | None = None,
+        messages: Messages | None = None,
+        add_special_tokens: bool | None = None,
+        add_generation_prompt: bool | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[ChatCompletionTool | Mapping[str, Any]] | None = None,
+        return_token_strs: bool | None = None,
+    ) -> TokenizeResponse:
+        """`POST /tokenize`: the token ids of `prompt` (as completions tokenize it) or of
+        `messages` rendered as chat completions render them (with `add_generation_prompt`,
+        `chat_template_kwargs` and `tools`), and the model's context length. `model` (default:
+        the base model) must be one the server serves; `return_token_strs=True` also returns
+        each token's vocabulary string."""
+        options = tokenize_options(
+            model=model,
+            prompt=prompt,
+            messages=messages,
+            add_special_tokens=add_special_tokens,
+            add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=chat_template_kwargs,
+            tools=tools,
+            return_token_strs=return_token_strs,
+        )
+        return self._request(options, TokenizeResponse)
+
+    def detokenize(self, *, tokens: Sequence[int], model: str | None = None) -> DetokenizeResponse:
+        """`POST /detokenize`: the text of `tokens` (special tokens included)."""
+        return self._request(detokenize_options(model=model, tokens=tokens), DetokenizeResponse)
 
     def train(
         self,

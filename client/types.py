@@ -11,8 +11,11 @@ or the server's web framework.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -22,10 +25,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "MAX_LOGPROBS",
+    "MAX_METADATA_KEYS",
+    "MAX_N",
     "MAX_STOP_SEQUENCES",
+    "MAX_TOOLS",
     "Adapter",
     "AdapterDeleted",
     "AdapterFile",
@@ -38,17 +45,24 @@ __all__ = [
     "ChatCompletionChunk",
     "ChatCompletionChunkChoice",
     "ChatCompletionMessage",
+    "ChatCompletionMessageToolCall",
+    "ChatCompletionNamedToolChoice",
     "ChatCompletionRequest",
     "ChatCompletionTokenLogprob",
+    "ChatCompletionTool",
     "ChatContentPartText",
     "ChatLogprobs",
     "ChatMessage",
     "ChoiceDelta",
+    "ChoiceDeltaToolCall",
+    "ChoiceDeltaToolCallFunction",
     "Completion",
     "CompletionChoice",
     "CompletionLogprobs",
     "CompletionRequest",
     "CompletionUsage",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
     "ErrorDetail",
     "ErrorResponse",
     "FileDeleted",
@@ -68,17 +82,33 @@ __all__ = [
     "FineTuningJobSupervised",
     "FineTuningMethodRequest",
     "FinishReason",
+    "FunctionCall",
+    "FunctionDefinition",
     "HealthStatus",
+    "JsonSchemaFormat",
     "MergeCreateRequest",
     "MergeStrategy",
     "MergedAdapters",
     "Model",
     "ModelList",
+    "ParsedChatCompletion",
+    "ParsedChatCompletionChoice",
+    "ParsedChatCompletionMessage",
+    "PromptLogprob",
     "ReadyStatus",
+    "ResponseFormat",
     "StreamOptions",
+    "StructuredOutputs",
     "SupervisedMethodRequest",
+    "TokenizeRequest",
+    "TokenizeResponse",
+    "ToolCallFunctionParam",
+    "ToolCallParam",
+    "ToolChoice",
+    "ToolChoiceFunction",
     "TopLogprob",
     "TrainingMethod",
+    "accumulate_tool_calls",
 ]
 
 MAX_LOGPROBS = 20
@@ -88,8 +118,17 @@ MAX_STOP_SEQUENCES = 16
 LOGPROB_FLOOR = -9999.0
 """OpenAI reports this instead of -inf for impossible tokens, since JSON has no infinity."""
 
-FinishReason = Literal["stop", "length"]
-"""`stop`: a natural end, a stop string or a stop token. `length`: `max_tokens` was reached."""
+MAX_N = 128
+"""Upper bound for `n` (OpenAI's); the server's per-request limit on prompts x n also applies."""
+MAX_TOOLS = 128
+"""Upper bound on the number of `tools` in one chat request (OpenAI's)."""
+MAX_METADATA_KEYS = 16
+"""Upper bound on the number of `metadata` entries (OpenAI's), keys of at most 64 characters,
+values of at most 512."""
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+"""`stop`: a natural end, a stop string or a stop token. `length`: `max_tokens` was reached.
+`tool_calls` (chat only): the reply is a call of one or more of the request's `tools`."""
 
 
 def _is_none(value: object) -> bool:
@@ -101,20 +140,79 @@ def _finite_logprob(value: float) -> float:
 
 
 class _Wire(BaseModel):
-    """Base of every schema.
+    """Base of every response schema.
 
     Unknown fields are kept rather than rejected so that a client parsing a newer server's
-    responses (or a server receiving fields sent by OpenAI SDKs) keeps working.
+    responses keeps working.
     """
 
     model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
 
 
-class _Request(_Wire):
-    """Base of every request body: JSON types are not coerced (`false` is no integer, `0.0`
-    no boolean), so what the published schema calls invalid is refused, as OpenAI does."""
+@dataclass(frozen=True)
+class _Unsupported:
+    """A field OpenAI defines on a request object that this server does not implement.
 
-    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True, strict=True)
+    A request that leaves it out, sends null, or sends a value that `accepts` (one the
+    server serves as asked anyway, such as `modalities: ["text"]`) is served; any other
+    value is refused with 400, `param` naming the field, code `unsupported_parameter` (or
+    `unsupported_value` for a field that is `per_value`).
+    """
+
+    hint: str = ""
+    """Appended to the error message: what to use instead."""
+    accepts: Callable[[Any, Mapping[str, Any]], bool] | None = None
+    """(value, whole object) -> True if the value asks for nothing the server does not do."""
+    per_value: bool = False
+    """The field is served for some values (those `accepts`): refusals name the value,
+    with code `unsupported_value`."""
+
+
+def _field_error(kind: str, field: str, message: str) -> PydanticCustomError:
+    """A validation error raised by a model validator that names one of the model's fields:
+    `ctx.field` extends the error's location, so the HTTP error's `param` names the field."""
+    return PydanticCustomError(kind, message, {"field": field})
+
+
+class _Request(_Wire):
+    """Base of every request body (and of every object nested in one).
+
+    Strict on input, as OpenAI is: JSON types are not coerced (`false` is no integer, `0.0`
+    no boolean), and a field that is neither OpenAI's nor a documented extension is refused
+    (400, code `unrecognized_argument`) rather than silently ignored. Fields OpenAI defines
+    but this server does not implement are listed in `UNSUPPORTED` and refused with their
+    own message (code `unsupported_parameter`) unless absent or null.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, strict=True)
+
+    UNSUPPORTED: ClassVar[Mapping[str, _Unsupported]] = {}
+    """OpenAI fields of this object that the server does not implement."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or not cls.UNSUPPORTED:
+            return value
+        present = [name for name in value if name in cls.UNSUPPORTED]
+        for name in present:
+            entry = cls.UNSUPPORTED[name]
+            given = value[name]
+            if given is None or (entry.accepts is not None and entry.accepts(given, value)):
+                continue
+            if not entry.per_value:
+                kind = "unsupported_parameter"
+                message = f"Unsupported parameter: '{name}' is not supported by this server"
+            else:
+                kind = "unsupported_value"
+                shown = json.dumps(given, default=str)
+                shown = shown if len(shown) <= 80 else shown[:77] + "..."
+                message = f"Unsupported value: '{name}' does not support {shown} on this server"
+            if entry.hint:
+                message += f"; {entry.hint}"
+            raise PydanticCustomError(kind, message, {"field": name})
+        # What is left asks for nothing: drop it so the model's own fields stay the schema.
+        return {k: v for k, v in value.items() if k not in present} if present else value
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -143,8 +241,24 @@ class ErrorResponse(_Wire):
 # --- shared request pieces ------------------------------------------------------------------
 
 
+def _is_false(value: Any, _: Mapping[str, Any]) -> bool:
+    return value is False
+
+
+def _is_empty(value: Any, _: Mapping[str, Any]) -> bool:
+    return value == [] or value == {}
+
+
 class StreamOptions(_Request):
-    """Options that apply when `stream` is true."""
+    """Options of a streamed response (only with `stream: true`)."""
+
+    UNSUPPORTED: ClassVar[Mapping[str, _Unsupported]] = {
+        "include_obfuscation": _Unsupported(
+            "stream events are never obfuscated; send false or leave it out",
+            accepts=_is_false,
+            per_value=True,
+        ),
+    }
 
     include_usage: bool = False
     """Send one extra chunk before `[DONE]` with empty `choices` and the request's `usage`."""
@@ -200,6 +314,156 @@ class MergedAdapters(_Request):
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+# --- structured outputs ---------------------------------------------------------------------
+
+_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class JsonSchemaFormat(_Request):
+    """`response_format.json_schema`: the JSON Schema the reply must match."""
+
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, strict=True, serialize_by_alias=True
+    )
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    """Name of the format: letters, digits, `_` and `-`, at most 64."""
+    description: str | None = None
+    """What the format is for (not shown to the model by this server)."""
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    """The JSON Schema (sent as `schema`); absent means any JSON value."""
+    strict: bool | None = None
+    """Accepted for OpenAI compatibility: the reply always matches `schema` exactly, since
+    decoding is constrained by it, whatever this says."""
+
+
+class ResponseFormat(_Request):
+    """`response_format`: what form the reply's text takes (OpenAI's three kinds)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    """`text`: free text (the default). `json_object`: any valid JSON object.
+    `json_schema`: JSON matching `json_schema.schema`."""
+    json_schema: JsonSchemaFormat | None = None
+    """Required with `type: "json_schema"`, refused with the other types."""
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise _field_error("missing", "json_schema", "required when type is 'json_schema'")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise _field_error(
+                "value_error", "json_schema", f"not allowed when type is {self.type!r}"
+            )
+        return self
+
+
+class StructuredOutputs(_Request):
+    """Extension (vLLM's `structured_outputs`): constrain the output to exactly one of a
+    regular expression, a list of choices, a grammar or a JSON Schema."""
+
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, strict=True, serialize_by_alias=True
+    )
+
+    regex: str | None = Field(default=None, min_length=1)
+    """The output matches this regular expression in full."""
+    choice: list[str] | None = Field(default=None, min_length=1)
+    """The output is exactly one of these strings."""
+    grammar: str | None = Field(default=None, min_length=1)
+    """The output is a sentence of this context-free grammar (EBNF, as vLLM accepts it)."""
+    json_: dict[str, Any] | None = Field(default=None, alias="json")
+    """The output is JSON matching this JSON Schema (sent as `json`)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [
+            name
+            for name, value in (
+                ("regex", self.regex),
+                ("choice", self.choice),
+                ("grammar", self.grammar),
+                ("json", self.json_),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "value_error",
+                "give exactly one of regex, choice, grammar, json (got {given})",
+                {"given": ", ".join(given) or "none"},
+            )
+        return self
+
+
+# --- tools ----------------------------------------------------------------------------------
+
+
+class FunctionDefinition(_Request):
+    """A function the model may call."""
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    """Letters, digits, `_` and `-`, at most 64 characters; unique among the tools."""
+    description: str | None = None
+    """What the function does: shown to the model by the chat template."""
+    parameters: dict[str, Any] | None = None
+    """JSON Schema of the arguments object; absent means no arguments."""
+    strict: bool | None = None
+    """Accepted for OpenAI compatibility."""
+
+
+class ChatCompletionTool(_Request):
+    """An entry of `tools`."""
+
+    type: Literal["function"]
+    """Only `function` tools exist here."""
+    function: FunctionDefinition
+    """The function."""
+
+
+class ToolChoiceFunction(_Request):
+    """The function `tool_choice` forces."""
+
+    name: str
+    """Name of one of the request's `tools`."""
+
+
+class ChatCompletionNamedToolChoice(_Request):
+    """`tool_choice` forcing one function."""
+
+    type: Literal["function"]
+    """Always `function`."""
+    function: ToolChoiceFunction
+    """The function to call."""
+
+
+ToolChoice = Literal["none", "auto", "required"] | ChatCompletionNamedToolChoice
+"""`none`: never call a tool. `auto`: the model decides (the default with tools). `required`:
+call at least one tool. A named function: call exactly that one."""
+
+
+class ToolCallFunctionParam(_Request):
+    """The function a past assistant message called."""
+
+    name: str
+    """The function's name."""
+    arguments: str
+    """The arguments as a JSON text, as the model produced them."""
+
+
+class ToolCallParam(_Request):
+    """A tool call of a past assistant message (as a reply's `message.tool_calls` holds it)."""
+
+    id: str
+    """The call's id; the `tool` message answering it carries it as `tool_call_id`."""
+    type: Literal["function"]
+    """Always `function`."""
+    function: ToolCallFunctionParam
+    """What was called."""
+
+
+# --- generation requests --------------------------------------------------------------------
+
+
 class _GenerationRequest(_Request):
     """Fields shared by `/v1/completions` and `/v1/chat/completions`."""
 
@@ -210,18 +474,19 @@ class _GenerationRequest(_Request):
     """Sampling temperature in [0, 2]; 0 is greedy decoding. Default 1."""
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     """Nucleus sampling mass in (0, 1]. Default 1 (no filtering)."""
-    n: int | None = Field(default=None, ge=1)
-    """Number of choices per prompt. Only 1 is served for now."""
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    """Number of choices per prompt, 1 to 128 (default 1); prompts x n is also bounded by the
+    server's per-request limit."""
     stream: bool = False
     """Send server-sent events as tokens are generated, ending with `data: [DONE]`."""
     stream_options: StreamOptions | None = None
-    """Streaming options; ignored unless `stream` is true."""
+    """Streaming options; only allowed with `stream: true`."""
     stop: str | list[str] | None = None
     """Up to 16 strings; generation ends before the first one that appears. Not returned."""
     seed: int | None = None
     """Seeds this request's sampler, so the output does not depend on the rest of the batch."""
     user: str | None = None
-    """End-user id, recorded for logging only."""
+    """End-user id: logged with the request, nothing else."""
     top_k: int | None = Field(default=None, ge=-1)
     """Extension: keep only the k most likely tokens; -1 or 0 disables it."""
     stop_token_ids: list[int] | None = None
@@ -245,11 +510,30 @@ class _GenerationRequest(_Request):
     """Extension, in [0, 1]: drop tokens less likely than min_p times the top token."""
     min_tokens: int | None = Field(default=None, ge=0)
     """Extension: EOS and `stop_token_ids` cannot end generation before this many tokens."""
+    response_format: ResponseFormat | None = None
+    """Constrain the output to JSON (`json_object`) or to a JSON Schema (`json_schema`);
+    decoding is constrained, so the output parses whenever generation ends with `stop`."""
+    structured_outputs: StructuredOutputs | None = None
+    """Extension (vLLM's): constrain the output to a regex, a choice, a grammar or a JSON
+    Schema. Not together with a `response_format` other than `text`."""
 
     @field_validator("stop", mode="before")
     @classmethod
     def _validate_stop(cls, value: Any) -> Any:
         return _check_stop(value)
+
+    @model_validator(mode="after")
+    def _check_generation_fields(self) -> _GenerationRequest:
+        if self.stream_options is not None and not self.stream:
+            raise _field_error("value_error", "stream_options", "only allowed when stream is true")
+        constrained = self.response_format is not None and self.response_format.type != "text"
+        if constrained and self.structured_outputs is not None:
+            raise _field_error(
+                "value_error",
+                "structured_outputs",
+                "give either structured_outputs or a response_format other than 'text'",
+            )
+        return self
 
 
 # --- completions ----------------------------------------------------------------------------
@@ -275,22 +559,59 @@ def _check_prompt(value: Any) -> Any:
     )
 
 
+def _best_of_is_n(value: Any, body: Mapping[str, Any]) -> bool:
+    n = body.get("n")
+    return value == (1 if n is None else n)
+
+
+def _no_suffix(value: Any, _: Mapping[str, Any]) -> bool:
+    return value == ""
+
+
 class CompletionRequest(_GenerationRequest):
     """Body of `POST /v1/completions`."""
 
+    UNSUPPORTED: ClassVar[Mapping[str, _Unsupported]] = {
+        "best_of": _Unsupported(
+            "only best_of equal to n (every candidate returned) is served",
+            accepts=_best_of_is_n,
+            per_value=True,
+        ),
+        "suffix": _Unsupported("insertion (fill-in-the-middle) is not served", accepts=_no_suffix),
+    }
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    """One prompt (text or token ids) or several; each prompt yields its own choice."""
+    """One prompt (text or token ids) or several; each prompt yields `n` choices."""
     max_tokens: int | None = Field(default=None, ge=1)
     """Most tokens to generate per choice. Default 16."""
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     """Return the sampled token's logprob and this many most likely alternatives."""
     echo: bool = False
-    """Prepend the prompt to the completion. Not supported: must be false."""
+    """Prepend the prompt to each choice's text (with `logprobs`, its tokens come first in
+    the logprobs too, the first one's logprob null)."""
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """Extension (vLLM's): return each choice's `prompt_logprobs`, the logprob of every
+    prompt token and this many most likely alternatives at each position."""
 
     @field_validator("prompt", mode="before")
     @classmethod
     def _validate_prompt(cls, value: Any) -> Any:
         return _check_prompt(value)
+
+
+class PromptLogprob(_Wire):
+    """A token at one prompt position, in vLLM's `prompt_logprobs` shape."""
+
+    logprob: float
+    """Its log probability (-9999.0 stands for -inf)."""
+    rank: int | None = None
+    """1 for the most likely token at the position."""
+    decoded_token: str | None = None
+    """The token as text."""
+
+    @field_serializer("logprob")
+    def _finite(self, value: float) -> float:
+        return _finite_logprob(value)
 
 
 class CompletionLogprobs(_Wire):
@@ -322,13 +643,19 @@ class CompletionChoice(_Wire):
     """One generated continuation."""
 
     index: int
-    """Position of the prompt this choice continues."""
+    """Position of the choice: prompt index x n + sample index."""
     text: str
     """Generated text (a delta when streaming)."""
     logprobs: CompletionLogprobs | None = None
     """Token logprobs, when the request asked for them."""
     finish_reason: FinishReason | None = None
     """Why generation ended; null on stream chunks before the last one of this choice."""
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        default=None, exclude_if=_is_none
+    )
+    """Extension, with `prompt_logprobs`: per prompt token, its token id (as a string) and the
+    most likely alternatives mapped to their logprobs; null for the first token. Omitted
+    otherwise (in a stream: on the first chunk of the choice only)."""
 
 
 class CompletionUsage(_Wire):
@@ -365,6 +692,12 @@ class Completion(_Wire):
 class ChatContentPartText(_Request):
     """A text part of a message's content."""
 
+    UNSUPPORTED: ClassVar[Mapping[str, _Unsupported]] = {
+        "prompt_cache_breakpoint": _Unsupported(
+            "prefix caching here is automatic, without breakpoints"
+        ),
+    }
+
     type: Literal["text"]
     """Only text parts are supported."""
     text: str
@@ -372,31 +705,102 @@ class ChatContentPartText(_Request):
 
 
 class ChatMessage(_Request):
-    """One message of the conversation."""
+    """One message of the conversation.
 
-    role: Literal["system", "developer", "user", "assistant"]
-    """Who speaks. `developer` is treated as `system`."""
+    `tool_calls` and `reasoning_content` belong to assistant messages, `tool_call_id` to
+    tool messages (where it is required); content may be null only for assistant messages.
+    """
+
+    UNSUPPORTED: ClassVar[Mapping[str, _Unsupported]] = {
+        "function_call": _Unsupported("deprecated by OpenAI: use tool_calls"),
+        "refusal": _Unsupported("send the refusal as content"),
+        "audio": _Unsupported("audio is not served"),
+    }
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """Who speaks. `developer` is treated as `system`; `tool` answers an assistant's tool
+    call."""
     content: str | list[ChatContentPartText] | None = None
     """Text, or a list of text parts (joined by newlines). Null only for assistant messages."""
     name: str | None = None
-    """Optional participant name; ignored."""
+    """Participant name, passed to the chat template (most templates do not show it)."""
+    tool_calls: list[ToolCallParam] | None = None
+    """Assistant messages: the tool calls the assistant made."""
+    tool_call_id: str | None = None
+    """Tool messages (required): the id of the tool call this message answers."""
+    reasoning_content: str | None = None
+    """Extension, assistant messages: the reasoning that preceded the reply, as replies
+    return it; passed to the chat template (most templates drop past reasoning)."""
 
     @field_validator("content", mode="before")
     @classmethod
     def _validate_content(cls, value: Any) -> Any:
         # Without this, a non-text part yields one error per union member, none of them clear.
         if isinstance(value, list):
-            for part in value:
+            for index, part in enumerate(value):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind != "text":
-                    raise ValueError(
-                        f"unsupported content part type {kind!r}: only 'text' parts are served"
+                    raise PydanticCustomError(
+                        "unsupported_value",
+                        "Unsupported value: content part type {kind} is not served; only "
+                        "'text' parts are",
+                        {"kind": repr(kind), "field": f"{index}.type"},
                     )
         return value
+
+    @model_validator(mode="after")
+    def _fields_of_the_role(self) -> ChatMessage:
+        role = self.role
+        if self.content is None and role != "assistant":
+            raise _field_error("missing", "content", f"a {role} message needs content")
+        if role == "tool" and self.tool_call_id is None:
+            raise _field_error("missing", "tool_call_id", "a tool message needs tool_call_id")
+        for name, owner in (
+            ("tool_calls", "assistant"),
+            ("reasoning_content", "assistant"),
+            ("tool_call_id", "tool"),
+        ):
+            if getattr(self, name) is not None and role != owner:
+                raise _field_error(
+                    "value_error", name, f"only {owner} messages carry {name}, not {role}"
+                )
+        return self
+
+
+def _text_only(value: Any, _: Mapping[str, Any]) -> bool:
+    return value == ["text"]
+
+
+def _in_memory(value: Any, _: Mapping[str, Any]) -> bool:
+    return value == "in_memory"
 
 
 class ChatCompletionRequest(_GenerationRequest):
     """Body of `POST /v1/chat/completions`."""
+
+    UNSUPPORTED: ClassVar[Mapping[str, _Unsupported]] = {
+        "audio": _Unsupported("audio output is not served"),
+        "modalities": _Unsupported('only ["text"] is served', accepts=_text_only, per_value=True),
+        "prediction": _Unsupported("predicted outputs are not served"),
+        "web_search_options": _Unsupported("web search is not served"),
+        "function_call": _Unsupported("deprecated by OpenAI: use tool_choice"),
+        "functions": _Unsupported("deprecated by OpenAI: use tools"),
+        "reasoning_effort": _Unsupported(
+            "reasoning cannot be budgeted here; chat_template_kwargs switches it on or off "
+            "for templates that support it (e.g. enable_thinking)"
+        ),
+        "verbosity": _Unsupported("the reply's length cannot be steered here; use max_tokens"),
+        "moderation": _Unsupported("moderation is not served"),
+        "prompt_cache_options": _Unsupported(
+            "prefix caching here is automatic, without breakpoints or lifetimes",
+            accepts=_is_empty,
+        ),
+        "prompt_cache_retention": _Unsupported(
+            "the prefix cache lives in memory only",
+            accepts=_in_memory,
+            per_value=True,
+        ),
+    }
 
     messages: list[ChatMessage] = Field(min_length=1)
     """The conversation so far, rendered with the base model's chat template."""
@@ -408,6 +812,87 @@ class ChatCompletionRequest(_GenerationRequest):
     """Return the logprob of each generated token."""
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     """With `logprobs`: also return this many most likely tokens per position."""
+    tools: list[ChatCompletionTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    """Up to 128 functions the model may call; shown to it by the chat template."""
+    tool_choice: ToolChoice | None = None
+    """Whether and which tool to call (`none`, `auto`, `required` or a named function);
+    default `auto` with tools. `required` and a named function need `tools`."""
+    parallel_tool_calls: bool | None = None
+    """Whether one reply may hold several tool calls (default true)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extension (vLLM's): extra variables for the chat template, e.g.
+    `{"enable_thinking": false}`."""
+    metadata: dict[str, str] | None = None
+    """Up to 16 string pairs (keys up to 64 characters, values up to 512), logged with the
+    request."""
+    store: bool | None = None
+    """Only false or null: this server never stores completions."""
+    service_tier: str | None = None
+    """Only `auto`, `default` or null: this server has one tier."""
+    prompt_cache_key: str | None = None
+    """Accepted like `user` (logged). Prefix caching here is automatic and keyed by the
+    adapter's content and the tokens, never by this key."""
+    safety_identifier: str | None = None
+    """End-user id for abuse monitoring, logged like `user`."""
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} entries are allowed")
+        for key, text in value.items():
+            if len(key) > 64:
+                raise ValueError(f"key {key[:70]!r}... is longer than 64 characters")
+            if len(text) > 512:
+                raise ValueError(f"the value of {key!r} is longer than 512 characters")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _never_store(cls, value: bool | None) -> bool | None:
+        if value:
+            raise PydanticCustomError(
+                "unsupported_value",
+                "Unsupported value: 'store' does not support true on this server: completions "
+                "are never stored",
+            )
+        return value
+
+    @field_validator("service_tier")
+    @classmethod
+    def _one_tier(cls, value: str | None) -> str | None:
+        if value not in (None, "auto", "default"):
+            raise PydanticCustomError(
+                "unsupported_value",
+                "Unsupported value: 'service_tier' does not support {value} on this server; "
+                "use 'auto' or 'default'",
+                {"value": json.dumps(value, default=str)[:80]},
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> ChatCompletionRequest:
+        names = []
+        for index, tool in enumerate(self.tools or ()):
+            if tool.function.name in names:
+                raise _field_error(
+                    "value_error",
+                    f"tools.{index}.function.name",
+                    f"duplicate function name {tool.function.name!r}",
+                )
+            names.append(tool.function.name)
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and choice != "auto" and not names:
+            raise _field_error("value_error", "tool_choice", "needs tools")
+        if isinstance(choice, ChatCompletionNamedToolChoice) and choice.function.name not in names:
+            raise _field_error(
+                "value_error",
+                "tool_choice.function.name",
+                f"{choice.function.name!r} is not the name of one of the tools",
+            )
+        return self
 
 
 class TopLogprob(_Wire):
@@ -439,20 +924,51 @@ class ChatLogprobs(_Wire):
     """One entry per generated token (per token of this delta when streaming)."""
 
 
+class FunctionCall(_Wire):
+    """The function a tool call calls."""
+
+    name: str
+    """The function's name, one of the request's `tools`."""
+    arguments: str
+    """The arguments, a JSON text as the model wrote it (see `parsed_arguments`)."""
+
+    def parsed_arguments(self) -> Any:
+        """`arguments` decoded from JSON (raises `json.JSONDecodeError` if it is not JSON)."""
+        return json.loads(self.arguments)
+
+
+class ChatCompletionMessageToolCall(_Wire):
+    """A tool call in a reply."""
+
+    id: str
+    """The call's id: send it back as the `tool_call_id` of the `tool` message answering it."""
+    type: Literal["function"] = "function"
+    """Always `function`."""
+    function: FunctionCall
+    """What to call, with which arguments."""
+
+
 class ChatCompletionMessage(_Wire):
     """The generated message."""
 
     role: Literal["assistant"] = "assistant"
     """Always `assistant`."""
     content: str | None = None
-    """Generated text."""
+    """Generated text; null when the reply is only tool calls."""
+    tool_calls: list[ChatCompletionMessageToolCall] | None = Field(
+        default=None, exclude_if=_is_none
+    )
+    """The tools the model called (`finish_reason` is then `tool_calls`); omitted if none."""
+    reasoning_content: str | None = Field(default=None, exclude_if=_is_none)
+    """Extension (vLLM's name): the model's reasoning, split off from `content`, for models
+    that think before they answer; omitted if none."""
 
 
 class ChatCompletionChoice(_Wire):
     """One generated reply."""
 
     index: int
-    """Choice number (always 0 while only n=1 is served)."""
+    """Choice number, 0 to n - 1."""
     message: ChatCompletionMessage
     """The reply."""
     logprobs: ChatLogprobs | None = None
@@ -478,6 +994,28 @@ class ChatCompletion(_Wire):
     """Token counts."""
 
 
+class ChoiceDeltaToolCallFunction(_Wire):
+    """The part of a tool call's function that a stream chunk adds."""
+
+    name: str | None = Field(default=None, exclude_if=_is_none)
+    """The function's name: on the call's first delta only."""
+    arguments: str | None = Field(default=None, exclude_if=_is_none)
+    """More characters of the arguments' JSON text; concatenate them in order."""
+
+
+class ChoiceDeltaToolCall(_Wire):
+    """The part of one tool call that a stream chunk adds."""
+
+    index: int
+    """Which tool call of the choice this adds to (0, 1, ...)."""
+    id: str | None = Field(default=None, exclude_if=_is_none)
+    """The call's id: on its first delta only."""
+    type: Literal["function"] | None = Field(default=None, exclude_if=_is_none)
+    """`function`: on the call's first delta only."""
+    function: ChoiceDeltaToolCallFunction | None = Field(default=None, exclude_if=_is_none)
+    """The name (first delta) and more of the arguments."""
+
+
 class ChoiceDelta(_Wire):
     """The part of the reply that a stream chunk adds."""
 
@@ -485,6 +1023,10 @@ class ChoiceDelta(_Wire):
     """Set on the first chunk of each choice only."""
     content: str | None = Field(default=None, exclude_if=_is_none)
     """New text; absent on the final chunk when it carries no text."""
+    tool_calls: list[ChoiceDeltaToolCall] | None = Field(default=None, exclude_if=_is_none)
+    """Parts of tool calls; see `accumulate_tool_calls` to assemble them."""
+    reasoning_content: str | None = Field(default=None, exclude_if=_is_none)
+    """Extension: more of the model's reasoning (see `ChatCompletionMessage`)."""
 
 
 class ChatCompletionChunkChoice(_Wire):
@@ -515,6 +1057,144 @@ class ChatCompletionChunk(_Wire):
     """Deltas; empty in the usage chunk."""
     usage: CompletionUsage | None = Field(default=None, exclude_if=_is_none)
     """Only on the final chunk, when `stream_options.include_usage` is true."""
+
+
+def accumulate_tool_calls(
+    deltas: Iterable[ChoiceDelta | ChatCompletionChunk], *, choice: int = 0
+) -> list[ChatCompletionMessageToolCall]:
+    """The complete tool calls of one choice of a stream, from its chunks (or the deltas of
+    that choice), in order of their `index`."""
+    calls: dict[int, dict[str, str]] = {}
+    for item in deltas:
+        if isinstance(item, ChatCompletionChunk):
+            found = [c.delta for c in item.choices if c.index == choice]
+        else:
+            found = [item]
+        for delta in found:
+            for part in delta.tool_calls or ():
+                call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+                if part.id:
+                    call["id"] = part.id
+                if part.function is not None:
+                    call["name"] += part.function.name or ""
+                    call["arguments"] += part.function.arguments or ""
+    return [
+        ChatCompletionMessageToolCall(
+            id=call["id"], function=FunctionCall(name=call["name"], arguments=call["arguments"])
+        )
+        for _, call in sorted(calls.items())
+    ]
+
+
+ParsedT = TypeVar("ParsedT", bound=BaseModel)
+
+
+class ParsedChatCompletionMessage(ChatCompletionMessage, Generic[ParsedT]):
+    """A reply whose content was parsed into the `response_format` model (client side)."""
+
+    parsed: ParsedT | None = None
+    """`content` validated into the model; None when the reply did not end with `stop`, or
+    has no content, or is a refusal."""
+
+
+class ParsedChatCompletionChoice(ChatCompletionChoice, Generic[ParsedT]):
+    """A choice of a `ParsedChatCompletion`."""
+
+    message: ParsedChatCompletionMessage[ParsedT]
+    """The reply, with `parsed`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_content(cls, value: Any) -> Any:
+        # Only a reply that ended on its own is whole: one cut off by max_tokens is not JSON.
+        if not isinstance(value, dict) or value.get("finish_reason") != "stop":
+            return value
+        message = value.get("message")
+        if not isinstance(message, dict) or message.get("refusal"):
+            return value
+        content = message.get("content")
+        parsed = json.loads(content) if isinstance(content, str) else None
+        return {**value, "message": {**message, "parsed": parsed}}
+
+
+class ParsedChatCompletion(ChatCompletion, Generic[ParsedT]):
+    """What `chat.completions.parse()` returns: a `ChatCompletion` whose messages carry the
+    content parsed into the requested model."""
+
+    choices: list[ParsedChatCompletionChoice[ParsedT]]
+    """The replies, each with `message.parsed`."""
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+
+class TokenizeRequest(_Request):
+    """Body of `POST /tokenize` (vLLM's shape): a `prompt`, or chat `messages` rendered as
+    `/v1/chat/completions` renders them."""
+
+    model: str | None = None
+    """The base model id or an adapter reference (all share the base tokenizer); checked
+    like `model` of a completion. Empty or null means the base model."""
+    prompt: str | None = None
+    """Text to tokenize as `/v1/completions` would. Give `prompt` or `messages`."""
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    """A conversation to render with the chat template and tokenize."""
+    add_special_tokens: bool | None = None
+    """With `prompt`: add the tokenizer's special tokens (BOS), as completions do (default
+    true). With `messages` only false or null: the template writes its own."""
+    add_generation_prompt: bool = True
+    """With `messages`: end with the assistant's turn opening, as chat requests do."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """With `messages`: extra variables for the chat template."""
+    tools: list[ChatCompletionTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    """With `messages`: the tools, shown to the model by the chat template."""
+    return_token_strs: bool = False
+    """Also return each token as its vocabulary string (`token_strs`)."""
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise _field_error("missing", "prompt", "give exactly one of prompt and messages")
+        if self.messages is not None and self.add_special_tokens:
+            raise _field_error("value_error", "add_special_tokens", "only false with messages")
+        if self.prompt is not None:
+            for name in ("chat_template_kwargs", "tools"):
+                if getattr(self, name) is not None:
+                    raise _field_error("value_error", name, "only allowed with messages")
+            if "add_generation_prompt" in self.model_fields_set:
+                raise _field_error(
+                    "value_error", "add_generation_prompt", "only allowed with messages"
+                )
+        return self
+
+
+class TokenizeResponse(_Wire):
+    """Response of `POST /tokenize`."""
+
+    count: int
+    """Number of tokens."""
+    max_model_len: int
+    """The model's context: prompt tokens + generated tokens must fit in it."""
+    tokens: list[int]
+    """The token ids."""
+    token_strs: list[str] | None = None
+    """Each token's vocabulary string, with `return_token_strs`; else null."""
+
+
+class DetokenizeRequest(_Request):
+    """Body of `POST /detokenize` (vLLM's shape)."""
+
+    model: str | None = None
+    """As in `TokenizeRequest`."""
+    tokens: list[Annotated[int, Field(ge=0)]]
+    """Token ids, each below the vocabulary size."""
+
+
+class DetokenizeResponse(_Wire):
+    """Response of `POST /detokenize`."""
+
+    prompt: str
+    """The decoded text (special tokens included)."""
 
 
 # --- models and health ----------------------------------------------------------------------
@@ -795,6 +1475,11 @@ class SupervisedMethodRequest(_Request):
 class FineTuningMethodRequest(_Request):
     """`method` of a job request: only supervised fine-tuning."""
 
+    UNSUPPORTED: ClassVar[Mapping[str, _Unsupported]] = {
+        "dpo": _Unsupported("only supervised fine-tuning is served"),
+        "reinforcement": _Unsupported("only supervised fine-tuning is served"),
+    }
+
     type: Literal["supervised"] = "supervised"
     """Only `supervised`; OpenAI's `dpo` and `reinforcement` are refused (400)."""
     supervised: SupervisedMethodRequest | None = None
@@ -803,6 +1488,11 @@ class FineTuningMethodRequest(_Request):
 
 class FineTuningJobCreateRequest(_Request):
     """Body of `POST /v1/fine_tuning/jobs`."""
+
+    UNSUPPORTED: ClassVar[Mapping[str, _Unsupported]] = {
+        "integrations": _Unsupported("jobs report to their event log only", accepts=_is_empty),
+        "metadata": _Unsupported("jobs store no metadata", accepts=_is_empty),
+    }
 
     model: str
     """Must be the id of the base model this server runs (see `GET /v1/models`)."""

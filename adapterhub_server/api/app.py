@@ -22,7 +22,9 @@ from adapterhub_server.api.routes import chat, completions, health, models
 from adapterhub_server.api.routes import files as file_routes
 from adapterhub_server.api.routes import fine_tuning as fine_tuning_routes
 from adapterhub_server.api.routes import metrics as metrics_routes
+from adapterhub_server.api.routes import tokenize as tokenize_routes
 from adapterhub_server.api.service import InferenceService
+from adapterhub_server.api.tokenize_service import TokenizeService
 from adapterhub_server.config import DEFAULT_MAX_PROMPTS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES
 from adapterhub_server.engine.protocol import EngineClient
 from adapterhub_server.errors import PayloadTooLargeError
@@ -46,18 +48,20 @@ def create_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
     api_keys: ApiKeys | None = None,
+    tool_call_parser: str = "auto",
 ) -> FastAPI:
     """The OpenAI-compatible HTTP API over `engine`.
 
     `served_model_name` is the id under which clients address the base model (default: the
-    engine's `base_model_id`). With `adapters` (a registry), the `/v1/adapters` management
-    routes are mounted; with `fine_tuning`, `/v1/files` and `/v1/fine_tuning/jobs`. Uploads
-    over `max_upload_bytes`, and other bodies over `max_request_bytes`, get 413 while the
-    body is read; a completion request with more than `max_prompts_per_request` prompts
-    is a 400. Neither the engine nor the job
-    runner is started or stopped here: whoever owns them wires their lifetime to the app's
-    lifespan. With `api_keys`, every route but `/health` and `/ready` needs a bearer key of
-    the right scope.
+    engine's `base_model_id`). Inference, `/v1/models`, `/tokenize` and `/detokenize` are
+    always mounted; with `adapters` (a registry), the `/v1/adapters` management routes too;
+    with `fine_tuning`, `/v1/files` and `/v1/fine_tuning/jobs`. Uploads over
+    `max_upload_bytes`, and other bodies over `max_request_bytes`, get 413 while the body is
+    read; a completion request with more than `max_prompts_per_request` prompts is a 400.
+    Neither the engine nor the job runner is started or stopped here: whoever owns them
+    wires their lifetime to the app's lifespan. With `api_keys`, every route but `/health`
+    and `/ready` needs a bearer key of the right scope. `tool_call_parser` is
+    `--tool-call-parser`.
     """
     app = FastAPI(
         title="AdapterHub",
@@ -71,10 +75,12 @@ def create_app(
         served_model_name=served_model_name,
         metrics=metrics,
         max_prompts_per_request=max_prompts_per_request,
+        tool_call_parser=tool_call_parser,
     )
+    app.state.tokenize_service = TokenizeService(app.state.service)
     install_error_handlers(app)
     routers = (health.router, metrics_routes.router, models.router, completions.router)
-    for router in (*routers, chat.router):
+    for router in (*routers, chat.router, tokenize_routes.router):
         app.include_router(router)
     if adapters is not None:
         app.state.adapter_service = adapters

@@ -15,8 +15,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import client.types as wire
 from adapterhub_server.engine.sampling_params import SamplingParamsError
 from adapterhub_server.errors import (
     AdapterHubError,
@@ -227,6 +229,22 @@ def _http_detail(exc: StarletteHTTPException) -> ErrorDetail:
     return _detail(str(exc.detail), kind, None, None)
 
 
+UNRECOGNIZED_ARGUMENT = "unrecognized_argument"
+"""Code of a request field that is neither OpenAI's nor a documented extension."""
+
+# Validation error types (pydantic's, or raised by `client.types`) that get their own code;
+# any other type is `invalid_value`.
+_CODES = {
+    "extra_forbidden": UNRECOGNIZED_ARGUMENT,
+    "unsupported_parameter": "unsupported_parameter",
+    "unsupported_value": "unsupported_value",
+    "missing": "missing_required_parameter",
+}
+# Reported before anything else wrong with the body, as OpenAI does: a misspelt field would
+# otherwise hide behind the error its absence causes.
+_FIRST = ("extra_forbidden", "unsupported_parameter", "unsupported_value")
+
+
 def _validation_detail(errors: Sequence[Any]) -> ErrorDetail:
     """One envelope for FastAPI's list of validation errors: the most specific first error."""
     if not errors:
@@ -236,7 +254,7 @@ def _validation_detail(errors: Sequence[Any]) -> ErrorDetail:
         reason = (first.get("ctx") or {}).get("error", "")
         message = f"request body is not valid JSON: {reason}".rstrip(": ")
         return _detail(message, INVALID_REQUEST, None, "invalid_json")
-    param = _param(first.get("loc", ()))
+    param = _error_param(first)
     if param is None and first.get("type") == "model_attributes_type":
         return _detail(
             "request body must be a JSON object sent with Content-Type: application/json",
@@ -244,19 +262,46 @@ def _validation_detail(errors: Sequence[Any]) -> ErrorDetail:
             None,
             "invalid_json",
         )
-    # Among errors on the same field (the members of a union), the deepest names the cause.
-    same_field = [e for e in errors if (_param(e.get("loc", ())) or "").startswith(param or "")]
-    chosen = max(same_field, key=lambda e: len(e.get("loc", ())), default=first)
-    param = _param(chosen.get("loc", ())) or param
-    code = "missing_required_parameter" if chosen.get("type") == "missing" else "invalid_value"
+    chosen = next((e for e in errors if e.get("type") in _FIRST), None)
+    if chosen is None:
+        # Among errors on the same field (the members of a union), the deepest names the cause.
+        same_field = [e for e in errors if (_error_param(e) or "").startswith(param or "")]
+        chosen = max(same_field, key=lambda e: len(_error_loc(e)), default=first)
+    kind = chosen.get("type")
+    param = _error_param(chosen) or param
+    code = _CODES.get(kind, "invalid_value")
+    if kind == "extra_forbidden":
+        return _detail(
+            f"Unrecognized request argument supplied: {param}", INVALID_REQUEST, param, code
+        )
     message = str(chosen.get("msg", "invalid value")).removeprefix("Value error, ")
-    if param:
+    nested = param is not None and ("." in param or "[" in param)
+    if param and (kind not in _FIRST or nested):
         message = f"{param}: {message}"
     return _detail(message, INVALID_REQUEST, param, code)
 
 
+def _error_loc(error: Any) -> tuple[Any, ...]:
+    """The error's location, extended by the field a model validator named in `ctx.field`
+    (`"tools.1.function.name"`: dotted, list indices as digits)."""
+    loc = tuple(error.get("loc", ()))
+    field = (error.get("ctx") or {}).get("field")
+    if isinstance(field, str) and field:
+        loc += tuple(int(part) if part.isdigit() else part for part in field.split("."))
+    return loc
+
+
+def _error_param(error: Any) -> str | None:
+    return _param(_error_loc(error))
+
+
 def _param(loc: Sequence[Any]) -> str | None:
-    """`("body", "messages", 0, "content")` -> `"messages[0].content"`."""
+    """`("body", "messages", 0, "content")` -> `"messages[0].content"`.
+
+    Union members' tags are left out: pydantic's type names (`str`, `list[int]`,
+    `function-after[...]`) and the names of the wire models (`ChatCompletionNamedToolChoice`),
+    which are never field names.
+    """
     parts = list(loc)
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
@@ -264,6 +309,13 @@ def _param(loc: Sequence[Any]) -> str | None:
     for part in parts:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif isinstance(part, str) and not ("[" in part or "-" in part or part in _UNION_TAGS):
+        elif isinstance(part, str) and not (
+            "[" in part or "-" in part or part in _UNION_TAGS or _is_wire_model(part)
+        ):
             text += f".{part}" if text else part
     return text or None
+
+
+def _is_wire_model(name: str) -> bool:
+    value = getattr(wire, name, None) if name[:1].isupper() else None
+    return isinstance(value, type) and issubclass(value, BaseModel)

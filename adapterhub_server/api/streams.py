@@ -75,10 +75,14 @@ class ChoiceResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """Per prompt token, when the request asked (the engine sends them once, first)."""
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
         self.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.prompt_tokens = out.prompt_tokens
         self.completion_tokens = out.completion_tokens
         if out.finished:
@@ -208,7 +212,7 @@ async def merge_streams(
 async def sse_frames(
     streams: Sequence[PrimedStream],
     totals: list[ChoiceResult],
-    frame: Callable[[int, RequestOutput], str],
+    frame: Callable[[int, RequestOutput], str | None],
     usage_frame: Callable[[], str] | None,
     *,
     opening: Sequence[str] = (),
@@ -227,7 +231,9 @@ async def sse_frames(
                 raise_if_failed(out)
                 totals[index].add(out)
                 if out.text or out.logprobs or out.finished:
-                    yield frame(index, out)
+                    text = frame(index, out)
+                    if text is not None:  # None: the reader holds this output back
+                        yield text
         if usage_frame is not None:
             yield usage_frame()
     except Exception as exc:

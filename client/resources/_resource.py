@@ -27,9 +27,10 @@ class AsyncAPIResource:
 
 
 def jsonable(value: Any) -> Any:
-    """`value` with pydantic models turned into plain JSON data (unset fields left out)."""
+    """`value` with pydantic models turned into plain JSON data (unset fields left out,
+    fields under their wire names: `schema`, not `schema_`)."""
     if isinstance(value, pydantic.BaseModel):
-        return value.model_dump(mode="json", exclude_none=True)
+        return value.model_dump(mode="json", exclude_none=True, by_alias=True)
     if isinstance(value, Mapping):
         return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

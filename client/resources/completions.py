@@ -8,7 +8,13 @@ from typing import Any, Literal, overload
 from client._base import RequestOptions
 from client._streaming import AsyncStream, Stream
 from client.resources._resource import AsyncAPIResource, SyncAPIResource, request_body
-from client.types import Completion, MergedAdapters, StreamOptions
+from client.types import (
+    Completion,
+    MergedAdapters,
+    ResponseFormat,
+    StreamOptions,
+    StructuredOutputs,
+)
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 """One prompt (text or token ids) or several; each prompt yields its own choice."""
@@ -46,6 +52,9 @@ class Completions(SyncAPIResource):
         repetition_penalty: float | None = None,
         min_p: float | None = None,
         min_tokens: int | None = None,
+        prompt_logprobs: int | None = None,
+        response_format: ResponseFormat | Mapping[str, Any] | None = None,
+        structured_outputs: StructuredOutputs | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[False] = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -77,6 +86,9 @@ class Completions(SyncAPIResource):
         repetition_penalty: float | None = None,
         min_p: float | None = None,
         min_tokens: int | None = None,
+        prompt_logprobs: int | None = None,
+        response_format: ResponseFormat | Mapping[str, Any] | None = None,
+        structured_outputs: StructuredOutputs | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[True],
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -108,6 +120,9 @@ class Completions(SyncAPIResource):
         repetition_penalty: float | None = None,
         min_p: float | None = None,
         min_tokens: int | None = None,
+        prompt_logprobs: int | None = None,
+        response_format: ResponseFormat | Mapping[str, Any] | None = None,
+        structured_outputs: StructuredOutputs | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -138,6 +153,9 @@ class Completions(SyncAPIResource):
         repetition_penalty: float | None = None,
         min_p: float | None = None,
         min_tokens: int | None = None,
+        prompt_logprobs: int | None = None,
+        response_format: ResponseFormat | Mapping[str, Any] | None = None,
+        structured_outputs: StructuredOutputs | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -149,19 +167,25 @@ class Completions(SyncAPIResource):
         Arguments left as None take the server's defaults (`max_tokens` 16, `temperature`
         1). `temperature=0` is greedy; `seed` makes sampling reproducible whatever else is
         in the batch; `logprobs=k` returns the sampled token's logprob and the k most likely
-        alternatives. `top_k`, `stop_token_ids`, `ignore_eos` and `skip_special_tokens` are
-        AdapterHub extensions. With `stream=True` the result is a `Stream` of `Completion`
-        chunks (close it, or use it in a `with` block, if you stop early).
+        alternatives; `n` asks for several choices per prompt; `echo=True` prepends the
+        prompt to each choice. `top_k`, `stop_token_ids`, `ignore_eos` and
+        `skip_special_tokens` are AdapterHub extensions. With `stream=True` the result is a
+        `Stream` of `Completion` chunks (close it, or use it in a `with` block, if you stop
+        early).
 
         `presence_penalty`, `frequency_penalty` and `logit_bias` have OpenAI's meaning;
-        `repetition_penalty`, `min_p` and `min_tokens` are extensions (vLLM's meaning).
+        `repetition_penalty`, `min_p`, `min_tokens` and `prompt_logprobs` (each choice's
+        `prompt_logprobs`) are extensions (vLLM's meaning). `response_format` (JSON, or a
+        JSON Schema) and the extension `structured_outputs` (vLLM's: a regex, a choice, a
+        grammar or a JSON Schema) constrain the generated text. Each field is described in
+        `client.types.CompletionRequest`.
 
         `merged_adapters` (an extension in LoRAX's shape: ids, weights, merge_strategy,
         density, majority_sign_method) serves the merge of several adapters, computed as
         PEFT's `add_weighted_adapter`, with `model` naming the base model.
 
-        Raises `NotFoundError` for an unknown model, `BadRequestError` for invalid values or
-        a prompt plus `max_tokens` over the context.
+        Raises `NotFoundError` for an unknown model, `BadRequestError` for invalid values,
+        unknown or unsupported fields, or a prompt plus `max_tokens` over the context.
         """
         options = _options(
             {
@@ -186,6 +210,9 @@ class Completions(SyncAPIResource):
                 "repetition_penalty": repetition_penalty,
                 "min_p": min_p,
                 "min_tokens": min_tokens,
+                "prompt_logprobs": prompt_logprobs,
+                "response_format": response_format,
+                "structured_outputs": structured_outputs,
                 "user": user,
                 "stream": stream or None,
                 "stream_options": stream_options,
@@ -225,6 +252,9 @@ class AsyncCompletions(AsyncAPIResource):
         repetition_penalty: float | None = None,
         min_p: float | None = None,
         min_tokens: int | None = None,
+        prompt_logprobs: int | None = None,
+        response_format: ResponseFormat | Mapping[str, Any] | None = None,
+        structured_outputs: StructuredOutputs | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[False] = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -256,6 +286,9 @@ class AsyncCompletions(AsyncAPIResource):
         repetition_penalty: float | None = None,
         min_p: float | None = None,
         min_tokens: int | None = None,
+        prompt_logprobs: int | None = None,
+        response_format: ResponseFormat | Mapping[str, Any] | None = None,
+        structured_outputs: StructuredOutputs | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: Literal[True],
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -287,6 +320,9 @@ class AsyncCompletions(AsyncAPIResource):
         repetition_penalty: float | None = None,
         min_p: float | None = None,
         min_tokens: int | None = None,
+        prompt_logprobs: int | None = None,
+        response_format: ResponseFormat | Mapping[str, Any] | None = None,
+        structured_outputs: StructuredOutputs | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -317,6 +353,9 @@ class AsyncCompletions(AsyncAPIResource):
         repetition_penalty: float | None = None,
         min_p: float | None = None,
         min_tokens: int | None = None,
+        prompt_logprobs: int | None = None,
+        response_format: ResponseFormat | Mapping[str, Any] | None = None,
+        structured_outputs: StructuredOutputs | Mapping[str, Any] | None = None,
         user: str | None = None,
         stream: bool = False,
         stream_options: StreamOptions | Mapping[str, Any] | None = None,
@@ -350,6 +389,9 @@ class AsyncCompletions(AsyncAPIResource):
                 "repetition_penalty": repetition_penalty,
                 "min_p": min_p,
                 "min_tokens": min_tokens,
+                "prompt_logprobs": prompt_logprobs,
+                "response_format": response_format,
+                "structured_outputs": structured_outputs,
                 "user": user,
                 "stream": stream or None,
                 "stream_options": stream_options,

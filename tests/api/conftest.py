@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import httpx
+import openai
 import pytest
 from fastapi import FastAPI
 
@@ -80,3 +81,13 @@ def slow_live_server() -> Iterator[LiveServer]:
     engine = FakeEngine(step_delay=0.05, echo_prompt=True)
     with serve(create_app(engine)) as base_url:
         yield LiveServer(engine=engine, base_url=base_url)
+
+
+@pytest.fixture
+def oai(live_server: LiveServer) -> Iterator[openai.OpenAI]:
+    """The official `openai` client on `live_server` (no retries: a failing status must
+    fail the test at once, not after back-off)."""
+    with openai.OpenAI(
+        base_url=f"{live_server.base_url}/v1", api_key="x", max_retries=0, timeout=30
+    ) as client:
+        yield client

@@ -4,11 +4,14 @@ It implements `EngineClient` without a model: each request "generates" the token
 fixed reply (per adapter), one token per step, honouring max_tokens, stop strings and
 logprobs the way the real engine reports them. Tests can make it slow, fail at admission
 or mid-stream, and inspect what it was asked and which requests were aborted.
+Structured-output specs compile with the real `GrammarCompiler` over the tiny tokenizer, so
+their errors are the real engine's; the reply itself does not follow the grammar.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from adapterhub_server.engine.protocol import EngineStats, ServableAdapter
 from adapterhub_server.engine.sampling_params import SamplingParams
+from adapterhub_server.engine.structured import CompiledGrammar, GrammarCompiler, GrammarSpec
 from adapterhub_server.errors import AdapterNotFoundError, ContextLengthError
 from tests.tiny_models import build_tokenizer
 
@@ -24,6 +28,7 @@ BASE_REPLY = "hello world"
 ADAPTER_REPLIES = {"alpha": "the quick brown fox", "beta": "paris is the capital"}
 
 _TOKENIZER = None
+_COMPILER: GrammarCompiler | None = None
 
 
 def shared_tokenizer() -> Any:
@@ -34,6 +39,17 @@ def shared_tokenizer() -> Any:
     return _TOKENIZER
 
 
+def shared_grammar_compiler() -> GrammarCompiler:
+    """A real grammar compiler over the tiny tokenizer, built once per process."""
+    global _COMPILER
+    if _COMPILER is None:
+        tokenizer = shared_tokenizer()
+        _COMPILER = GrammarCompiler(
+            tokenizer, vocab_size=len(tokenizer), eos_token_ids=[tokenizer.eos_token_id]
+        )
+    return _COMPILER
+
+
 @dataclass
 class GenerateCall:
     """The arguments of one `generate` call."""
@@ -42,6 +58,7 @@ class GenerateCall:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None
+    follows: str | None = None
 
 
 @dataclass
@@ -59,6 +76,10 @@ class FakeEngine:
     """Force the final output's finish_reason (e.g. "error")."""
     echo_prompt: bool = False
     """Reply with the decoded prompt instead of the fixed text (to tell prompts apart)."""
+    reply: str | None = None
+    """Reply with this text, whatever the adapter (a recorded model output)."""
+    chat_template: str | None = None
+    """Serve a tokenizer with this chat template instead of the tiny ChatML one."""
     adapters: dict[str, ServableAdapter] = field(
         default_factory=lambda: {
             name: ServableAdapter(name=name, rank=8, created=1_700_000_000 + i, source=name)
@@ -71,8 +92,12 @@ class FakeEngine:
     """Every generate() call, in order."""
     aborted: list[str] = field(default_factory=list)
     """Request ids closed or aborted before they finished."""
+    grammar_specs: list[GrammarSpec] = field(default_factory=list)
+    """Every spec passed to compile_grammar(), in order."""
+    grammar_compile_timeout: float = 10.0
     finished: list[str] = field(default_factory=list)
     """Request ids that ran to their end."""
+    _templated: Any = field(default=None, repr=False)
 
     @property
     def base_model_id(self) -> str:
@@ -80,7 +105,12 @@ class FakeEngine:
 
     @property
     def tokenizer(self) -> Any:
-        return shared_tokenizer()
+        if self.chat_template is None:
+            return shared_tokenizer()
+        if self._templated is None:
+            self._templated = copy.deepcopy(shared_tokenizer())
+            self._templated.chat_template = self.chat_template
+        return self._templated
 
     @property
     def ready(self) -> bool:
@@ -115,6 +145,8 @@ class FakeEngine:
         """The text a request generates if nothing stops it early."""
         if self.echo_prompt:
             return self.tokenizer.decode(list(prompt_token_ids))
+        if self.reply is not None:
+            return self.reply
         return ADAPTER_REPLIES.get(adapter or "", BASE_REPLY)
 
     async def generate(
@@ -124,8 +156,11 @@ class FakeEngine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         adapter: str | None,
+        follows: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        self.calls.append(GenerateCall(request_id, list(prompt_token_ids), params, adapter))
+        self.calls.append(
+            GenerateCall(request_id, list(prompt_token_ids), params, adapter, follows)
+        )
         if self.start_error is not None:
             raise self.start_error
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
@@ -177,6 +212,12 @@ class FakeEngine:
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    async def compile_grammar(self, spec: GrammarSpec) -> CompiledGrammar:
+        self.grammar_specs.append(spec)
+        return await asyncio.to_thread(
+            shared_grammar_compiler().compile, spec, self.grammar_compile_timeout
+        )
 
 
 def fake_logprob(step: int) -> float:

@@ -77,7 +77,8 @@ async def disconnect_later(call: AsgiCall, delay: float) -> None:
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 async def test_stream_disconnect_aborts(app: FastAPI, engine: FakeEngine, path: str) -> None:
     engine.step_delay = 0.05
-    call = AsgiCall(path, {"prompt": "hi", "messages": CHAT, "stream": True, "max_tokens": 8})
+    body = {"messages": CHAT} if "chat" in path else {"prompt": "hi"}
+    call = AsgiCall(path, {**body, "stream": True, "max_tokens": 8})
     call.disconnect_after_chunks = 2
     await call.run(app)
     (request,) = engine.calls

@@ -65,8 +65,7 @@ async def test_unknown_model_is_404(client: httpx.AsyncClient, engine: FakeEngin
         ({"prompt": "hi", "top_k": -2}, "top_k"),
         ({"prompt": "hi", "seed": -1}, "seed"),
         ({"prompt": "hi", "n": 0}, "n"),
-        ({"prompt": "hi", "n": 2}, "n"),
-        ({"prompt": "hi", "echo": True}, "echo"),
+        ({"prompt": "hi", "n": 129}, "n"),
         ({"prompt": "hi", "stop": ["s"] * 17}, "stop"),
         ({"prompt": "hi", "stop": 5}, "stop"),
         ({"prompt": "hi", "stop": [""]}, "stop"),
@@ -101,19 +100,20 @@ async def test_completion_400s(
     [
         ({}, "messages"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-            "messages[0].content",
+            "messages[0].content[0].type",
         ),
         ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
         ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": CHAT, "max_completion_tokens": 1000}, "max_completion_tokens"),
         ({"messages": CHAT, "max_tokens": 1000}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi " * 200}]}, "messages"),
-        ({"messages": CHAT, "n": 3}, "n"),
+        ({"messages": CHAT, "n": 129}, "n"),
     ],
 )
 async def test_chat_400s(
@@ -233,8 +233,8 @@ async def test_error_mid_stream_is_an_event_then_done(
     client: httpx.AsyncClient, engine: FakeEngine, path: str
 ) -> None:
     engine.fail_after = 2
-    body = {"prompt": "hi", "messages": CHAT, "stream": True}
-    r = await client.post(path, json=body)
+    body = {"messages": CHAT} if "chat" in path else {"prompt": "hi"}
+    r = await client.post(path, json={**body, "stream": True})
     assert r.status_code == 200
     events = sse_json(r.text)
     error = events[-1]["error"]

@@ -38,9 +38,15 @@ async def test_json_lines_carry_the_request_id_of_the_response(
     client: httpx.AsyncClient, log_stream: io.StringIO
 ) -> None:
     response = await client.post(
-        "/v1/completions",
-        # An unknown field: the service logs at DEBUG that it ignores it.
-        json={"model": BASE_ID, "prompt": "hi", "max_tokens": 2, "frobnicate": 1},
+        "/v1/chat/completions",
+        # The caller's labels are logged with the request id.
+        json={
+            "model": BASE_ID,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+            "user": "frobnicate",
+            "metadata": {"team": "blue"},
+        },
     )
     assert response.status_code == 200
     request_id = response.headers["x-request-id"]
@@ -50,13 +56,14 @@ async def test_json_lines_carry_the_request_id_of_the_response(
     mine = [r for r in records if r.get("request_id") == request_id]
     service = [r for r in mine if r["logger"] == "adapterhub_server.api.service"]
     assert service and "frobnicate" in service[0]["message"]
+    assert "blue" in service[0]["message"]
     (access,) = [r for r in mine if r["logger"] == "adapterhub_server.access"]
     assert access["level"] == "INFO"
     assert access["method"] == "POST"
-    assert access["route"] == "/v1/completions"
+    assert access["route"] == "/v1/chat/completions"
     assert access["status"] == 200
     assert access["duration_ms"] >= 0
-    assert access["message"].startswith("POST /v1/completions 200 ")
+    assert access["message"].startswith("POST /v1/chat/completions 200 ")
 
 
 async def test_a_client_request_id_is_used_and_probes_log_at_debug(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import openai
 import pytest
 
@@ -11,15 +9,6 @@ from tests.api.conftest import LiveServer
 from tests.api.fake_engine import ADAPTER_REPLIES, BASE_ID, BASE_REPLY
 
 CHAT = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-def oai(live_server: LiveServer) -> Iterator[openai.OpenAI]:
-    # No retries: a failing status must fail the test at once, not after back-off.
-    with openai.OpenAI(
-        base_url=f"{live_server.base_url}/v1", api_key="x", max_retries=0, timeout=30
-    ) as client:
-        yield client
 
 
 def test_completions_create(oai: openai.OpenAI) -> None:

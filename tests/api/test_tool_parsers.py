@@ -375,3 +375,11 @@ def test_fuzz_stream_equals_parse(parser, data):
     assert _summary(ParsedToolCalls.from_deltas(_stream(parser, chunks))) == _summary(expected)
     if not expected.calls:
         assert expected.content == text  # nothing the model wrote is lost
+
+
+def test_the_serve_flag_offers_every_parser() -> None:
+    from adapterhub_server.config import TOOL_CALL_PARSERS, ServerConfig
+
+    assert set(TOOL_CALL_PARSERS) == {"auto", *TOOL_PARSERS}
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ServerConfig(tool_call_parser="xml")

@@ -182,8 +182,8 @@ async def test_errors_async(ahub: AsyncAdapterHubClient) -> None:
         await ahub.chat.completions.create(model="nope", messages=CHAT)
     assert missing.value.code == "model_not_found"
     with pytest.raises(BadRequestError) as bad:
-        await ahub.completions.create(model="alpha", prompt="hi", n=2)
-    assert bad.value.status_code == 400
+        await ahub.completions.create(model="alpha", prompt="hi", n=129)
+    assert bad.value.status_code == 400 and bad.value.param == "n"
 
 
 def test_error_event_mid_stream_raises_the_mapped_error(hub: AdapterHubClient, fake: Fake) -> None:

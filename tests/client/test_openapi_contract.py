@@ -110,6 +110,11 @@ def _adapter_dir(tmp: Path) -> Path:
 
 CHAT = [{"role": "user", "content": "hi"}]
 
+
+class _Reply(pydantic.BaseModel):
+    answer: str
+
+
 # (label, how to call it, the method whose return annotation names the response model)
 CALLS: list[tuple[str, Callable[[AdapterHubClient, Path], Any], Callable[[AdapterHubClient], Any]]]
 CALLS = [
@@ -132,6 +137,64 @@ CALLS = [
         ),
         lambda c: c.chat.completions.create,
     ),
+    (
+        "chat.completions.create with tools",
+        lambda c, _: c.chat.completions.create(
+            model="m",
+            messages=[
+                *CHAT,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{}"},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "42"},
+            ],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tool_choice={"type": "function", "function": {"name": "f"}},
+            parallel_tool_calls=False,
+            response_format=wire.ResponseFormat(
+                type="json_schema",
+                json_schema=wire.JsonSchemaFormat(name="x", schema={"type": "object"}),
+            ),
+            chat_template_kwargs={"enable_thinking": False},
+            metadata={"k": "v"},
+            store=False,
+            service_tier="auto",
+            user="u",
+            prompt_cache_key="p",
+            safety_identifier="s",
+        ),
+        lambda c: c.chat.completions.create,
+    ),
+    (
+        "chat.completions.parse",
+        lambda c, _: c.chat.completions.parse(model="m", messages=CHAT, response_format=_Reply),
+        lambda c: c.chat.completions.parse,
+    ),
+    (
+        "completions.create structured",
+        lambda c, _: c.completions.create(
+            model="m",
+            prompt="p",
+            echo=True,
+            prompt_logprobs=1,
+            structured_outputs=wire.StructuredOutputs(json={"type": "object"}),
+        ),
+        lambda c: c.completions.create,
+    ),
+    (
+        "tokenize",
+        lambda c, _: c.tokenize(model="m", messages=CHAT, return_token_strs=True),
+        lambda c: c.tokenize,
+    ),
+    ("detokenize", lambda c, _: c.detokenize(model="m", tokens=[1, 2]), lambda c: c.detokenize),
     (
         "adapters.upload",
         lambda c, tmp: c.adapters.upload(
@@ -233,6 +296,19 @@ def test_each_call_matches_an_operation_and_its_schemas(
 
     if label == "files.content":
         assert returned is None and _response_ref(operation) is None  # raw bytes
+    elif label == "chat.completions.parse":
+        # A ChatCompletion whose messages gain the client-side `parsed`.
+        assert returned is not None and issubclass(returned, wire.ChatCompletion)
+        assert _response_ref(operation) == "ChatCompletion"
+        body = httpx.Response(200, content=request.content).json()
+        assert body["response_format"] == {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "_Reply",
+                "schema": _Reply.model_json_schema(),
+                "strict": True,
+            },
+        }
     else:
         assert returned is not None, label
         assert _response_ref(operation) == returned.__name__, label
@@ -268,8 +344,10 @@ def test_every_wire_model_in_the_doc_is_the_clients(openapi: dict[str, Any]) -> 
         (lambda c: c.completions.create, wire.CompletionRequest, {"extra_body"}),
         (lambda c: c.chat.completions.create, wire.ChatCompletionRequest, {"extra_body"}),
         (lambda c: c.fine_tuning.jobs.create, wire.FineTuningJobCreateRequest, {"extra_body"}),
+        (lambda c: c.tokenize, wire.TokenizeRequest, set()),
+        (lambda c: c.detokenize, wire.DetokenizeRequest, set()),
     ],
-    ids=["completions", "chat", "jobs"],
+    ids=["completions", "chat", "jobs", "tokenize", "detokenize"],
 )
 def test_create_arguments_mirror_the_request_model(
     method: Callable[[AdapterHubClient], Any],
@@ -284,3 +362,12 @@ def test_create_arguments_mirror_the_request_model(
     params = signature.parameters
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
     assert set(params) - client_only == set(model.model_fields)
+
+
+def test_parse_arguments_are_creates_without_streaming() -> None:
+    import inspect
+
+    with AdapterHubClient(base_url="http://hub") as hub:
+        create = set(inspect.signature(hub.chat.completions.create).parameters)
+        parse = set(inspect.signature(hub.chat.completions.parse).parameters)
+    assert parse == create - {"stream", "stream_options"}

@@ -239,7 +239,7 @@ OUT_OF_RANGE = [
     ("top_p", 1.5),
     ("top_k", -2),
     ("n", 0),
-    ("n", 2),
+    ("n", 129),  # MAX_N is 128
     ("logprobs", 21),
     ("logprobs", -1),
     ("max_tokens", 0),
@@ -262,7 +262,7 @@ def test_out_of_range_sampling_values(served: Served, param: str, value: Any) ->
 
 
 @pytest.mark.parametrize(
-    ("param", "value"), [("temperature", 3.0), ("top_p", -1.0), ("top_logprobs", 50), ("n", 5)]
+    ("param", "value"), [("temperature", 3.0), ("top_p", -1.0), ("top_logprobs", 50), ("n", 200)]
 )
 def test_out_of_range_sampling_values_in_chat(served: Served, param: str, value: Any) -> None:
     before = snapshot(served)
