@@ -8,12 +8,15 @@ from __future__ import annotations
 import concurrent.futures
 import json
 from collections.abc import Iterator
+from typing import Literal
 
 import jsonschema
 import openai
+import pydantic
 import pytest
 
 from adapterhub_server.base_model import ResolvedBaseModel
+from client import AdapterHubClient
 from tests.test_server_e2e import _start
 from tests.tiny_models import make_peft_adapter, make_tiny_llama
 
@@ -314,3 +317,23 @@ def test_calls_the_model_writes_itself_parse_whole_and_streamed(server: openai.O
     assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"zone": "UTC"}
     assert not "".join(c.choices[0].delta.content or "" for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+class Thing(pydantic.BaseModel):
+    color: Literal["red", "green", "blue"]
+    ok: bool
+
+
+def test_parse_with_the_official_and_the_typed_client(server: openai.OpenAI) -> None:
+    """`chat.completions.parse(response_format=Model)` returns the reply as a `Model`,
+    from openai-python and from AdapterHub's own client alike."""
+    messages = [{"role": "user", "content": "a thing"}]
+    official = server.chat.completions.parse(
+        model="r8", messages=messages, response_format=Thing, max_tokens=400, temperature=0
+    )
+    assert isinstance(official.choices[0].message.parsed, Thing)
+    with AdapterHubClient(base_url=str(server.base_url).removesuffix("/v1/")) as hub:
+        typed = hub.chat.completions.parse(
+            model="r8", messages=messages, response_format=Thing, max_tokens=400, temperature=0
+        )
+    assert typed.choices[0].message.parsed == official.choices[0].message.parsed
