@@ -143,3 +143,12 @@ def test_gpu_lora_bench(tmp_path: Path) -> None:
     assert all(result["checks"].values()), [k for k, ok in result["checks"].items() if not ok]
     assert "checks:" in stdout
     assert out.with_suffix(".png").exists()
+
+
+def test_structured_throughput_bench(tmp_path: Path) -> None:
+    out = tmp_path / "structured.json"
+    stdout = _run("bench.structured_throughput", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"none", "half", "all"}
+    assert set(result["ratios"]) == {"half/none", "all/none"}
+    assert "half/none" in stdout
