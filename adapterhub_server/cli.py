@@ -21,6 +21,7 @@ from adapterhub_server.errors import AdapterHubError
 from adapterhub_server.logs import configure_logging
 from adapterhub_server.registry import default_registry_dir
 from adapterhub_server.registry.cli import add_registry_parser, run_registry_command
+from adapterhub_server.registry.factory import registry_location
 
 API_KEY_ENV = "ADAPTERHUB_API_KEY"
 ADMIN_KEY_ENV = "ADAPTERHUB_ADMIN_KEY"
@@ -127,10 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     serve.add_argument(
         "--registry",
-        type=Path,
+        type=registry_location,
         default=None,
-        help="adapter registry directory (env ADAPTERHUB_REGISTRY; default "
-        "~/.cache/adapterhub/registry)",
+        help="adapter registry directory or postgresql:// URL (env ADAPTERHUB_REGISTRY; "
+        "default ~/.cache/adapterhub/registry)",
+    )
+    serve.add_argument(
+        "--registry-blobs",
+        default=None,
+        metavar="URL",
+        help="blob store of a postgresql:// registry: file:///path or s3://bucket/prefix "
+        "(env ADAPTERHUB_REGISTRY_BLOBS)",
     )
     serve.add_argument(
         "--no-registry", action="store_true", help="serve only --lora-modules, no /v1/adapters"
@@ -278,12 +286,49 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow binding a non-loopback address without any key",
     )
+    auth.add_argument(
+        "--metrics-without-key",
+        action="store_true",
+        help="serve /metrics without a key (Prometheus, the inference gateway's endpoint picker)",
+    )
+    auth.add_argument(
+        "--admin-loopback-without-key",
+        action="store_true",
+        help="admin routes without a key for requests from 127.0.0.1/::1 only (an adapter "
+        "syncer sidecar in the same pod); trusts every process and proxy in the pod, see "
+        "docs/kubernetes.md",
+    )
+    serve.add_argument(
+        "--allowed-local-adapter-dirs",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directories /v1/load_lora_adapter may read lora_path from (repeatable; "
+        "default: none, only hf:// and owner/repo)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--log-format",
         default="text",
         choices=["text", "json"],
         help="json: one object per line, with the request id (default: %(default)s)",
+    )
+    # Every serve flag, copied from the serve parser (its -h included), plus Ray's own.
+    cluster = sub.add_parser(
+        "cluster",
+        parents=[serve],
+        add_help=False,
+        help="serve on a Ray Serve cluster: engine replicas with adapter-affinity routing",
+    )
+    cluster.add_argument(
+        "--replicas", type=int, default=1, help="engine replicas (default: %(default)s)"
+    )
+    cluster.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (e.g. 127.0.0.1:6379 or auto); default: RAY_ADDRESS, else "
+        "a local Ray started for this command",
     )
     add_registry_parser(sub)
     return parser
@@ -350,6 +395,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_cache_dir=args.model_cache_dir,
         lora_modules=modules,
         registry=None if args.no_registry else (args.registry or default_registry_dir()),
+        registry_blobs=args.registry_blobs,
         max_upload_bytes=args.max_upload_bytes,
         max_request_bytes=args.max_request_bytes,
         max_prompts_per_request=args.max_prompts_per_request,
@@ -363,6 +409,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_keys=read_keys(args.api_key, args.api_key_file, API_KEY_ENV),
         admin_keys=read_keys(args.admin_key, args.admin_key_file, ADMIN_KEY_ENV),
         allow_unauthenticated=args.allow_unauthenticated,
+        metrics_without_key=args.metrics_without_key,
+        admin_loopback_without_key=args.admin_loopback_without_key,
+        allowed_local_adapter_dirs=tuple(args.allowed_local_adapter_dirs),
         shutdown_timeout=args.shutdown_timeout,
         timeout_keep_alive=args.timeout_keep_alive,
         timeout_request_header=args.timeout_request_header,
@@ -379,6 +428,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             return run_server(config_from_args(args))
+        except (AdapterHubError, ValueError) as exc:
+            print(f"adapterhub-server: error: {exc}", file=sys.stderr)
+            return 2
+    elif args.command == "cluster":
+        from adapterhub_server.cluster.ray_app import run_cluster
+
+        try:
+            config = config_from_args(args)
+            return run_cluster(config, replicas=args.replicas, ray_address=args.ray_address)
         except (AdapterHubError, ValueError) as exc:
             print(f"adapterhub-server: error: {exc}", file=sys.stderr)
             return 2

@@ -148,8 +148,12 @@ class ServerConfig:
     """Where converted/downloaded base models are cached."""
     lora_modules: dict[str, Path] = field(default_factory=dict)
     """Adapters to serve from start-up, name -> PEFT directory."""
-    registry: Path | None = None
-    """Adapter registry directory; None serves only ``lora_modules`` (no /v1/adapters)."""
+    registry: Path | str | None = None
+    """Adapter registry directory or ``postgresql://`` URL (shared by replicas); None serves
+    only ``lora_modules`` (no /v1/adapters)."""
+    registry_blobs: str | None = None
+    """Blob store of a ``postgresql://`` registry (``file:///path``, ``s3://bucket/prefix``);
+    None = ``$ADAPTERHUB_REGISTRY_BLOBS``."""
     max_upload_bytes: int = 2 * 1024**3
     """Largest accepted upload, adapter or training file (counted while the body is read)."""
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
@@ -183,6 +187,14 @@ class ServerConfig:
     """Keys for the admin scope: adapter upload/delete/aliases, files, fine-tuning jobs."""
     allow_unauthenticated: bool = False
     """Permit a non-loopback bind without any key (everyone may do everything)."""
+    metrics_without_key: bool = False
+    """Serve `/metrics` to callers without a key (scrapers, the inference gateway's picker)."""
+    admin_loopback_without_key: bool = False
+    """Treat keyless requests from 127.0.0.1 / ::1 as admin (an adapter-syncer sidecar in
+    the same pod); every process and proxy that can reach loopback is trusted with it."""
+    allowed_local_adapter_dirs: tuple[Path, ...] = ()
+    """Directories `/v1/load_lora_adapter` may read a local `lora_path` from (nothing else
+    on the file system, symlinks out of them refused); empty: local paths are refused."""
     shutdown_timeout: float = 30.0
     """Seconds SIGTERM waits for in-flight requests before aborting them."""
     timeout_keep_alive: float = 5.0

@@ -6,9 +6,11 @@ import ipaddress
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from adapterhub_server.api.auth import ApiKeys
+from adapterhub_server.api.lora_admin import LoraAdminService, ReplicaAdapterSource
 from adapterhub_server.base_model import ResolvedBaseModel, resolve_base_model
 from adapterhub_server.config import (
     DEFAULT_MAX_PROMPTS_PER_REQUEST,
@@ -24,13 +26,15 @@ from adapterhub_server.finetune import (
     RunnerConfig,
     default_jobs_dir,
 )
-from adapterhub_server.lora.cache import AdapterSource, ChainedAdapterSource, StaticAdapterSource
+from adapterhub_server.lora.cache import AdapterSource, StaticAdapterSource
 from adapterhub_server.registry import (
     BaseModelSpec,
     Registry,
     RegistryAdapterSource,
     RegistryLimits,
 )
+from adapterhub_server.registry.events import RegistryEventListener
+from adapterhub_server.registry.factory import describe_location, is_registry_url
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,13 @@ class Server:
     tool_call_parser: str = "auto"
     fine_tuning: FineTuningService | None = None
     api_keys: ApiKeys = field(default_factory=ApiKeys)
+    replica_source: ReplicaAdapterSource | None = None
+    """The engine's adapter source; `/v1/load_lora_adapter` changes what it serves."""
+    static_adapters: dict[str, Path] = field(default_factory=dict)
+    """`--lora-modules`: fixed at start-up; a load of one of these names only re-serves it."""
+    allowed_local_adapter_dirs: tuple[Path, ...] = ()
+    metrics_without_key: bool = False
+    admin_loopback_without_key: bool = False
 
 
 def resolve_base(config: ServerConfig) -> ResolvedBaseModel:
@@ -72,6 +83,7 @@ def build_server(config: ServerConfig, base: ResolvedBaseModel | None = None) ->
         spec = BaseModelSpec.from_directory(base.path, model_id)
         registry = Registry.open(
             config.registry,
+            blobs=config.registry_blobs,
             base=spec,
             limits=RegistryLimits(
                 max_lora_rank=config.engine.max_lora_rank,
@@ -80,18 +92,30 @@ def build_server(config: ServerConfig, base: ResolvedBaseModel | None = None) ->
             ),
         )
         sources.append(RegistryAdapterSource(registry, base_fingerprint=spec.fingerprint))
+    # Per-replica view: names unloaded here, adapters loaded here without a registry.
+    replica_source = ReplicaAdapterSource(sources)
     engine = AsyncLLMEngine.build(
         lambda: build_engine(
             base,
             config.engine,
             lora_modules=config.lora_modules,
-            source=ChainedAdapterSource(sources),
+            source=replica_source,
         ),
         base_model_id=model_id,
         max_queued_requests=config.engine.max_queued_requests,
     )
+    if registry is not None and RegistryEventListener.supported(registry):
+        # A shared registry: deletes made on other replicas evict here too.
+        RegistryEventListener(registry, engine).start()
     fine_tuning = None
-    if config.registry is not None and config.fine_tuning:
+    if config.fine_tuning and is_registry_url(config.registry):
+        # Jobs and their files live beside a directory registry; a shared index does not
+        # hold them yet, so a replica on one does not run jobs.
+        logger.warning(
+            "fine-tuning jobs are off: they need a directory registry (not %s)",
+            describe_location(config.registry),
+        )
+    elif config.registry is not None and config.fine_tuning:
         # Jobs publish into this registry and train the model served here, by its path.
         fine_tuning = FineTuningService.open(
             config.jobs_dir or default_jobs_dir(config.registry),
@@ -113,6 +137,11 @@ def build_server(config: ServerConfig, base: ResolvedBaseModel | None = None) ->
         tool_call_parser=config.tool_call_parser,
         fine_tuning=fine_tuning,
         api_keys=ApiKeys(inference=config.api_keys, admin=config.admin_keys),
+        replica_source=replica_source,
+        static_adapters=dict(config.lora_modules),
+        allowed_local_adapter_dirs=config.allowed_local_adapter_dirs,
+        metrics_without_key=config.metrics_without_key,
+        admin_loopback_without_key=config.admin_loopback_without_key,
     )
 
 
@@ -133,6 +162,15 @@ def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
     adapters = None
     if server is not None and server.registry is not None:
         adapters = AdapterAdminService(server.registry, engine)
+    lora_admin = None
+    if server is not None and server.replica_source is not None:
+        lora_admin = LoraAdminService(
+            engine,
+            server.replica_source,
+            registry=server.registry,
+            allowed_local_dirs=server.allowed_local_adapter_dirs,
+            static_adapters=server.static_adapters,
+        )
     fine_tuning = server.fine_tuning if server is not None else None
     app = create_app(
         engine,
@@ -145,6 +183,9 @@ def build_app(engine: AsyncLLMEngine, server: Server | None = None) -> Any:
         ),
         api_keys=server.api_keys if server else None,
         tool_call_parser=server.tool_call_parser if server else "auto",
+        lora_admin=lora_admin,
+        metrics_without_key=server.metrics_without_key if server else False,
+        admin_loopback_without_key=server.admin_loopback_without_key if server else False,
     )
     # Batch sizes and adapter load times are observed on the engine's own thread.
     observe_engine(app, engine.engine)

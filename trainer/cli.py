@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_server.errors import AdapterHubError
+from adapterhub_server.registry.factory import registry_location
 from trainer.config import (
     BATCHINGS,
     METHODS,
@@ -153,8 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(
         out,
         "--registry",
-        "registry directory (default: $ADAPTERHUB_REGISTRY or ~/.cache/adapterhub/registry)",
-        type=Path,
+        "registry directory or postgresql:// URL (default: $ADAPTERHUB_REGISTRY or "
+        "~/.cache/adapterhub/registry)",
+        type=registry_location,
+    )
+    _opt(
+        out,
+        "--registry-blobs",
+        "blob store of a postgresql:// registry: file:///path or s3://bucket/prefix "
+        "(default: $ADAPTERHUB_REGISTRY_BLOBS)",
     )
     _opt(out, "--alias", "alias to point at the new version")
     _opt(out, "--description", "")

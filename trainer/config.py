@@ -39,7 +39,15 @@ DEFAULT_LR = {"lora": 1e-3, "full": 2e-5}
 zero and needs a large rate; full SFT moves pretrained weights and needs a small one."""
 
 RUNTIME_FIELDS = frozenset(
-    {"checkpoint_dir", "resume", "keep_checkpoints", "log_every", "device", "save_every"}
+    {
+        "checkpoint_dir",
+        "resume",
+        "keep_checkpoints",
+        "log_every",
+        "device",
+        "save_every",
+        "registry_blobs",
+    }
 )
 """Fields that change how a run is carried out, not what it computes: left out of the
 lineage's hyperparameters and free to differ when a run is resumed."""
@@ -141,8 +149,12 @@ class TrainConfig:
     """Keep the checkpoints after a successful run (by default they are removed then)."""
     name: str | None = None
     """Adapter name to publish under in the registry; None = do not publish."""
-    registry: Path | None = None
-    """Registry directory; None = `adapterhub_server.registry.default_registry_dir()`."""
+    registry: Path | str | None = None
+    """Registry directory or postgresql:// URL; None =
+    `adapterhub_server.registry.default_registry_dir()`."""
+    registry_blobs: str | None = None
+    """Blob store of a postgresql:// registry (file:///path, s3://bucket/prefix); None =
+    $ADAPTERHUB_REGISTRY_BLOBS."""
     alias: str | None = None
     """Alias to point at the published version (e.g. "prod")."""
     description: str | None = None
@@ -158,7 +170,9 @@ class TrainConfig:
         set_ = object.__setattr__  # frozen: normalise types in place
         set_(self, "data", Path(self.data))
         if self.registry is not None:
-            set_(self, "registry", Path(self.registry))
+            from adapterhub_server.registry.factory import registry_location
+
+            set_(self, "registry", registry_location(str(self.registry)))
         for name in ("output_dir", "eval_data", "checkpoint_dir"):
             if getattr(self, name) is not None:
                 set_(self, name, Path(getattr(self, name)))
@@ -276,7 +290,7 @@ class TrainConfig:
             return self.output_dir / "checkpoints"
         from adapterhub_server.registry.registry import default_registry_dir
 
-        registry = self.registry or default_registry_dir()
+        registry = self.registry if isinstance(self.registry, Path) else default_registry_dir()
         return registry.parent / "checkpoints" / str(self.name)
 
     def to_dict(self, *, lineage: bool = False) -> dict[str, Any]:
@@ -291,6 +305,10 @@ class TrainConfig:
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)
+            elif f.name == "registry" and isinstance(value, str):
+                from adapterhub_server.registry.factory import describe_location
+
+                value = describe_location(value)  # never a password in lineage or logs
             out[f.name] = value
         return out
 

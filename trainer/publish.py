@@ -127,7 +127,9 @@ def publish_adapter(
     """Push the adapter `write(dir)` produces as a new version of `config.name`."""
     spec = BaseModelSpec.from_directory(base.path, base.model_id)
     with (
-        Registry.open(config.registry or default_registry_dir(), base=spec) as registry,
+        Registry.open(
+            config.registry or default_registry_dir(), base=spec, blobs=config.registry_blobs
+        ) as registry,
         tempfile.TemporaryDirectory(prefix="adapterhub-trainer-") as tmp,
     ):
         # Pushed from a fresh directory: --output-dir may hold files from earlier runs.

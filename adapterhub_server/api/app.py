@@ -16,11 +16,13 @@ from adapterhub_server.api.access import AccessMiddleware
 from adapterhub_server.api.adapters_service import AdapterAdminService
 from adapterhub_server.api.auth import PUBLIC_PATHS, ApiKeyMiddleware, ApiKeys
 from adapterhub_server.api.errors import error_response, install_error_handlers
+from adapterhub_server.api.lora_admin import LoraAdminService
 from adapterhub_server.api.metrics import ApiMetrics
 from adapterhub_server.api.routes import adapters as adapter_routes
 from adapterhub_server.api.routes import chat, completions, health, models
 from adapterhub_server.api.routes import files as file_routes
 from adapterhub_server.api.routes import fine_tuning as fine_tuning_routes
+from adapterhub_server.api.routes import lora_admin as lora_admin_routes
 from adapterhub_server.api.routes import metrics as metrics_routes
 from adapterhub_server.api.routes import tokenize as tokenize_routes
 from adapterhub_server.api.service import InferenceService
@@ -49,6 +51,9 @@ def create_app(
     max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
     api_keys: ApiKeys | None = None,
     tool_call_parser: str = "auto",
+    lora_admin: LoraAdminService | None = None,
+    metrics_without_key: bool = False,
+    admin_loopback_without_key: bool = False,
 ) -> FastAPI:
     """The OpenAI-compatible HTTP API over `engine`.
 
@@ -61,7 +66,9 @@ def create_app(
     Neither the engine nor the job runner is started or stopped here: whoever owns them
     wires their lifetime to the app's lifespan. With `api_keys`, every route but `/health`
     and `/ready` needs a bearer key of the right scope. `tool_call_parser` is
-    `--tool-call-parser`.
+    `--tool-call-parser`. With `lora_admin`, vLLM's `/v1/load_lora_adapter` and
+    `/v1/unload_lora_adapter` are mounted (admin scope). `metrics_without_key` and
+    `admin_loopback_without_key` are the flags of the same names (see `api/auth.py`).
     """
     app = FastAPI(
         title="AdapterHub",
@@ -85,6 +92,9 @@ def create_app(
     if adapters is not None:
         app.state.adapter_service = adapters
         app.include_router(adapter_routes.router)
+    if lora_admin is not None:
+        app.state.lora_admin_service = lora_admin
+        app.include_router(lora_admin_routes.router)
     if fine_tuning is not None:
         app.state.fine_tuning_service = fine_tuning
         app.include_router(file_routes.router)
@@ -95,7 +105,12 @@ def create_app(
     keys = api_keys or ApiKeys()
     # Added after the size limit, so it runs before it: no body is read for a caller
     # without a key. Inside the request-id middleware, so refusals carry an id too.
-    app.add_middleware(ApiKeyMiddleware, keys=keys)
+    app.add_middleware(
+        ApiKeyMiddleware,
+        keys=keys,
+        metrics_without_key=metrics_without_key,
+        admin_loopback_without_key=admin_loopback_without_key,
+    )
     # Outside auth (refusals are counted), inside the request id (access lines carry it).
     app.add_middleware(AccessMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)

@@ -2,11 +2,20 @@
 
 * `inference`: completions, chat, models, adapter reads, metrics, the OpenAPI document.
 * `admin`: everything that changes or reveals operator state: adapter upload, delete and
-  aliases, training files, fine-tuning jobs. An admin key also holds the inference scope.
+  aliases, vLLM-style adapter load/unload, training files, fine-tuning jobs. An admin key
+  also holds the inference scope.
 
 The check is a middleware rather than a per-route dependency so that it denies by default:
 a route added later is protected without anyone remembering to protect it. Only `/health`
 and `/ready` are public, because load balancers and orchestrators probe them without keys.
+
+Two opt-in exceptions, for Kubernetes: `--metrics-without-key` makes `/metrics` public (the
+inference gateway's endpoint picker and Prometheus scrape without keys), and
+`--admin-loopback-without-key` treats a request that carries no key at all and comes from
+127.0.0.1 or ::1 as holding the admin key, for an adapter-syncer sidecar in the same pod.
+The latter trusts everything that can open a loopback connection to the server: every
+container of the pod, and any in-pod proxy (a service-mesh sidecar forwards outside
+traffic from loopback); see docs/kubernetes.md.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import enum
 import functools
 import hashlib
 import hmac
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,7 +36,12 @@ from adapterhub_server.errors import AuthenticationError, PermissionDeniedError
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
 """Answered without a key: liveness and readiness probes."""
 
-_ADMIN_PREFIXES = ("/v1/files", "/v1/fine_tuning")
+_ADMIN_PREFIXES = (
+    "/v1/files",
+    "/v1/fine_tuning",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+)
 """Every method under these needs the admin scope (training data is the operator's)."""
 _ADMIN_WRITE_PREFIXES = ("/v1/adapters",)
 """Writes under these need the admin scope; reads need the inference scope."""
@@ -106,18 +121,37 @@ class ApiKeyMiddleware:
     """Answers 401 without a valid bearer key and 403 for a key without the route's scope,
     before the route runs and before any request body is read."""
 
-    def __init__(self, app: ASGIApp, *, keys: ApiKeys) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: ApiKeys,
+        metrics_without_key: bool = False,
+        admin_loopback_without_key: bool = False,
+    ) -> None:
         self.app = app
         self.keys = keys
+        self.metrics_without_key = metrics_without_key
+        self.admin_loopback_without_key = admin_loopback_without_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys.enabled:
             await self.app(scope, receive, send)
             return
-        needed = required_scope(scope.get("method", "GET"), scope.get("path", ""))
+        path = scope.get("path", "")
+        needed = required_scope(scope.get("method", "GET"), path)
+        if needed is not None and self.metrics_without_key and path == "/metrics":
+            needed = None
         if needed is not None:
             token = _bearer_token(scope)
             held = self.keys.scopes_of(token) if token is not None else frozenset()
+            if (
+                token is None
+                and self.admin_loopback_without_key
+                and not _has_authorization(scope)
+                and is_loopback_client(scope)
+            ):
+                held = frozenset({AuthScope.ADMIN, AuthScope.INFERENCE})
             if not held:
                 message = (
                     "missing API key: send it as 'Authorization: Bearer <key>'"
@@ -143,3 +177,28 @@ def _bearer_token(scope: Scope) -> str | None:
             token = token.strip()
             return token if kind.lower() == "bearer" and token else None
     return None
+
+
+def _has_authorization(scope: Scope) -> bool:
+    """Any Authorization header at all: a client that sends a wrong one is refused, never
+    waved through as a keyless loopback caller."""
+    return any(name == b"authorization" for name, _ in scope.get("headers", ()))
+
+
+_LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
+def is_loopback_client(scope: Scope) -> bool:
+    """Whether the TCP peer is 127.0.0.1 or ::1 (or ::ffff:127.0.0.1). Only these two: the
+    rest of 127.0.0.0/8 is where some service meshes (Istio's 127.0.0.6) forward outside
+    traffic from. A Unix socket or an unknown peer is not loopback."""
+    client = scope.get("client")
+    if not client:
+        return False
+    try:
+        address = ipaddress.ip_address(str(client[0]).strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address in _LOOPBACK

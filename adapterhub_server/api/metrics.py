@@ -17,6 +17,7 @@ and the adapter label is an adapter's display name, `""` for the base model, or
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -249,6 +250,28 @@ class EngineCollector(Collector):
             "Idle adapters dropped from a device slot to make room.",
             stats.adapter_evictions,
         )
+        lora_info = _lora_requests_info(self._engine, stats.adapter_slots_total)
+        if lora_info is not None:
+            yield lora_info
+
+
+def _lora_requests_info(engine: EngineClient, max_lora: int) -> GaugeMetricFamily | None:
+    """`adapterhub_lora_requests_info`, shaped as vLLM's `vllm:lora_requests_info`: one
+    sample whose labels name the adapters of running and of waiting requests
+    (comma-separated, as clients name them in `model`) and the device slots (`max_lora`),
+    and whose value is the time it was taken. The inference gateway's endpoint picker reads
+    it (`--lora-info-metric`) to send a request where its adapter is already active."""
+    snapshot = getattr(engine, "adapter_requests", None)
+    if snapshot is None:  # engines without adapters (test fakes)
+        return None
+    running, waiting = snapshot()
+    family = GaugeMetricFamily(
+        f"{PREFIX}_lora_requests_info",
+        "Running and waiting adapters (vLLM's lora_requests_info); value: unix time.",
+        labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+    )
+    family.add_metric([",".join(running), ",".join(waiting), str(max_lora)], time.time())
+    return family
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -210,6 +210,21 @@ class AsyncLLMEngine:
             preemptions=engine.scheduler.num_preemptions,
         )
 
+    def adapter_requests(self) -> tuple[list[str], list[str]]:
+        """Adapter names (as clients send them) of the running and of the waiting requests,
+        sorted and without repeats; merges and the base model are left out. For the
+        inference gateway's endpoint picker (`adapterhub_lora_requests_info`). Any thread:
+        a snapshot at most one step old."""
+        scheduler = self.engine.scheduler
+        for _ in range(3):
+            try:
+                return _adapter_names(list(scheduler.running)), _adapter_names(
+                    list(scheduler.waiting)
+                )
+            except RuntimeError:  # the engine thread changed the deque mid-copy: again
+                continue
+        return [], []
+
     # -- EngineClient -------------------------------------------------------------------
 
     @property
@@ -433,6 +448,11 @@ class AsyncLLMEngine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that event loop is closed; its requests are gone
                 logger.debug("dropping outputs for a closed event loop")
+
+
+def _adapter_names(seqs: list[Any]) -> list[str]:
+    keys = {s.adapter.key for s in seqs if s.adapter is not None and s.adapter.merge is None}
+    return sorted({display_name(k) for k in keys})
 
 
 def _settle_value(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:

@@ -18,9 +18,11 @@
     adapterhub-server registry delete NAME@VERSION [--force] | NAME --all [--force]
     adapterhub-server registry verify [REF]
     adapterhub-server registry gc [--dry-run]
+    adapterhub-server registry copy SRC DST [--src-blobs URL] [--dst-blobs URL]
 
-Every command takes --registry DIR (default $ADAPTERHUB_REGISTRY, else
-$XDG_CACHE_HOME/adapterhub/registry or ~/.cache/adapterhub/registry) and --json.
+Every command takes --registry DIR|URL (default $ADAPTERHUB_REGISTRY, else
+$XDG_CACHE_HOME/adapterhub/registry or ~/.cache/adapterhub/registry) and --json; with a
+postgresql:// URL, --registry-blobs URL (or $ADAPTERHUB_REGISTRY_BLOBS) names the blobs.
 push, pull and merge validate against --base-model (default: the embedded SmolLM2-135M-Instruct)
 and --max-lora-rank, and record the base model id and weights fingerprint.
 """
@@ -38,6 +40,12 @@ from typing import Any
 
 from adapterhub_server.errors import AdapterHubError, InvalidRequestError
 from adapterhub_server.lora.merge import MAJORITY_SIGN_METHODS, MERGE_STRATEGIES, MergeSpec
+from adapterhub_server.registry.factory import (
+    BLOBS_ENV,
+    describe_location,
+    open_registry,
+    registry_location,
+)
 from adapterhub_server.registry.records import AdapterInfo, VersionRecord
 from adapterhub_server.registry.refs import parse_ref
 from adapterhub_server.registry.registry import (
@@ -55,11 +63,18 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--registry",
-        type=Path,
+        type=registry_location,
         default=None,
-        metavar="DIR",
-        help="registry directory (default: $ADAPTERHUB_REGISTRY, else "
+        metavar="DIR|URL",
+        help="registry directory or postgresql:// URL (default: $ADAPTERHUB_REGISTRY, else "
         "$XDG_CACHE_HOME/adapterhub/registry or ~/.cache/adapterhub/registry)",
+    )
+    common.add_argument(
+        "--registry-blobs",
+        default=None,
+        metavar="URL",
+        help="blob store of a postgresql:// registry: file:///path or s3://bucket/prefix "
+        f"(default: ${BLOBS_ENV})",
     )
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
     common.add_argument(
@@ -210,6 +225,20 @@ def add_registry_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "gc", parents=[common], help="remove leftovers of dead writers and deletions"
     )
     gc.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+
+    copy = sub.add_parser(
+        "copy",
+        help="copy every version between registries (directory or postgresql://), keeping "
+        "numbers, aliases, hashes and lineage",
+    )
+    copy.add_argument("src", type=registry_location, help="source: DIR or postgresql:// URL")
+    copy.add_argument("dst", type=registry_location, help="destination: DIR or URL")
+    copy.add_argument("--src-blobs", default=None, metavar="URL", help="blob store of SRC")
+    copy.add_argument("--dst-blobs", default=None, metavar="URL", help="blob store of DST")
+    copy.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    copy.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
     return parser
 
 
@@ -248,8 +277,9 @@ def _sha256_args(items: Sequence[str]) -> dict[str, str]:
 
 def _open_registry(args: argparse.Namespace, *, validating: bool = False) -> Registry:
     root = args.registry or default_registry_dir()
+    blobs = getattr(args, "registry_blobs", None)
     if not validating:
-        return Registry.open(root)
+        return Registry.open(root, blobs=blobs)
     from adapterhub_server.base_model import resolve_base_model
     from adapterhub_server.registry.targets import BaseModelSpec
 
@@ -258,7 +288,7 @@ def _open_registry(args: argparse.Namespace, *, validating: bool = False) -> Reg
     limits = RegistryLimits(
         max_lora_rank=args.max_lora_rank, max_upload_bytes=args.max_upload_bytes
     )
-    return Registry.open(root, base=base, limits=limits)
+    return Registry.open(root, base=base, limits=limits, blobs=blobs)
 
 
 def _when(timestamp: float | None) -> str:
@@ -579,7 +609,33 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_copy(args: argparse.Namespace) -> int:
+    from adapterhub_server.registry.copy import copy_registry
+
+    with (
+        open_registry(args.src, args.src_blobs) as src,
+        open_registry(args.dst, args.dst_blobs) as dst,
+    ):
+        report = copy_registry(src, dst)
+    if args.json:
+        _print_json(
+            {
+                "copied": list(report.copied),
+                "skipped": list(report.skipped),
+                "aliases": report.aliases,
+            }
+        )
+        return 0
+    print(
+        f"copied {len(report.copied)} version(s) from {describe_location(args.src)} to "
+        f"{describe_location(args.dst)} ({len(report.skipped)} already there, "
+        f"{report.aliases} alias(es) set)"
+    )
+    return 0
+
+
 _COMMANDS = {
+    "copy": _cmd_copy,
     "push": _cmd_push,
     "pull": _cmd_pull,
     "merge": _cmd_merge,

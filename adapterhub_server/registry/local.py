@@ -666,6 +666,64 @@ class SQLiteIndex:
             if alias is not None:
                 self._upsert_alias(conn, record.name, alias, record.version, record.created)
 
+    def insert_record(self, record: VersionRecord, *, next_version: int) -> None:
+        """Insert a ready or deleted row as-is, keeping its number (`registry copy`);
+        `next_version` raises the adapter's counter to at least that value."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO adapters (name, next_version, created) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET next_version = "
+                "MAX(adapters.next_version, excluded.next_version)",
+                (record.name, next_version, record.created),
+            )
+            conn.execute(
+                "INSERT INTO versions (name, version, status, created, deleted, base_model_id, "
+                "base_fingerprint, rank, alpha, target_modules, description, metadata, "
+                "lineage, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.name,
+                    record.version,
+                    record.status,
+                    record.created,
+                    record.deleted,
+                    record.base_model_id,
+                    record.base_fingerprint,
+                    record.rank,
+                    record.alpha,
+                    json.dumps(list(record.target_modules)),
+                    record.description,
+                    json.dumps(dict(record.metadata), sort_keys=True, allow_nan=False),
+                    json.dumps(record.lineage.to_dict(), sort_keys=True)
+                    if record.lineage is not None
+                    else None,
+                    record.kind,
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO files (name, version, filename, sha256, size) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (record.name, record.version, f, r.sha256, r.size)
+                    for f, r in record.files.items()
+                ],
+            )
+
+    def next_version(self, name: str) -> int:
+        """The number the next version of `name` would get (1 if it is unknown)."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT next_version FROM adapters WHERE name = ?", (name,)
+            ).fetchone()
+        return row[0] if row else 1
+
+    def all_versions(self) -> list[VersionRecord]:
+        """Every ready and deleted row, by name then version (`registry copy`)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM versions WHERE status <> 'pending' "
+                "ORDER BY name, version"
+            ).fetchall()
+            return self._records(conn, rows)
+
     def discard_pending(self, name: str, version: int) -> bool:
         with self._write() as conn:
             conn.execute(

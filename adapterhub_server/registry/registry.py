@@ -222,6 +222,8 @@ class Registry:
         self.limits = limits or RegistryLimits()
         self.root: Path | None = None
         """The directory of a local registry (set by `open`)."""
+        self.url: str | None = None
+        """A shared registry's index URL, password redacted (set by `open_registry`)."""
         # Test seam: called with "staged", "allocated" and "published" during a push, so
         # tests can kill a writer at each step.
         self._hook: Callable[[str], None] | None = None
@@ -237,9 +239,18 @@ class Registry:
         limits: RegistryLimits | None = None,
         busy_timeout_s: float = 30.0,
         recover: bool = True,
+        blobs: str | None = None,
     ) -> Registry:
         """Open (creating if needed) the embedded registry at `root`
-        (default `default_registry_dir()`), cleaning up after writers that died."""
+        (default `default_registry_dir()`), cleaning up after writers that died.
+
+        `root` may also be a `postgresql://` URL, with `blobs` (or
+        `$ADAPTERHUB_REGISTRY_BLOBS`) naming the blob store (see `factory.open_registry`).
+        """
+        from adapterhub_server.registry.factory import is_registry_url, open_registry
+
+        if is_registry_url(root) or blobs:
+            return open_registry(root, blobs, base=base, limits=limits, recover=recover)
         path = Path(root).expanduser() if root is not None else default_registry_dir()
         blobs = LocalBlobStore(path)
         index = SQLiteIndex(path / INDEX_FILE, busy_timeout_s=busy_timeout_s)
@@ -820,10 +831,17 @@ class Registry:
                 continue
             if record is not None and record.status == "pending":
                 continue  # a live writer's, or discarded above
-            path = str(self.blobs.version_path(name, version))
+            # A remote store names its objects (its version_path would download them).
+            locate = getattr(self.blobs, "location", None)
+            path = locate(name, version) if locate else str(self.blobs.version_path(name, version))
             removed.append(path)
             if not dry_run:
                 self.blobs.remove(name, version)
+        # Content-addressed stores (S3) share blobs between versions: those no version
+        # references any more go last, after the orphaned versions above.
+        sweep = getattr(self.blobs, "collect_unreferenced", None)
+        if sweep is not None:
+            removed.extend(sweep(dry_run=dry_run))
         if removed and not dry_run:
             logger.info("gc removed %d entries", len(removed))
         return GcReport(removed=tuple(removed), discarded_pending=tuple(discarded), dry_run=dry_run)
