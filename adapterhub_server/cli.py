@@ -19,7 +19,7 @@ from adapterhub_server.config import (
 from adapterhub_server.engine.kv_sizing import parse_size
 from adapterhub_server.errors import AdapterHubError
 from adapterhub_server.logs import configure_logging
-from adapterhub_server.registry import default_registry_dir
+from adapterhub_server.registry import default_registry_location
 from adapterhub_server.registry.cli import add_registry_parser, run_registry_command
 from adapterhub_server.registry.factory import registry_location
 
@@ -180,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="fine-tuning jobs that train at once, each in its own process (default: 1)",
+    )
+    serve.add_argument(
+        "--fine-tuning-worker",
+        action="store_true",
+        help="with a postgresql:// registry: train queued fine-tuning jobs here (every "
+        "replica serves the jobs API; only workers train; a directory registry's server "
+        "always trains its own jobs)",
+    )
+    serve.add_argument(
+        "--fine-tuning-lease",
+        type=float,
+        default=ServerConfig.fine_tuning_lease_s,
+        metavar="SECONDS",
+        help="how long a worker holds a job without renewing its lease: a dead worker's job "
+        "resumes on another worker after this (default: %(default)s)",
     )
     serve.add_argument(
         "--max-fine-tuning-tokens",
@@ -394,7 +409,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         served_model_name=args.served_model_name,
         model_cache_dir=args.model_cache_dir,
         lora_modules=modules,
-        registry=None if args.no_registry else (args.registry or default_registry_dir()),
+        registry=None if args.no_registry else (args.registry or default_registry_location()),
         registry_blobs=args.registry_blobs,
         max_upload_bytes=args.max_upload_bytes,
         max_request_bytes=args.max_request_bytes,
@@ -404,6 +419,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         jobs_dir=args.jobs_dir,
         max_concurrent_jobs=args.max_concurrent_jobs,
         max_fine_tuning_tokens=args.max_fine_tuning_tokens,
+        fine_tuning_worker=args.fine_tuning_worker,
+        fine_tuning_lease_s=args.fine_tuning_lease,
         log_level=args.log_level,
         log_format=args.log_format,
         api_keys=read_keys(args.api_key, args.api_key_file, API_KEY_ENV),

@@ -171,6 +171,13 @@ class ServerConfig:
     `finetune` directory next to the registry."""
     max_concurrent_jobs: int = 1
     """Fine-tuning jobs that train at once, each in its own trainer process."""
+    fine_tuning_worker: bool = False
+    """With a `postgresql://` registry: this replica trains queued jobs (every replica
+    serves the fine-tuning API; only workers train). A directory-registry server always
+    trains its own jobs."""
+    fine_tuning_lease_s: float = 60.0
+    """How long a worker holds a job without renewing its lease (it renews every half
+    second); a dead worker's job resumes elsewhere this long after it died."""
     max_fine_tuning_tokens: int = DEFAULT_MAX_FINE_TUNING_TOKENS
     """Most tokens one fine-tuning job may train on (examples x epochs x tokens per example,
     estimated from the uploaded file's statistics); a bigger job is a 400 at creation. 100M
@@ -226,6 +233,8 @@ class ServerConfig:
             raise ValueError("max_concurrent_jobs must be >= 1")
         if self.max_fine_tuning_tokens < 1:
             raise ValueError("max_fine_tuning_tokens must be >= 1")
+        if self.fine_tuning_lease_s < 2:
+            raise ValueError("fine_tuning_lease_s must be >= 2 (leases are renewed every 0.5 s)")
         if self.max_prompts_per_request < 1:
             raise ValueError("max_prompts_per_request must be >= 1")
         if self.tool_call_parser not in TOOL_CALL_PARSERS:

@@ -24,7 +24,7 @@ from adapterhub_server.finetune import (
     FineTuningLimits,
     FineTuningService,
     RunnerConfig,
-    default_jobs_dir,
+    open_fine_tuning,
 )
 from adapterhub_server.lora.cache import AdapterSource, StaticAdapterSource
 from adapterhub_server.registry import (
@@ -34,7 +34,6 @@ from adapterhub_server.registry import (
     RegistryLimits,
 )
 from adapterhub_server.registry.events import RegistryEventListener
-from adapterhub_server.registry.factory import describe_location, is_registry_url
 
 logger = logging.getLogger(__name__)
 
@@ -108,25 +107,22 @@ def build_server(config: ServerConfig, base: ResolvedBaseModel | None = None) ->
         # A shared registry: deletes made on other replicas evict here too.
         RegistryEventListener(registry, engine).start()
     fine_tuning = None
-    if config.fine_tuning and is_registry_url(config.registry):
-        # Jobs and their files live beside a directory registry; a shared index does not
-        # hold them yet, so a replica on one does not run jobs.
-        logger.warning(
-            "fine-tuning jobs are off: they need a directory registry (not %s)",
-            describe_location(config.registry),
-        )
-    elif config.registry is not None and config.fine_tuning:
+    if registry is not None and config.registry is not None and config.fine_tuning:
         # Jobs publish into this registry and train the model served here, by its path.
-        fine_tuning = FineTuningService.open(
-            config.jobs_dir or default_jobs_dir(config.registry),
+        fine_tuning = open_fine_tuning(
+            registry,
+            config.registry,
             base=BaseModelInfo.from_directory(base.path, model_id),
-            registry=config.registry,
+            jobs_dir=config.jobs_dir,
             runner=RunnerConfig(max_concurrent_jobs=config.max_concurrent_jobs),
             # Jobs are held to what this server can serve and to its work budget.
             limits=FineTuningLimits(
                 max_fine_tuning_tokens=config.max_fine_tuning_tokens,
                 max_lora_rank=config.engine.max_lora_rank,
             ),
+            worker=config.fine_tuning_worker,
+            lease_s=config.fine_tuning_lease_s,
+            blobs_url=config.registry_blobs,
         )
     return Server(
         engine=engine,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,36 @@ def default_model():
     from adapterhub_server.base_model import resolve_base_model
 
     return resolve_base_model(None)
+
+
+# -- shared-registry services: started only for the tests that ask for them ---------------
+
+
+@pytest.fixture(scope="session")
+def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway PostgreSQL server for the session; its URL carries a password."""
+    from tests.registry import cluster_services
+
+    if cluster_services.pg_bin() is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
+    with cluster_services.postgres_server(tmp_path_factory.mktemp("pg")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> Iterator[dict[str, str]]:
+    """A moto S3 server for the session, exported in the AWS_* environment."""
+
+    from tests.registry import cluster_services
+
+    with cluster_services.moto_s3() as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # boto3 in this process and in spawned children
+        try:
+            yield env
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

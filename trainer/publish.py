@@ -15,7 +15,7 @@ import torch
 
 from adapterhub_server.base_model import ResolvedBaseModel
 from adapterhub_server.registry import BaseModelSpec, Lineage, Registry, VersionRecord
-from adapterhub_server.registry.registry import default_registry_dir
+from adapterhub_server.registry.registry import default_registry_location
 from trainer.config import TrainConfig
 from trainer.extract import Extraction
 from trainer.kinds import describe_kind
@@ -128,7 +128,7 @@ def publish_adapter(
     spec = BaseModelSpec.from_directory(base.path, base.model_id)
     with (
         Registry.open(
-            config.registry or default_registry_dir(), base=spec, blobs=config.registry_blobs
+            config.registry or default_registry_location(), base=spec, blobs=config.registry_blobs
         ) as registry,
         tempfile.TemporaryDirectory(prefix="adapterhub-trainer-") as tmp,
     ):

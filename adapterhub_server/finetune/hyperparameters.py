@@ -98,7 +98,7 @@ def plan_training(
     eval_stats: JsonlStats | None,
     base: BaseModelInfo,
     limits: FineTuningLimits,
-    registry: Path,
+    registry: Path | None,
     seed: int,
     description: str,
     output_dir: Path,

@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from adapterhub_server.finetune.store import JobPaths
+from adapterhub_server.finetune.job_tables import JobPaths
 
 INTERRUPTED_EXIT = 130
 """The trainer's exit status after SIGINT/SIGTERM (it saves a checkpoint first)."""
@@ -39,12 +39,18 @@ def trainer_argv(command: Sequence[str], paths: JobPaths, *, resume: bool) -> li
     return argv
 
 
-def spawn(argv: Sequence[str], paths: JobPaths, env: Mapping[str, str]) -> subprocess.Popen:
+def spawn(
+    argv: Sequence[str], paths: JobPaths, env: Mapping[str, str], *, die_with_parent: bool = False
+) -> subprocess.Popen:
     """Start the trainer with its output appended to the job's log.
 
     It gets a session (and process group) of its own: the server signals the whole group
     (data-loader workers included), and a Ctrl-C meant for the server's terminal does not
     reach the trainer, which the server stops in order (SIGTERM, checkpoint, requeue).
+
+    `die_with_parent` (Linux): the kernel SIGKILLs the trainer when the thread that started
+    it dies, SIGKILL included. A cluster worker needs it: its job resumes on another worker,
+    and an orphaned trainer would go on training (and publishing) the same job.
     """
     paths.dir.mkdir(parents=True, exist_ok=True)
     with open(paths.log, "ab") as log:
@@ -56,7 +62,19 @@ def spawn(argv: Sequence[str], paths: JobPaths, env: Mapping[str, str]) -> subpr
             cwd=paths.dir,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent else None,
         )
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask for SIGKILL when the parent thread dies."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def signal_group(pid: int, sig: int) -> None:

@@ -87,6 +87,8 @@ class JobRecord:
     never mistaken for the trainer after a restart."""
     attempts: int = 0
     """How many times a trainer was started for this job (more than one after a resume)."""
+    worker: str | None = None
+    """The worker holding the job's lease (shared registries only; see `shared_store`)."""
 
 
 @dataclass(frozen=True)

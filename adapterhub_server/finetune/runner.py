@@ -10,6 +10,12 @@ their jobs back in the queue, to resume with `--resume`. After a crash, `start` 
 still marked running: those with a complete checkpoint are queued again to resume, the others
 fail with `server_restarted`. One process per jobs directory runs jobs (an flock decides);
 any number may create, list and cancel them.
+
+On a shared registry (`shared_store.py`) any number of workers run jobs: each claims a job
+under a lease it renews every tick, hands every completed checkpoint to the store (which
+uploads it), and stops a trainer whose lease another worker took over. A worker that dies
+stops renewing; once its lease runs out the job resumes on another worker from its last
+uploaded checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +30,10 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from adapterhub_server.finetune.job_tables import JobPaths, JobTables
 from adapterhub_server.finetune.process import (
     BAD_INPUT_EXIT,
     INTERRUPTED_EXIT,
@@ -49,7 +56,6 @@ from adapterhub_server.finetune.records import (
     JobError,
     make_event,
 )
-from adapterhub_server.finetune.store import FineTuneStore, JobPaths
 from trainer.checkpoint_paths import latest_checkpoint
 from trainer.events import read_events
 
@@ -101,6 +107,10 @@ class _Running:
     terminated_at: float | None = None
     """When SIGTERM was sent (monotonic seconds); SIGKILL follows after `stop_timeout_s`."""
     killed: bool = False
+    checkpoint: Path | None = None
+    """The newest complete checkpoint handed to `store.checkpoint_saved`."""
+    lost: bool = False
+    """Another worker took the job (this one's lease ran out): stop, record nothing."""
 
 
 @dataclass(frozen=True)
@@ -113,9 +123,9 @@ class _Tail:
 
 
 class JobRunner:
-    """Runs the jobs of one `FineTuneStore` (see the module docstring)."""
+    """Runs the jobs of one `JobTables` (see the module docstring)."""
 
-    def __init__(self, store: FineTuneStore, config: RunnerConfig | None = None) -> None:
+    def __init__(self, store: JobTables, config: RunnerConfig | None = None) -> None:
         self.store = store
         self.config = config or RunnerConfig()
         self._active: dict[str, _Running] = {}
@@ -134,6 +144,15 @@ class JobRunner:
         """
         if self._thread is not None:
             return True
+        if self.store.exclusive_runner and not self._lock_runner():
+            return False
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="finetune-runner", daemon=True)
+        self._thread.start()
+        return True
+
+    def _lock_runner(self) -> bool:
+        """Become the one runner of a directory's jobs and settle what the last one left."""
         fd = os.open(self.store.runner_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -150,9 +169,6 @@ class JobRunner:
         except BaseException:
             self._release_lock()
             raise
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="finetune-runner", daemon=True)
-        self._thread.start()
         return True
 
     def stop(self) -> None:
@@ -196,12 +212,18 @@ class JobRunner:
         self._shutdown()
 
     def _tick(self) -> None:
+        for job_id in self.store.renew_leases(list(self._active)):
+            run = self._active[job_id]
+            if not run.lost:
+                logger.warning("job %s: lease lost to another worker; stopping its trainer", job_id)
+                run.lost = True
+                self._terminate(run)
         for run in list(self._active.values()):
             self._tail(run)
             returncode = run.popen.poll()
             if returncode is not None:
                 self._reap(run, returncode)
-            elif run.terminated_at is None:
+            elif run.terminated_at is None and not run.lost:
                 if self.store.status(run.job_id) == CANCELLED:
                     logger.info("job %s cancelled: stopping its trainer", run.job_id)
                     self._terminate(run)
@@ -218,11 +240,16 @@ class JobRunner:
             self._launch(job.id, job.events_offset)
 
     def _launch(self, job_id: str, offset: int) -> None:
-        paths = self.store.job_paths(job_id)
+        paths = self.store.prepare(job_id)
         checkpoint = latest_checkpoint(paths.checkpoints)
         argv = trainer_argv(self.config.trainer_command, paths, resume=checkpoint is not None)
         try:
-            popen = spawn(argv, paths, self.config.trainer_env)
+            popen = spawn(
+                argv,
+                paths,
+                self.config.trainer_env,
+                die_with_parent=not self.store.exclusive_runner,
+            )
         except OSError as exc:
             error = JobError(
                 "trainer_unavailable", redact_paths(f"cannot start the trainer {argv[0]}: {exc}")
@@ -232,7 +259,9 @@ class JobRunner:
             )
             return
         self.store.set_process(job_id, popen.pid, process_identity(popen.pid))
-        self._active[job_id] = _Running(job_id=job_id, popen=popen, paths=paths, offset=offset)
+        self._active[job_id] = _Running(
+            job_id=job_id, popen=popen, paths=paths, offset=offset, checkpoint=checkpoint
+        )
         where = f"resuming from checkpoint {checkpoint.name}" if checkpoint else "from the start"
         self.store.add_event(job_id, f"Fine-tuning job started ({where}), trainer pid {popen.pid}")
         logger.info("job %s: started trainer pid %d (%s)", job_id, popen.pid, where)
@@ -241,6 +270,10 @@ class JobRunner:
         tail = tail_events(self.store, run.job_id, run.paths, run.offset)
         run.offset = tail.offset
         run.failure = tail.failure or run.failure
+        checkpoint = latest_checkpoint(run.paths.checkpoints)
+        if checkpoint is not None and checkpoint != run.checkpoint and not run.lost:
+            self.store.checkpoint_saved(run.job_id, checkpoint)
+            run.checkpoint = checkpoint
 
     def _terminate(self, run: _Running) -> None:
         signal_group(run.popen.pid, signal.SIGTERM)
@@ -254,15 +287,18 @@ class JobRunner:
 
     def _settle(self, run: _Running, returncode: int) -> None:
         """The trainer's final events, then the job's status."""
+        how = describe_exit(returncode)
+        if run.lost:
+            logger.info("job %s: trainer ended (%s) after its lease was lost", run.job_id, how)
+            return
         self._tail(run)
         self.store.set_process(run.job_id, None, None)
         job = self.store.get_job(run.job_id)
-        how = describe_exit(returncode)
         if job.status != RUNNING:  # cancelled meanwhile: the cancel already set the status
             logger.info("job %s (%s): trainer ended, %s", job.id, job.status, how)
             if job.status == CANCELLED:
                 # Nothing can resume a cancelled job; a full-SFT checkpoint is a model's size.
-                shutil.rmtree(run.paths.checkpoints, ignore_errors=True)
+                self.store.discard_checkpoints(run.job_id)
             return
         if self._stopping.is_set() and (returncode in _SIGNALLED or run.terminated_at):
             self._requeue(job.id, run.paths, "the server is shutting down")
@@ -311,7 +347,8 @@ class JobRunner:
             job_id,
             [RUNNING],
             QUEUED,
-            message=f"Job interrupted: {why}; it will resume {where} when the server runs again",
+            message=f"Job interrupted: {why}; it will resume {where} when "
+            + ("the server runs again" if self.store.exclusive_runner else "a worker claims it"),
         )
         logger.info("job %s requeued (%s); resumes %s", job_id, why, where)
 
@@ -393,7 +430,7 @@ class JobRunner:
             signal_group(pid, signal.SIGKILL)
 
 
-def tail_events(store: FineTuneStore, job_id: str, paths: JobPaths, offset: int) -> _Tail:
+def tail_events(store: JobTables, job_id: str, paths: JobPaths, offset: int) -> _Tail:
     """Copy the trainer's events after byte `offset` into the job's log; update the job."""
     events, end = read_events(paths.events, offset)
     if end == offset:

@@ -7,8 +7,6 @@ by the `JobRunner`.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -20,6 +18,7 @@ import anyio
 
 from adapterhub_server.errors import AdapterHubError, InvalidRequestError, NotFoundError
 from adapterhub_server.finetune.hyperparameters import plan_training
+from adapterhub_server.finetune.job_tables import JobTables
 from adapterhub_server.finetune.limits import MAX_SEED, BaseModelInfo, FineTuningLimits
 from adapterhub_server.finetune.process import redact_paths
 from adapterhub_server.finetune.records import (
@@ -57,22 +56,29 @@ _MAX_FILENAME = 255
 
 
 class FineTuningService:
-    """Files and fine-tuning jobs over one `FineTuneStore`, run by one `JobRunner`."""
+    """Files and fine-tuning jobs over one store (`FineTuneStore` beside a directory
+    registry, `SharedFineTuneStore` on a shared one), run by one `JobRunner`."""
 
     def __init__(
         self,
-        store: FineTuneStore,
+        store: JobTables,
         runner: JobRunner,
         *,
         base: BaseModelInfo,
-        registry: Path,
+        registry: Path | None,
         limits: FineTuningLimits | None = None,
+        runs_jobs: bool = True,
     ) -> None:
+        """`registry`: the directory jobs publish into; None for a shared registry, which
+        the trainer finds in its environment (`ADAPTERHUB_REGISTRY`, so the database
+        password is never written into a job's config)."""
         self.store = store
         self.runner = runner
         self.base = base
-        self.registry = Path(registry)
+        self.registry = registry
         self.limits = limits or FineTuningLimits()
+        self.runs_jobs = runs_jobs
+        """Whether this process trains (False: a cluster replica that is not a worker)."""
 
     @classmethod
     def open(
@@ -89,8 +95,8 @@ class FineTuningService:
         return cls(store, JobRunner(store, runner), base=base, registry=registry, limits=limits)
 
     def start(self) -> bool:
-        """Start running jobs (see `JobRunner.start`)."""
-        return self.runner.start()
+        """Start running jobs (see `JobRunner.start`); False when this process runs none."""
+        return self.runs_jobs and self.runner.start()
 
     def stop(self) -> None:
         """Stop the runner; running jobs are requeued to resume on the next start."""
@@ -151,7 +157,7 @@ class FineTuningService:
     async def file_content(self, file_id: str) -> Path:
         """The stored file's path (the route streams it)."""
         record = await anyio.to_thread.run_sync(lambda: self.store.get_file(file_id))
-        return self.store.file_path(record.id)
+        return await anyio.to_thread.run_sync(lambda: self.store.local_file(record.id))
 
     async def delete_file(self, file_id: str) -> FileDeleted:
         record = await anyio.to_thread.run_sync(lambda: self.store.delete_file(file_id))
@@ -218,16 +224,11 @@ class FineTuningService:
             seed=seed,
             hyperparameters=plan.hyperparameters.model_dump(mode="json"),
         )
-        paths = self.store.job_paths(job_id)
-        paths.dir.mkdir(parents=True)
-        try:
-            _write_json_atomic(paths.config, plan.config)
-            self.store.add_job(
-                job, make_event(job_id, f"Created fine-tuning job: {job_id}", created_at=now)
-            )
-        except BaseException:
-            shutil.rmtree(paths.dir, ignore_errors=True)
-            raise
+        self.store.add_job(
+            job,
+            plan.config,
+            make_event(job_id, f"Created fine-tuning job: {job_id}", created_at=now),
+        )
         return job
 
     def _usable_file(self, file_id: str, param: str) -> FileRecord:
@@ -334,18 +335,3 @@ def _clean_filename(filename: str) -> str:
     name = filename.replace("\\", "/").rsplit("/", 1)[-1].strip()
     name = "".join(ch for ch in name if ch.isprintable())
     return name[:_MAX_FILENAME] or "upload.jsonl"
-
-
-def _write_json_atomic(path: Path, value: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        json.dump(value, out, indent=2)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -30,6 +30,7 @@ from adapterhub_server.registry.registry import (
     Registry,
     RegistryLimits,
     default_registry_dir,
+    default_registry_location,
 )
 from adapterhub_server.registry.source import RegistryAdapterSource
 from adapterhub_server.registry.targets import BaseModelSpec, targets_from_config
@@ -57,6 +58,7 @@ __all__ = [
     "VersionConflictError",
     "VersionRecord",
     "default_registry_dir",
+    "default_registry_location",
     "parse_ref",
     "targets_from_config",
     "validate_alias",

@@ -51,7 +51,7 @@ from adapterhub_server.registry.refs import parse_ref
 from adapterhub_server.registry.registry import (
     Registry,
     RegistryLimits,
-    default_registry_dir,
+    default_registry_location,
 )
 
 logger = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ def _sha256_args(items: Sequence[str]) -> dict[str, str]:
 
 
 def _open_registry(args: argparse.Namespace, *, validating: bool = False) -> Registry:
-    root = args.registry or default_registry_dir()
+    root = args.registry or default_registry_location()
     blobs = getattr(args, "registry_blobs", None)
     if not validating:
         return Registry.open(root, blobs=blobs)
@@ -450,7 +450,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         _print_json([info.to_dict() for info in adapters])
         return 0
     if not adapters:
-        print(f"no adapters in {args.registry or default_registry_dir()}")
+        print(f"no adapters in {describe_location(args.registry or default_registry_location())}")
         return 0
     rows = [
         [

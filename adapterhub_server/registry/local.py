@@ -41,6 +41,7 @@ from adapterhub_server.registry.errors import (
     RegistryError,
     VersionConflictError,
 )
+from adapterhub_server.registry.index_rows import file_rows, metadata_values
 from adapterhub_server.registry.interface import Staging
 from adapterhub_server.registry.records import (
     LEGACY_KIND,
@@ -627,30 +628,13 @@ class SQLiteIndex:
         return version
 
     def commit(self, record: VersionRecord, *, alias: str | None = None) -> None:
-        lineage = (
-            json.dumps(record.lineage.to_dict(), sort_keys=True, allow_nan=False)
-            if record.lineage is not None
-            else None
-        )
         with self._write() as conn:
             cursor = conn.execute(
                 "UPDATE versions SET status = 'ready', writer = NULL, base_model_id = ?, "
                 "base_fingerprint = ?, rank = ?, alpha = ?, target_modules = ?, "
                 "description = ?, metadata = ?, lineage = ?, kind = ? "
                 "WHERE name = ? AND version = ? AND status = 'pending'",
-                (
-                    record.base_model_id,
-                    record.base_fingerprint,
-                    record.rank,
-                    record.alpha,
-                    json.dumps(list(record.target_modules)),
-                    record.description,
-                    json.dumps(dict(record.metadata), sort_keys=True, allow_nan=False),
-                    lineage,
-                    record.kind,
-                    record.name,
-                    record.version,
-                ),
+                (*metadata_values(record), record.name, record.version),
             )
             if cursor.rowcount != 1:
                 raise RegistryError(
@@ -658,10 +642,7 @@ class SQLiteIndex:
                 )
             conn.executemany(
                 "INSERT INTO files (name, version, filename, sha256, size) VALUES (?, ?, ?, ?, ?)",
-                [
-                    (record.name, record.version, f, r.sha256, r.size)
-                    for f, r in record.files.items()
-                ],
+                file_rows(record),
             )
             if alias is not None:
                 self._upsert_alias(conn, record.name, alias, record.version, record.created)
@@ -686,25 +667,12 @@ class SQLiteIndex:
                     record.status,
                     record.created,
                     record.deleted,
-                    record.base_model_id,
-                    record.base_fingerprint,
-                    record.rank,
-                    record.alpha,
-                    json.dumps(list(record.target_modules)),
-                    record.description,
-                    json.dumps(dict(record.metadata), sort_keys=True, allow_nan=False),
-                    json.dumps(record.lineage.to_dict(), sort_keys=True)
-                    if record.lineage is not None
-                    else None,
-                    record.kind,
+                    *metadata_values(record),
                 ),
             )
             conn.executemany(
                 "INSERT INTO files (name, version, filename, sha256, size) VALUES (?, ?, ?, ?, ?)",
-                [
-                    (record.name, record.version, f, r.sha256, r.size)
-                    for f, r in record.files.items()
-                ],
+                file_rows(record),
             )
 
     def next_version(self, name: str) -> int:

@@ -40,6 +40,7 @@ from adapterhub_server.registry.errors import (
     VersionConflictError,
 )
 from adapterhub_server.registry.factory import is_postgres_url, redact_url
+from adapterhub_server.registry.index_rows import file_rows, metadata_values
 from adapterhub_server.registry.local import SQLiteIndex
 from adapterhub_server.registry.records import FileRecord, PendingVersion, VersionRecord
 
@@ -107,6 +108,35 @@ _VERSION_COLUMNS = (
     "name, version, status, created, deleted, base_model_id, base_fingerprint, rank, alpha, "
     "target_modules, description, metadata, lineage, kind"
 )
+
+
+def migrate_schema(
+    cur: psycopg.Cursor,
+    *,
+    version_table: str,
+    migrations: dict[int, str],
+    lock_key: int,
+    what: str,
+) -> None:
+    """Bring the tables versioned in `version_table` up to `max(migrations)`, inside the
+    caller's transaction and under advisory lock `lock_key`, so that replicas starting
+    together migrate once. A newer schema than this code knows is refused."""
+    latest = max(migrations)
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
+    cur.execute(f"CREATE TABLE IF NOT EXISTS {version_table} (version INTEGER NOT NULL)")
+    cur.execute(f"SELECT max(version) FROM {version_table}")
+    found = cur.fetchone()[0] or 0
+    if found > latest:
+        raise RegistryError(
+            f"{what} has schema {found}; this version of adapterhub understands up to {latest}"
+        )
+    for version in range(found + 1, latest + 1):
+        for statement in migrations[version].split(";"):
+            if statement.strip():
+                cur.execute(statement)
+        cur.execute(f"DELETE FROM {version_table}")
+        cur.execute(f"INSERT INTO {version_table} (version) VALUES (%s)", (version,))
+        logger.info("%s migrated to schema %d", what, version)
 
 
 def _secrets(url: str) -> list[str]:
@@ -187,7 +217,10 @@ class PostgresIndex:
         return slot.conn
 
     @contextlib.contextmanager
-    def _transaction(self, kind: str) -> Iterator[psycopg.Cursor]:
+    def transaction(self, kind: str) -> Iterator[psycopg.Cursor]:
+        """A transaction on this process's `read` (repeatable-read, read-only) or `write`
+        connection; committed on exit, rolled back on an exception. Other tables in the
+        same database (the fine-tuning store's) use it too."""
         slot = self._slots[kind]
         with slot.lock:
             conn = self._connection(kind, slot)
@@ -210,10 +243,10 @@ class PostgresIndex:
                 raise
 
     def _write(self) -> contextlib.AbstractContextManager[psycopg.Cursor]:
-        return self._transaction("write")
+        return self.transaction("write")
 
     def _read(self) -> contextlib.AbstractContextManager[psycopg.Cursor]:
-        return self._transaction("read")
+        return self.transaction("read")
 
     def close(self) -> None:
         for slot in self._slots.values():
@@ -225,22 +258,13 @@ class PostgresIndex:
 
     def _migrate(self) -> None:
         with self._write() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            cur.execute("SELECT max(version) FROM schema_version")
-            found = cur.fetchone()[0] or 0
-            if found > SCHEMA_VERSION:
-                raise RegistryError(
-                    f"{self.display_url} has index schema {found}; this version of adapterhub "
-                    f"understands up to {SCHEMA_VERSION}"
-                )
-            for version in range(found + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        cur.execute(statement)
-                cur.execute("DELETE FROM schema_version")
-                cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
-                logger.info("registry index %s migrated to schema %d", self.display_url, version)
+            migrate_schema(
+                cur,
+                version_table="schema_version",
+                migrations=MIGRATIONS,
+                lock_key=_MIGRATION_LOCK,
+                what=f"registry index {self.display_url}",
+            )
 
     # -- writer liveness ----------------------------------------------------------------
 
@@ -359,30 +383,13 @@ class PostgresIndex:
         return version
 
     def commit(self, record: VersionRecord, *, alias: str | None = None) -> None:
-        lineage = (
-            json.dumps(record.lineage.to_dict(), sort_keys=True, allow_nan=False)
-            if record.lineage is not None
-            else None
-        )
         with self._write() as cur:
             cur.execute(
                 "UPDATE versions SET status = 'ready', writer = NULL, base_model_id = %s, "
                 "base_fingerprint = %s, rank = %s, alpha = %s, target_modules = %s, "
                 "description = %s, metadata = %s, lineage = %s, kind = %s "
                 "WHERE name = %s AND version = %s AND status = 'pending'",
-                (
-                    record.base_model_id,
-                    record.base_fingerprint,
-                    record.rank,
-                    record.alpha,
-                    json.dumps(list(record.target_modules)),
-                    record.description,
-                    json.dumps(dict(record.metadata), sort_keys=True, allow_nan=False),
-                    lineage,
-                    record.kind,
-                    record.name,
-                    record.version,
-                ),
+                (*metadata_values(record), record.name, record.version),
             )
             if cur.rowcount != 1:
                 raise RegistryError(
@@ -391,10 +398,7 @@ class PostgresIndex:
             cur.executemany(
                 "INSERT INTO files (name, version, filename, sha256, size) "
                 "VALUES (%s, %s, %s, %s, %s)",
-                [
-                    (record.name, record.version, f, r.sha256, r.size)
-                    for f, r in record.files.items()
-                ],
+                file_rows(record),
             )
             if alias is not None:
                 self._upsert_alias(cur, record.name, alias, record.version, record.created)
@@ -419,26 +423,13 @@ class PostgresIndex:
                     record.status,
                     record.created,
                     record.deleted,
-                    record.base_model_id,
-                    record.base_fingerprint,
-                    record.rank,
-                    record.alpha,
-                    json.dumps(list(record.target_modules)),
-                    record.description,
-                    json.dumps(dict(record.metadata), sort_keys=True, allow_nan=False),
-                    json.dumps(record.lineage.to_dict(), sort_keys=True)
-                    if record.lineage is not None
-                    else None,
-                    record.kind,
+                    *metadata_values(record),
                 ),
             )
             cur.executemany(
                 "INSERT INTO files (name, version, filename, sha256, size) "
                 "VALUES (%s, %s, %s, %s, %s)",
-                [
-                    (record.name, record.version, f, r.sha256, r.size)
-                    for f, r in record.files.items()
-                ],
+                file_rows(record),
             )
 
     def next_version(self, name: str) -> int:

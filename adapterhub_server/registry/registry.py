@@ -97,6 +97,15 @@ def default_registry_dir() -> Path:
     return base / "adapterhub" / "registry"
 
 
+def default_registry_location() -> str | Path:
+    """`$ADAPTERHUB_REGISTRY` when it is a `postgresql://` URL (kept as a string, for
+    `open_registry`), else `default_registry_dir()`."""
+    from adapterhub_server.registry.factory import is_registry_url
+
+    explicit = os.environ.get(REGISTRY_ENV, "")
+    return explicit if is_registry_url(explicit) else default_registry_dir()
+
+
 @dataclass(frozen=True)
 class RegistryLimits:
     """Bounds on what a push may store."""
@@ -242,13 +251,15 @@ class Registry:
         blobs: str | None = None,
     ) -> Registry:
         """Open (creating if needed) the embedded registry at `root`
-        (default `default_registry_dir()`), cleaning up after writers that died.
+        (default `default_registry_location()`), cleaning up after writers that died.
 
         `root` may also be a `postgresql://` URL, with `blobs` (or
         `$ADAPTERHUB_REGISTRY_BLOBS`) naming the blob store (see `factory.open_registry`).
         """
         from adapterhub_server.registry.factory import is_registry_url, open_registry
 
+        if root is None:
+            root = default_registry_location()
         if is_registry_url(root) or blobs:
             return open_registry(root, blobs, base=base, limits=limits, recover=recover)
         path = Path(root).expanduser() if root is not None else default_registry_dir()

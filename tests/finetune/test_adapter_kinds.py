@@ -4,7 +4,6 @@ checked against the served base (its module names, vocabulary, tied embeddings).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -66,7 +65,7 @@ async def test_kind_extensions_reach_the_trainer_and_the_report(
     assert hp["use_dora"] is True
     assert hp["modules_to_save"] == ["lm_head"]
     assert hp["trainable_token_indices"] == [5, 17]
-    config = json.loads(service.store.job_paths(job["id"]).config.read_text())
+    config = service.store.job_config(job["id"])
     assert config["dora"] is True
     assert config["modules_to_save"] == ["lm_head"]
     assert config["trainable_token_indices"] == [5, 17]

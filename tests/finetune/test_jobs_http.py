@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import httpx
@@ -53,7 +52,7 @@ async def test_job_runs_to_success_with_resolved_hyperparameters_and_events(
     assert job["method"] == {"type": "supervised", "supervised": {"hyperparameters": hp}}
 
     # The trainer gets exactly the config the job describes.
-    config = json.loads(service.store.job_paths(job["id"]).config.read_text())
+    config = service.store.job_config(job["id"])
     assert config["max_steps"] == 3
     assert config["batch_size"] == 2
     assert config["name"] == "ok-adapter"
@@ -303,7 +302,7 @@ async def test_suffix_is_optional_and_defaults_to_ft_and_the_job_id(
     job = r.json()
     name = "ft-" + job["id"].removeprefix("ftjob-")[:8]
     assert job["suffix"] == name
-    config = json.loads(service.store.job_paths(job["id"]).config.read_text())
+    config = service.store.job_config(job["id"])
     assert config["name"] == name
     service.start()
     done = await poll_job(http, job["id"], "succeeded", "failed")

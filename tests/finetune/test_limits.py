@@ -3,7 +3,6 @@ never finish, or could only fail later, is a 400 naming the field and queues not
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import httpx
@@ -107,7 +106,7 @@ async def test_values_at_the_limits_are_accepted(
     )
     r = await http.post("/v1/fine_tuning/jobs", json={**body, "seed": 2**32 - 1})
     assert r.status_code == 200, r.text
-    config = json.loads(service.store.job_paths(r.json()["id"]).config.read_text())
+    config = service.store.job_config(r.json()["id"])
     assert (config["epochs"], config["r"], config["max_seq_len"]) == (100, 64, BASE_CONTEXT)
     assert config["lr"] == pytest.approx(1.0)
 

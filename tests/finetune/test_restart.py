@@ -139,7 +139,7 @@ def test_an_orphaned_trainer_is_stopped_before_its_job_resumes(
     first = make_service()
     job_id = create_job(first, "slow-orphan", max_steps=100_000)
     first.store.claim_next()
-    paths = first.store.job_paths(job_id)
+    paths = first.store.prepare(job_id)  # what the runner does at launch
     orphan = spawn(trainer_argv(fake_runner().trainer_command, paths, resume=False), paths, {})
     first.store.set_process(job_id, orphan.pid, process_identity(orphan.pid))
     wait_for(lambda: paths.events.exists() and paths.events.stat().st_size > 0, what="orphan")

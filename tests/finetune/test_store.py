@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -32,7 +33,7 @@ def queued(store: FineTuneStore, n: int) -> list[str]:
             seed=0,
             hyperparameters={},
         )
-        ids.append(store.add_job(job).id)
+        ids.append(store.add_job(job, {"name": "x"}).id)
     return ids
 
 
@@ -115,3 +116,18 @@ async def test_an_index_from_before_file_statistics_is_migrated_and_backfilled(
     backfilled = service.store.get_file("file-old")
     assert backfilled.records == 30 and backfilled.estimated_tokens
     FineTuneStore(root).close()  # opening again is a no-op
+
+
+def test_a_job_queued_before_configs_were_stored_trains_from_its_config_file(tmp_path) -> None:
+    """Schema 1 kept the trainer config only as `config.json`; such a job still launches
+    with that file, while a new job's config is written from its row."""
+    store = FineTuneStore(tmp_path)
+    legacy, current = queued(store, 2)
+    with sqlite3.connect(tmp_path / INDEX_FILE) as conn:
+        conn.execute("UPDATE jobs SET config = NULL WHERE id = ?", (legacy,))
+    old_file = store.job_paths(legacy).config
+    old_file.parent.mkdir(parents=True)
+    old_file.write_text('{"name": "legacy"}')
+    assert store.job_config(legacy) is None
+    assert json.loads(store.prepare(legacy).config.read_text()) == {"name": "legacy"}
+    assert json.loads(store.prepare(current).config.read_text()) == {"name": "x"}

@@ -13,9 +13,15 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
 
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 
@@ -155,3 +161,80 @@ def create_bucket(env: dict[str, str]) -> str:
         region_name=env["AWS_DEFAULT_REGION"],
     ).create_bucket(Bucket=name)
     return name
+
+
+LOGS: dict[str, Path] = {}
+"""Server URL -> its log file."""
+
+
+@dataclass
+class Replica:
+    """A running `adapterhub-server serve` process."""
+
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+
+@contextlib.contextmanager
+def serve_replica(
+    base: Path, registry: str, blobs: str, cache: Path, *extra: str
+) -> Iterator[Replica]:
+    """`adapterhub-server serve` of the tiny base on a shared registry until the block ends
+    (SIGTERM, then SIGKILL); its log must never show the database password."""
+    port = free_port()
+    log = cache.with_suffix(".log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "adapterhub_server",
+                "serve",
+                "--base-model",
+                str(base),
+                "--served-model-name",
+                "tiny-base",
+                "--port",
+                str(port),
+                "--registry",
+                registry,
+                "--registry-blobs",
+                blobs,
+                "--jobs-dir",
+                str(cache.with_suffix(".jobs")),
+                "--max-loras",
+                "2",
+                "--log-level",
+                "info",
+                *extra,
+            ],
+            cwd=REPO,
+            env={**os.environ, "ADAPTERHUB_REGISTRY_CACHE": str(cache), "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    LOGS[url] = log
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"server exited early:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        yield Replica(url=url, proc=proc, log=log)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        output = log.read_text()
+        assert registry.split("@")[0].split(":")[-1] not in output  # no password in logs

@@ -66,37 +66,3 @@ def assert_nothing_stored(registry: Registry, name: str) -> None:
     assert root is not None
     assert list((root / "adapters").iterdir()) == []
     assert list((root / ".staging").iterdir()) == []
-
-
-# -- shared-registry services (tests/registry/test_shared_*.py) ------------------------------
-
-
-@pytest.fixture(scope="session")
-def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A throwaway PostgreSQL server for the session; its URL carries a password."""
-    from tests.registry import cluster_services
-
-    if cluster_services.pg_bin() is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
-    with cluster_services.postgres_server(tmp_path_factory.mktemp("pg")) as url:
-        yield url
-
-
-@pytest.fixture(scope="session")
-def s3_env() -> Iterator[dict[str, str]]:
-    """A moto S3 server for the session, exported in the AWS_* environment."""
-    import os
-
-    from tests.registry import cluster_services
-
-    with cluster_services.moto_s3() as env:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # boto3 in this process and in spawned children
-        try:
-            yield env
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value

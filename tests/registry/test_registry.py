@@ -23,6 +23,7 @@ from adapterhub_server.registry import (
     RegistryCorruptionError,
     VersionConflictError,
     default_registry_dir,
+    default_registry_location,
 )
 from tests.registry.conftest import TINY_BASE_ID
 
@@ -315,6 +316,18 @@ def test_default_registry_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_registry_dir() == tmp_path / "home" / ".cache" / "adapterhub" / "registry"
+
+
+def test_default_registry_location_keeps_a_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A `postgresql://` URL in $ADAPTERHUB_REGISTRY stays a URL (what a cluster worker
+    hands its trainers); anything else is a directory."""
+    url = "postgresql://hub:secret@db:5432/adapterhub"
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY", url)
+    assert default_registry_location() == url
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "dir"))
+    assert default_registry_location() == tmp_path / "dir"
 
 
 def test_index_is_sqlite_wal(registry: Registry) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -30,67 +31,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@contextmanager
-def _serve(base: Path, registry: str, blobs: str, cache: Path) -> Iterator[str]:
-    port = services.free_port()
-    log = cache.with_suffix(".log")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "adapterhub_server",
-                "serve",
-                "--base-model",
-                str(base),
-                "--served-model-name",
-                "tiny-base",
-                "--port",
-                str(port),
-                "--registry",
-                registry,
-                "--registry-blobs",
-                blobs,
-                "--no-fine-tuning",
-                "--max-loras",
-                "2",
-                "--log-level",
-                "info",
-            ],
-            cwd=REPO,
-            env={**os.environ, "ADAPTERHUB_REGISTRY_CACHE": str(cache), "PYTHONUNBUFFERED": "1"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    LOGS[url] = log
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"server exited early:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        output = log.read_text()
-        assert registry.split("@")[0].split(":")[-1] not in output  # no password in logs
-
-
-LOGS: dict[str, Path] = {}
-"""Server URL -> its log file."""
-
-
 @pytest.fixture(scope="module")
 def replicas(
     pg_url: str,
@@ -103,7 +43,10 @@ def replicas(
     tmp = tmp_path_factory.mktemp("replicas")
     with ExitStack() as stack:
         urls = [
-            stack.enter_context(_serve(tiny_base, db, blobs, tmp / f"cache{i}")) for i in (1, 2)
+            stack.enter_context(
+                services.serve_replica(tiny_base, db, blobs, tmp / f"cache{i}", "--no-fine-tuning")
+            ).url
+            for i in (1, 2)
         ]
         clients = [stack.enter_context(httpx.Client(base_url=u, timeout=60)) for u in urls]
         yield clients[0], clients[1]
@@ -171,7 +114,7 @@ def test_upload_alias_and_delete_reach_the_other_replica(
         time.sleep(0.05)
     assert _text(b, "bot") == out_v2
     # B also dropped v1's weights and downloaded copy, pushed by A's NOTIFY.
-    log = LOGS[str(b.base_url).rstrip("/")]
+    log = services.LOGS[str(b.base_url).rstrip("/")]
     deadline = time.monotonic() + 5
     while "evicted bot@1: deleted on another replica" not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()[-3000:]
@@ -243,3 +186,63 @@ def test_registry_copy_round_trip(
             assert dst.push(tiny_adapters["r4"], "b").version == 3  # numbers stay used
     finally:
         os.environ.pop("ADAPTERHUB_REGISTRY_CACHE", None)
+
+
+def _raw_post(url: str, request: httpx.Request, body_bytes: int) -> socket.socket:
+    """Send `request`'s head and its first `body_bytes` body bytes on a bare socket (left
+    open: the server sees an upload in progress, or a complete one awaiting its answer)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = f"{request.method} {request.url.raw_path.decode()} HTTP/1.1\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in request.headers.items()) + "\r\n"
+    sock.sendall(head.encode() + request.content[:body_bytes])
+    return sock
+
+
+def test_sigkill_during_an_http_upload_leaves_nothing_half_visible(
+    pg_url: str,
+    s3_env: dict[str, str],
+    tiny_base: Path,
+    tiny_adapters: dict[str, Path],
+    base_spec: BaseModelSpec,
+    tmp_path: Path,
+) -> None:
+    """A replica killed mid-body, or just after the body while it stages, hashes and
+    publishes, never leaves a version another replica lists without serving it."""
+    db = services.create_database(pg_url)
+    blobs = f"s3://{services.create_bucket(s3_env)}/shared"
+    with ExitStack() as stack:
+        peer_url = stack.enter_context(
+            services.serve_replica(tiny_base, db, blobs, tmp_path / "peer", "--no-fine-tuning")
+        ).url
+        peer = stack.enter_context(httpx.Client(base_url=peer_url, timeout=60))
+        for attempt, (fraction, delay) in enumerate([(0.5, 0.0), (1.0, 0.0), (1.0, 0.15)]):
+            with services.serve_replica(
+                tiny_base, db, blobs, tmp_path / f"victim{attempt}", "--no-fine-tuning"
+            ) as victim:
+                request = httpx.Request(
+                    "POST",
+                    f"{victim.url}/v1/adapters",
+                    data={"name": "crash"},
+                    files=_files(tiny_adapters["r32"]),
+                )
+                request.read()
+                sock = _raw_post(victim.url, request, int(len(request.content) * fraction))
+                time.sleep(delay)
+                victim.proc.kill()
+                victim.proc.wait()
+                sock.close()
+            # Whatever the kill interrupted: listed means servable, else not there at all.
+            listed = peer.get("/v1/adapters/crash")
+            if listed.status_code == 200:
+                for version in listed.json()["versions"]:
+                    assert _greedy(peer, f"crash@{version}").status_code == 200
+            else:
+                assert listed.status_code == 404, listed.text
+                assert _greedy(peer, "crash").status_code == 404
+            with open_registry(db, blobs, base=base_spec) as registry:
+                assert registry.verify().ok
+        # The numbers a dead writer took stay used; the next upload is whole and served.
+        made = peer.post("/v1/adapters", data={"name": "crash"}, files=_files(tiny_adapters["r4"]))
+        assert made.status_code == 201, made.text
+        assert _greedy(peer, f"crash@{made.json()['version']}").status_code == 200
