@@ -30,6 +30,7 @@ from typing import Literal
 from adapterhub_server import gguf_convert
 from adapterhub_server.cache_dirs import user_cache_dir
 from adapterhub_server.errors import BaseModelError
+from adapterhub_server.weight_files import is_pickle_file
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ HUB_IGNORE_PATTERNS = ["consolidated*", "original/*"]
 
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _FINGERPRINT_SIDECAR = ".adapterhub-fingerprint.json"
 _FINGERPRINT_VERSION = 1
 _TRUE_STRINGS = frozenset({"1", "true", "yes", "on"})
@@ -264,7 +264,7 @@ def _check_hf_dir(path: Path, *, what: str) -> None:
     if not (path / "config.json").is_file():
         raise BaseModelError(f"{what} has no config.json; it is not a Hugging Face model dir")
     if not _weight_files(path):
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in path.iterdir() if is_pickle_file(p.name))
         hint = (
             f" It only has pickle checkpoints ({', '.join(pickles[:3])}), which are never "
             "loaded; convert them to safetensors first."

@@ -23,6 +23,12 @@ class AdapterNotFoundError(AdapterHubError):
 
     code = "model_not_found"
 
+    @classmethod
+    def for_model(cls, ref: str, *, why: str = "") -> AdapterNotFoundError:
+        """OpenAI's error for an unknown `model` (`why`, if given, is said in parentheses)."""
+        reason = f" ({why})" if why else ""
+        return cls(f"The model `{ref}` does not exist{reason}.", param="model")
+
 
 class AdapterValidationError(AdapterHubError):
     """An adapter's files cannot be served with this base model (shapes, options, format)."""

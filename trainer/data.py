@@ -17,7 +17,6 @@ rest; the segments' token ids are concatenated. Labels are -100 where there is n
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from adapterhub_server.errors import InvalidRequestError
+from adapterhub_server.file_hash import hash_file
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,7 @@ class Example:
 
 def sha256_file(path: Path) -> str:
     """Lowercase hex sha256 of the file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return hash_file(path)[0]
 
 
 MAX_LINE_BYTES = 16 * 1024**2

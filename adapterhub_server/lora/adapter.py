@@ -39,6 +39,7 @@ from adapterhub_server.lora.patterns import (
     pattern_key,
 )
 from adapterhub_server.lora.safetensors_check import load_checked_safetensors
+from adapterhub_server.weight_files import is_pickle_file
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 ADAPTER_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 _ADAPTER_NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
-
-# Suffixes of weight files that are (or may be) pickles: torch.save, pickle, joblib.
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 # A PEFT config is a few KB; the cap only stops a hostile upload from exhausting memory.
 _MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -431,7 +429,7 @@ def _find_weights(path: Path) -> Path:
         pickles = sorted(
             p.name
             for p in path.iterdir()
-            if p.is_file() and p.name.lower().endswith(_PICKLE_SUFFIXES)
+            if p.is_file() and is_pickle_file(p.name)
         )
     except OSError as exc:
         raise AdapterValidationError(

@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 import torch
 
 from adapterhub_server.errors import AdapterNotFoundError, AdapterValidationError
+from adapterhub_server.file_hash import hash_stream, mismatch
 from adapterhub_server.lora.adapter import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -66,6 +67,7 @@ from adapterhub_server.registry.records import (
 )
 from adapterhub_server.registry.refs import AdapterRef, parse_ref, parse_version, validate_alias
 from adapterhub_server.registry.targets import BaseModelSpec
+from adapterhub_server.weight_files import is_pickle_file
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,6 @@ IGNORED_FILES: frozenset[str] = frozenset({"README.md"})
 
 REGISTRY_ENV = "ADAPTERHUB_REGISTRY"
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 
@@ -179,10 +180,6 @@ def _pickle_error(found: list[str]) -> AdapterValidationError:
         f"{WEIGHTS_FILE} (e.g. load in PEFT and save_pretrained(safe_serialization=True))",
         param="file",
     )
-
-
-def _is_pickle(filename: str) -> bool:
-    return filename.lower().endswith(_PICKLE_SUFFIXES)
 
 
 def _missing(found: dict[str, FileRecord], pickles: list[str], where: str) -> None:
@@ -429,7 +426,7 @@ class Registry:
             return self._stage_zip(path, staging.path, budget)
         if tarfile.is_tarfile(path):
             return self._stage_tar(path, staging.path, budget)
-        if _is_pickle(path.name):
+        if is_pickle_file(path.name):
             raise _pickle_error([path.name])
         raise AdapterValidationError(
             f"{path.name}: expected a PEFT adapter directory or a .tar/.tar.gz/.zip archive of one",
@@ -447,7 +444,7 @@ class Registry:
                 raise AdapterValidationError(f"{filename}: not a regular file", param="file")
             with open(path, "rb") as handle:
                 files[filename] = _copy_stream(handle, dest / filename, budget)
-        pickles = [p.name for p in src.iterdir() if _is_pickle(p.name)]
+        pickles = [p.name for p in src.iterdir() if is_pickle_file(p.name)]
         _missing(files, pickles, src.name)
         return files
 
@@ -462,7 +459,7 @@ class Registry:
                 raise AdapterValidationError(f"invalid file name {shown}", param="file")
             if filename in IGNORED_FILES:
                 continue
-            if _is_pickle(filename):
+            if is_pickle_file(filename):
                 raise _pickle_error([filename])
             if filename not in ADAPTER_FILES:
                 raise AdapterValidationError(
@@ -490,7 +487,7 @@ class Registry:
             # (e.g. checkpoint-100/...) is another adapter, not this one.
             return None
         leaf = parts[-1]
-        if _is_pickle(leaf):
+        if is_pickle_file(leaf):
             pickles.append(leaf)
             return None
         if leaf not in ADAPTER_FILES:
@@ -896,16 +893,4 @@ class Registry:
 
 def _check_file(handle: BinaryIO, expected: FileRecord) -> str | None:
     """None if the file's bytes match `expected`, else what is wrong."""
-    digest = hashlib.sha256()
-    size = 0
-    while chunk := handle.read(_CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    if size != expected.size:
-        return f"size mismatch (stored file is corrupted: expected {expected.size} bytes, found {size})"
-    if digest.hexdigest() != expected.sha256:
-        return (
-            f"sha256 mismatch (stored file is corrupted: expected {expected.sha256}, "
-            f"found {digest.hexdigest()})"
-        )
-    return None
+    return mismatch(*hash_stream(handle), expected.sha256, expected.size)

@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from adapterhub_server.file_hash import hash_file, mismatch
 from adapterhub_server.registry.errors import RegistryCorruptionError, RegistryError
 from adapterhub_server.registry.interface import Staging
 from adapterhub_server.registry.local import _rmtree, fsync_dir
@@ -43,7 +44,6 @@ from adapterhub_server.registry.local import _rmtree, fsync_dir
 logger = logging.getLogger(__name__)
 
 GC_GRACE_S = 3600.0
-_CHUNK = 1 << 20
 
 
 class Leases(Protocol):
@@ -64,16 +64,6 @@ def default_cache_dir(bucket: str, prefix: str) -> Path:
         base = base / "registry-cache"
     digest = hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:16]
     return base / f"{bucket}-{digest}"
-
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 class S3BlobStore:
@@ -156,7 +146,7 @@ class S3BlobStore:
             )
         files = {}
         for entry in sorted(staging.path.iterdir()):
-            sha256, size = _hash_file(entry)
+            sha256, size = hash_file(entry)
             # Uploaded even if present: refreshes its age, so gc cannot take it meanwhile.
             self.client.upload_file(str(entry), self.bucket, self._blob_key(sha256))
             files[entry.name] = {"sha256": sha256, "size": size}
@@ -202,12 +192,9 @@ class S3BlobStore:
                 self.client.download_file(
                     self.bucket, self._blob_key(expected["sha256"]), str(dest)
                 )
-                sha256, size = _hash_file(dest)
-                if sha256 != expected["sha256"] or size != expected["size"]:
-                    raise RegistryCorruptionError(
-                        f"{name}@{version}: {filename}: the stored blob does not match its "
-                        f"sha256 (expected {expected['sha256']}, found {sha256})"
-                    )
+                problem = mismatch(*hash_file(dest), expected["sha256"], expected["size"])
+                if problem:
+                    raise RegistryCorruptionError(f"{name}@{version}: {filename}: {problem}")
                 os.chmod(dest, 0o444)
             fsync_dir(tmp)
             try:
