@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import anyio
 
 from adapterhub_server.errors import AdapterNotFoundError, InvalidRequestError, NotFoundError
+from adapterhub_server.file_hash import hash_file, hash_stream
 from adapterhub_server.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, validate_adapter_name
 from adapterhub_server.lora.cache import (
     AdapterLocation,
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-_CHUNK = 1 << 20
 
 
 class ReplicaAdapterSource(ChainedAdapterSource):
@@ -228,7 +228,7 @@ class LoraAdminService:
         after an unload."""
         with contextlib.suppress(OSError):
             if all(
-                _file_sha256(self.static_adapters[name] / f) == found.sha256[f]
+                hash_file(self.static_adapters[name] / f)[0] == found.sha256[f]
                 for f in ADAPTER_FILES
             ):
                 self.source.show(name)
@@ -263,8 +263,7 @@ class LoraAdminService:
 
     async def _warm(self, loc: AdapterLocation) -> None:
         """Read and validate the files into host memory now (off the engine thread)."""
-        cache = self.engine.engine.adapters
-        await anyio.to_thread.run_sync(cache.load_now, loc)
+        await self.engine.warm_adapter(loc)
 
     # -- finding the files -------------------------------------------------------------
 
@@ -329,20 +328,12 @@ class LoraAdminService:
                 registry = self.registry
                 versions = await anyio.to_thread.run_sync(lambda: registry.versions(lora_name))
                 keys.update(r.key for r in versions)
-            cache = self.engine.engine.adapters
-            kept = await self.engine.call_on_engine(lambda: [k for k in keys if _pinned(cache, k)])
-            for key in keys:
-                if key not in kept:
-                    await self.engine.call_on_engine(lambda k=key: cache.evict(k))
+            kept = await self.engine.evict_adapters(sorted(keys))
         if kept:
             # Hidden already: no new request gets it; the running ones finish with it, and
             # their idle copy leaves the slots by LRU.
             logger.info("unloaded %s; %s still in use by running requests", lora_name, kept)
         return f"Success: LoRA adapter '{lora_name}' removed successfully."
-
-
-def _pinned(cache: object, key: str) -> bool:
-    return bool(cache.slots.pinned(key))  # type: ignore[attr-defined]
 
 
 def _open_files(directory: Path, root: Path, *, source: str) -> _Found:
@@ -386,14 +377,8 @@ def _open_files(directory: Path, root: Path, *, source: str) -> _Found:
     return _Found(directory=directory, handles=handles, sha256=digests, source=source)
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return _sha256(handle)
-
-
 def _sha256(handle: BinaryIO) -> str:
-    h = hashlib.sha256()
-    while block := handle.read(_CHUNK):
-        h.update(block)
+    """The rest of `handle`'s sha256; the handle is rewound to be read again."""
+    digest = hash_stream(handle)[0]
     handle.seek(0)
-    return h.hexdigest()
+    return digest

@@ -28,13 +28,12 @@ from adapterhub_server.engine.protocol import EngineStats, ServableAdapter
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.engine.structured import CompiledGrammar, GrammarSpec
 from adapterhub_server.errors import (
-    AdapterNotFoundError,
     ConflictError,
     InvalidRequestError,
     QueueFullError,
     ShuttingDownError,
 )
-from adapterhub_server.lora.cache import display_name
+from adapterhub_server.lora.cache import AdapterLocation, display_name
 from adapterhub_server.lora.merge import MergeSpec
 
 logger = logging.getLogger(__name__)
@@ -190,40 +189,11 @@ class AsyncLLMEngine:
         return self.running and not self._stop.is_set() and not self._draining
 
     def stats(self) -> EngineStats:
-        # Plain reads of ints and list lengths: safe from any thread, at worst one step old.
-        engine = self.engine
-        cache = engine.adapters.stats()
-        return EngineStats(
-            running=engine.num_running,
-            waiting=engine.num_waiting,
-            max_num_seqs=engine.scheduler.max_num_seqs,
-            adapter_slots_used=cache.device_resident,
-            adapter_slots_total=engine.adapters.slots.max_slots,
-            adapters_in_host_memory=cache.host_resident,
-            adapter_loads=cache.loads,
-            adapter_evictions=cache.evictions,
-            adapter_cache_hits=cache.hits,
-            adapter_cache_misses=cache.misses,
-            kv_cache_usage=engine.kv.usage(),
-            prefix_cache_queried_tokens=engine.kv.stats.queried_tokens,
-            prefix_cache_hit_tokens=engine.kv.stats.hit_tokens,
-            preemptions=engine.scheduler.num_preemptions,
-        )
+        return self.engine.stats()
 
     def adapter_requests(self) -> tuple[list[str], list[str]]:
-        """Adapter names (as clients send them) of the running and of the waiting requests,
-        sorted and without repeats; merges and the base model are left out. For the
-        inference gateway's endpoint picker (`adapterhub_lora_requests_info`). Any thread:
-        a snapshot at most one step old."""
-        scheduler = self.engine.scheduler
-        for _ in range(3):
-            try:
-                return _adapter_names(list(scheduler.running)), _adapter_names(
-                    list(scheduler.waiting)
-                )
-            except RuntimeError:  # the engine thread changed the deque mid-copy: again
-                continue
-        return [], []
+        """See `LLMEngine.adapter_requests`."""
+        return self.engine.adapter_requests()
 
     # -- EngineClient -------------------------------------------------------------------
 
@@ -254,8 +224,7 @@ class AsyncLLMEngine:
     def resolve_adapter(self, model: str) -> str | None:
         if not model or model == self._base_model_id:
             return None
-        if self.engine.adapters.source.locate(model) is None:
-            raise AdapterNotFoundError(f"The model `{model}` does not exist.", param="model")
+        self.engine.locate_adapter(model)  # AdapterNotFoundError if no source knows it
         return model
 
     async def generate(
@@ -355,6 +324,20 @@ class AsyncLLMEngine:
 
         return await self.call_on_engine(run)
 
+    async def evict_adapters(self, keys: Sequence[str]) -> list[str]:
+        """Evict each adapter of `keys` that no running request pins, between steps; the
+        pinned ones (returned) stay until their requests end and LRU takes them."""
+
+        def run() -> list[str]:
+            return [key for key in keys if not self.engine.adapters.evict(key)]
+
+        return await self.call_on_engine(run)
+
+    async def warm_adapter(self, loc: AdapterLocation) -> None:
+        """Read and validate an adapter's files into host memory now, off the engine
+        thread, so its first request does not wait for the disk."""
+        await asyncio.to_thread(self.engine.adapters.load_now, loc)
+
     # -- admission, on the callers' event loops -----------------------------------------
 
     def _admit(self, request_id: str) -> None:
@@ -448,11 +431,6 @@ class AsyncLLMEngine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that event loop is closed; its requests are gone
                 logger.debug("dropping outputs for a closed event loop")
-
-
-def _adapter_names(seqs: list[Any]) -> list[str]:
-    keys = {s.adapter.key for s in seqs if s.adapter is not None and s.adapter.merge is None}
-    return sorted({display_name(k) for k in keys})
 
 
 def _settle_value(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:

@@ -30,6 +30,7 @@ from adapterhub_server.engine.detokenizer import IncrementalDetokenizer, StopChe
 from adapterhub_server.engine.kv_cache_manager import KVCacheManager
 from adapterhub_server.engine.logits_processors import SamplingContext
 from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from adapterhub_server.engine.protocol import EngineStats
 from adapterhub_server.engine.sampler import NON_FINITE, Sampler, make_generator
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.engine.scheduler import Scheduler, SchedulerOutput
@@ -41,7 +42,7 @@ from adapterhub_server.engine.structured import (
     PendingMasks,
 )
 from adapterhub_server.errors import AdapterHubError, ContextLengthError, InvalidRequestError
-from adapterhub_server.lora.cache import AdapterCache
+from adapterhub_server.lora.cache import AdapterCache, AdapterLocation, display_name
 from adapterhub_server.lora.full_module_batch import FullModuleBatch, Span, build_full_module_batch
 from adapterhub_server.lora.full_module_store import ResidentFullModules
 from adapterhub_server.lora.merge import MergeSpec
@@ -209,6 +210,45 @@ class LLMEngine:
         self.add_request(request_id, [0, 0], SamplingParams(max_tokens=2, ignore_eos=True))
         while request_id in self._requests:
             self.step()
+
+    def locate_adapter(self, ref: str) -> AdapterLocation:
+        """Where adapter `ref` is; `AdapterNotFoundError` if no source knows it."""
+        return self.adapters.locate(ref)
+
+    def stats(self) -> EngineStats:
+        """Counters and gauges for `/metrics`. Plain reads of ints and list lengths: safe
+        from any thread, at worst one step old."""
+        cache = self.adapters.stats()
+        prefix = self.kv.stats
+        return EngineStats(
+            running=self.num_running,
+            waiting=self.num_waiting,
+            max_num_seqs=self.scheduler.max_num_seqs,
+            adapter_slots_used=cache.device_resident,
+            adapter_slots_total=self.adapters.max_slots,
+            adapters_in_host_memory=cache.host_resident,
+            adapter_loads=cache.loads,
+            adapter_evictions=cache.evictions,
+            adapter_cache_hits=cache.hits,
+            adapter_cache_misses=cache.misses,
+            kv_cache_usage=self.kv.usage(),
+            prefix_cache_queried_tokens=prefix.queried_tokens,
+            prefix_cache_hit_tokens=prefix.hit_tokens,
+            preemptions=self.scheduler.num_preemptions,
+        )
+
+    def adapter_requests(self) -> tuple[list[str], list[str]]:
+        """Adapter names (as clients send them) of the running and of the waiting requests,
+        sorted and without repeats; merges and the base model are left out. For the
+        inference gateway's endpoint picker (`adapterhub_lora_requests_info`). Any thread:
+        a snapshot at most one step old."""
+        for _ in range(3):
+            try:
+                running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
+            except RuntimeError:  # the engine thread changed a deque mid-copy: again
+                continue
+            return _adapter_names(running), _adapter_names(waiting)
+        return [], []
 
     @property
     def num_running(self) -> int:
@@ -452,7 +492,7 @@ class LLMEngine:
             device=dev,
             dtype=self.kv_cache.k.dtype,
             backend=self.lora_backend,
-            dora_rows=self.adapters.pool.dora_rows,
+            dora_rows=self.adapters.dora_rows,
         )
         return self.model(
             to_device(ids, torch.long, dev),
@@ -474,8 +514,7 @@ class LLMEngine:
         """Which of the step's tokens and logits rows use adapters' full modules or token
         rows (the layout `_run` gives them: decodes, then prefill chunks; logits rows of the
         samplers, then of prompt positions)."""
-        store = self.adapters.full_modules
-        if store is None or not len(store):
+        if not self.adapters.serves_full_modules:
             return None
         spans: list[Span] = []
         for i, seq in enumerate(plan.decodes):
@@ -494,8 +533,7 @@ class LLMEngine:
     def _resident_full(self, seq: Sequence) -> ResidentFullModules | None:
         if seq.route is None or seq.adapter is None:
             return None
-        assert self.adapters.full_modules is not None
-        return self.adapters.full_modules.get(seq.adapter.key)
+        return self.adapters.full_module_weights(seq.adapter.key)
 
     def _start_masks(self, samplers: list[Sequence]) -> PendingMasks | None:
         """Start filling the grammar masks of the constrained rows among `samplers`."""
@@ -661,3 +699,8 @@ def _prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> 
         top = tuple(zip(top_idx[j][:kk], top_lps[j][:kk])) if top_idx and top_lps else ()
         out.append(TokenLogprob(seq.prompt_ids[q + 1], lp, top, rank=ranks[j]))
     return out
+
+
+def _adapter_names(seqs: list[Sequence]) -> list[str]:
+    keys = {s.adapter.key for s in seqs if s.adapter is not None and s.adapter.merge is None}
+    return sorted({display_name(k) for k in keys})

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from adapterhub_server.errors import AdapterNotFoundError, AdapterValidationError
+from adapterhub_server.file_hash import hash_file, mismatch
 from adapterhub_server.lora.adapter import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -33,7 +34,7 @@ from adapterhub_server.lora.adapter import (
     TargetShape,
     load_adapter,
 )
-from adapterhub_server.lora.full_module_store import FullModuleStore
+from adapterhub_server.lora.full_module_store import FullModuleStore, ResidentFullModules
 from adapterhub_server.lora.full_modules import EmbeddingTargets
 from adapterhub_server.lora.merge import MergeRecipe, MergeSpec, merge_adapters, merge_key
 from adapterhub_server.lora.ops import Route, rank_class
@@ -190,7 +191,7 @@ class AdapterCache:
             return self._locate_merge(ref)
         loc = self.source.locate(ref)
         if loc is None:
-            raise AdapterNotFoundError(f"The model `{ref}` does not exist.", param="model")
+            raise AdapterNotFoundError.for_model(str(ref))
         return loc
 
     def _locate_merge(self, spec: MergeSpec) -> AdapterLocation:
@@ -315,7 +316,7 @@ class AdapterCache:
 
     def evict(self, key: str) -> bool:
         """Forget an adapter (e.g. deleted upstream) unless a running request pins it."""
-        if self.slots.pinned(key):
+        if self.pinned(key):
             return False
         self.slots.evict(key)
         self._forget_full(key)
@@ -323,6 +324,30 @@ class AdapterCache:
             self._host.pop(key, None)
             self._identities.pop(key, None)
         return True
+
+    def pinned(self, key: str) -> bool:
+        """Whether a running request holds the adapter's slot (it cannot be evicted)."""
+        return bool(self.slots.pinned(key))
+
+    @property
+    def max_slots(self) -> int:
+        """Device slots for adapters (`--max-loras`)."""
+        return self.slots.max_slots
+
+    @property
+    def dora_rows(self) -> Mapping[Route, int]:
+        """The device slots' DoRA magnitude rows, as the batched LoRA path reads them."""
+        return self.pool.dora_rows
+
+    def full_module_weights(self, key: str) -> ResidentFullModules | None:
+        """The resident full-module weights (head, embeddings, token rows) of an acquired
+        adapter, or None if it has none."""
+        return self.full_modules.get(key) if self.full_modules is not None else None
+
+    @property
+    def serves_full_modules(self) -> bool:
+        """Whether any resident adapter carries full modules or token rows now."""
+        return self.full_modules is not None and len(self.full_modules) > 0
 
     def rank_of(self, key: str) -> int | None:
         """The adapter's rank if it has been parsed (and is still in host memory)."""
@@ -368,9 +393,7 @@ class AdapterCache:
             if not loc.path.is_dir():
                 # Deleted after the request resolved it (a registry version's directory
                 # goes in one rename): for the request, that adapter no longer exists.
-                raise AdapterNotFoundError(
-                    f"The model `{loc.key}` does not exist (it was deleted).", param="model"
-                ) from exc
+                raise AdapterNotFoundError.for_model(loc.key, why="it was deleted") from exc
             if isinstance(exc, OSError):
                 raise AdapterValidationError(
                     f"{loc.key}: the adapter's files cannot be read ({exc.strerror})"
@@ -442,23 +465,16 @@ def _digest_text(digests: Mapping[str, str] | None) -> str:
 
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file; `AdapterValidationError` naming the file if it is unreadable."""
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        return hash_file(path)[0]
     except OSError as exc:
         # strerror, not str(exc): that names the path, and the message reaches clients.
         raise AdapterValidationError(f"{path.name}: cannot be read ({exc.strerror})") from exc
-    return h.hexdigest()
 
 
 def verify_files(directory: Path, expected: Mapping[str, str]) -> None:
     """Raise `AdapterValidationError` naming the first file whose sha256 differs."""
     for filename, digest in expected.items():
-        found = file_sha256(directory / filename)
-        if found != digest:
-            raise AdapterValidationError(
-                f"{filename}: sha256 mismatch (stored file is corrupted: expected {digest}, "
-                f"found {found})"
-            )
+        problem = mismatch(file_sha256(directory / filename), 0, digest)
+        if problem:
+            raise AdapterValidationError(f"{filename}: {problem}")
