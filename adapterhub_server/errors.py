@@ -67,9 +67,14 @@ class ConflictError(AdapterHubError):
 
 
 class PayloadTooLargeError(AdapterHubError):
-    """An upload exceeds the configured size limit."""
+    """An upload or request body exceeds the configured size limit (413)."""
 
     code = "payload_too_large"
+
+    @classmethod
+    def over(cls, what: str, limit: int, *, flag: str, param: str | None) -> PayloadTooLargeError:
+        """The one wording: what was too big, the limit, and the flag that sets it."""
+        return cls(f"{what} exceeds the {limit}-byte limit ({flag})", param=param)
 
 
 class UpstreamError(AdapterHubError):

@@ -249,4 +249,5 @@ class BodySizeLimitMiddleware:
 
 
 def _too_large(limit: int, param: str | None) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"request body exceeds the {limit}-byte limit", param=param)
+    flag = "--max-upload-bytes" if param is not None else "--max-request-bytes"
+    return PayloadTooLargeError.over("the request body", limit, flag=flag, param=param)

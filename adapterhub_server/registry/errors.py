@@ -58,10 +58,8 @@ class VersionConflictError(ConflictError):
     code = "conflict"
 
 
-class PayloadTooLargeError(_PayloadTooLarge):
-    """An upload exceeds the configured size limit (413)."""
-
-    code = "payload_too_large"
+PayloadTooLargeError = _PayloadTooLarge
+"""The registry raises the server-wide 413 error (re-exported for registry callers)."""
 
 
 class ChecksumMismatchError(AdapterValidationError):

@@ -144,9 +144,8 @@ class _Budget:
     def take(self, n: int) -> None:
         self.used += n
         if self.used > self.limit:
-            raise PayloadTooLargeError(
-                f"upload is larger than the {self.limit}-byte limit (max_upload_bytes)",
-                param="file",
+            raise PayloadTooLargeError.over(
+                "the upload", self.limit, flag="--max-upload-bytes", param="file"
             )
 
 
