@@ -124,7 +124,7 @@ class EngineConfig:
         return (
             self.cuda_graphs
             and self.torch_device().type == "cuda"
-            and self.lora_backend() == "triton"
+            and self.lora_backend().supports_cuda_graphs
         )
 
     def torch_dtype(self) -> torch.dtype:

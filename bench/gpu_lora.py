@@ -309,11 +309,13 @@ def run_peft(model, prompts, adapters, new_tokens: int, device: torch.device, pa
 @contextlib.contextmanager
 def engine_variant(engine, variant: str) -> Iterator[None]:
     """Run `engine` as `variant` (see the module docstring) for the duration."""
+    from adapterhub_server.lora.ops import TORCH_OPS
+
     saved = engine.lora_backend, engine.decode_graphs
     if variant in ("engine-eager", "engine-torch"):
         engine.decode_graphs = None
     if variant == "engine-torch":
-        engine.lora_backend = "torch"
+        engine.lora_backend = TORCH_OPS
     try:
         yield
     finally:
@@ -399,8 +401,8 @@ def bench_decode(args, base_dir: Path, device: torch.device, dtype: torch.dtype)
         t0 = time.perf_counter()
         engine = build_engine(base, config, lora_modules={a: dirs[a] for a in names[: max(ks)]})
         print(f"  engine for {n} seqs ready in {time.perf_counter() - t0:.1f} s")
-        kernels = engine.lora_backend == "triton"
-        lora_ops = engine.lora_backend
+        kernels = engine.lora_backend.supports_cuda_graphs
+        lora_ops = str(engine.lora_backend)
         graphs = engine.decode_graphs is not None
         variants = ["engine"]
         if graphs and "engine-eager" not in args.skip:
@@ -584,16 +586,16 @@ def _time_us(fn: Callable[[], object], repeats: int, iters: int, device: torch.d
 
 
 def bench_kernels(args, groups: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    from adapterhub_server.lora.kernels import (
-        add_lora_kernels,
-        build_kernel_mappings,
-        triton_available,
-    )
     from adapterhub_server.lora.ops import (
         add_lora,
         add_lora_reference,
         build_lora_batch,
         rank_class,
+    )
+    from adapterhub_server.lora.triton_ops import (
+        add_lora_kernels,
+        build_kernel_mappings,
+        triton_available,
     )
 
     use_triton = triton_available() and "triton" not in args.skip

@@ -36,6 +36,8 @@ import torch
 
 from adapterhub_server.lora.cpu_kernel import load as load_cpu_kernel
 from adapterhub_server.lora.ops import (
+    CPU_KERNEL,
+    TORCH_OPS,
     add_lora,
     add_lora_reference,
     build_lora_batch,
@@ -88,16 +90,16 @@ def run(tokens: int, adapters: int, rank: int, d_in: int, d_out: int, repeats: i
         y.addmm_(h, b_flat)
 
     def grouped() -> None:
-        batch = build_lora_batch(routes, backend="torch")
+        batch = build_lora_batch(routes, backend=TORCH_OPS)
         add_lora(torch.zeros(tokens, d_out), x, pools, batch)
 
-    prebuilt = build_lora_batch(routes, backend="torch")
+    prebuilt = build_lora_batch(routes, backend=TORCH_OPS)
 
     def grouped_op_only() -> None:
         add_lora(torch.zeros(tokens, d_out), x, pools, prebuilt)
 
     def cpu_kernel() -> None:
-        batch = build_lora_batch(routes, backend="cpu")
+        batch = build_lora_batch(routes, backend=CPU_KERNEL)
         add_lora(torch.zeros(tokens, d_out), x, pools, batch)
 
     fns: dict[str, Callable[[], None]] = {
@@ -138,7 +140,7 @@ def decode_step(tokens: int, adapters: int, rank: int, layers: int, repeats: int
 
     def step(kernel: bool) -> Callable[[], None]:
         def run() -> None:
-            batch = build_lora_batch(routes, backend="cpu" if kernel else "torch")
+            batch = build_lora_batch(routes, backend=CPU_KERNEL if kernel else TORCH_OPS)
             for pools, x, y in calls:
                 add_lora(y, x, pools, batch)
 

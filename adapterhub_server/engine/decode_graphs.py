@@ -14,7 +14,7 @@ buffers the graph reads, and every host-side value must be fixed per graph:
   mask on the device from the positions and the table
   (`models.attention.decode_only_metadata`);
 * LoRA runs through the Triton kernels with static per-rank-class chunk tables sized for
-  the worst case of B tokens (`lora.kernels.KernelMapping`): padding chunks have count 0,
+  the worst case of B tokens (`lora.triton_ops.KernelMapping`): padding chunks have count 0,
   so one graph serves any adapter mix. The adapter weights are read from the pool's slot
   tensors; when the pool reallocates them (it grew), every graph is dropped and recaptured.
   A step in which no sequence uses an adapter replays a graph without the LoRA kernels.
@@ -36,9 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterhub_server.lora.kernels import CHUNK_TOKENS, KernelMapping, plan_chunks
 from adapterhub_server.lora.ops import LoRABatch, Route
 from adapterhub_server.lora.pool import LoRAWeightPool
+from adapterhub_server.lora.routing import CHUNK_TOKENS, plan_chunks
+from adapterhub_server.lora.triton_ops import KernelMapping
 from adapterhub_server.models.attention import KVCache, decode_only_metadata
 from adapterhub_server.models.causal_lm import BatchedCausalLM
 

@@ -46,7 +46,7 @@ from adapterhub_server.lora.cache import AdapterCache, AdapterLocation, display_
 from adapterhub_server.lora.full_module_batch import FullModuleBatch, Span, build_full_module_batch
 from adapterhub_server.lora.full_module_store import ResidentFullModules
 from adapterhub_server.lora.merge import MergeSpec
-from adapterhub_server.lora.ops import LoRABackend, Route, Segment, build_lora_batch
+from adapterhub_server.lora.ops import TORCH_OPS, LoRABackend, Route, Segment, build_lora_batch
 from adapterhub_server.models.attention import KVCache, build_attention_metadata
 from adapterhub_server.models.causal_lm import BatchedCausalLM
 from adapterhub_server.models.transfer import to_device
@@ -74,7 +74,7 @@ class LLMEngine:
         max_model_len: int,
         eos_token_ids: set[int],
         device: torch.device,
-        lora_backend: LoRABackend = "torch",
+        lora_backend: LoRABackend = TORCH_OPS,
         decode_graphs: DecodeGraphs | None = None,
         grammar_compiler: GrammarCompiler | None = None,
         grammar_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,

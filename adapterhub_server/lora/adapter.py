@@ -426,11 +426,7 @@ def _find_weights(path: Path) -> Path:
     if weights.is_file():
         return weights
     try:
-        pickles = sorted(
-            p.name
-            for p in path.iterdir()
-            if p.is_file() and is_pickle_file(p.name)
-        )
+        pickles = sorted(p.name for p in path.iterdir() if p.is_file() and is_pickle_file(p.name))
     except OSError as exc:
         raise AdapterValidationError(
             f"{path.name}: cannot be listed ({exc.strerror})", param="file"

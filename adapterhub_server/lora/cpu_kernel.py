@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import weakref
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +51,10 @@ from pathlib import Path
 import torch
 
 from adapterhub_server.cache_dirs import user_cache_dir
+from adapterhub_server.lora.routing import Route, group_routes
 
 logger = logging.getLogger(__name__)
 
-Route = tuple[int, int]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -272,14 +271,10 @@ def build_cpu_mappings(routes: Sequence[Route | None]) -> list[CpuMapping]:
     Args:
         routes: per dense token, ``(rank_class, slot)`` or None (base model: no work).
     """
-    by_class: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for t, route in enumerate(routes):
-        if route is not None:
-            by_class[route[0]][route[1]].append(t)
     threads = torch.get_num_threads()
     mappings = []
-    for cls, by_slot in sorted(by_class.items()):
-        slots = sorted(by_slot)
+    for cls, by_slot in group_routes(routes).items():
+        slots = list(by_slot)
         tokens: list[int] = []
         starts = [0]
         for s in slots:

@@ -37,23 +37,26 @@ adapted layer, which on a decode step weighed more than the adapter weights they
 The torch ops remain the fallback (no C compiler, other dtypes) and, with
 `add_lora_reference`, the oracle the kernel is tested against.
 
-On CUDA the same semantics run as two Triton kernels per rank class (`lora/kernels.py`,
+On CUDA the same semantics run as two Triton kernels per rank class (`lora/triton_ops.py`,
 custom ops `torch.ops.adapterhub.lora_shrink` / `lora_expand`). Which of the three serves
-an engine (``torch``, ``cpu``, ``triton``) is chosen once, by `lora_backend`.
+an engine is a `LoRABackend` object (`TORCH_OPS`, `CPU_KERNEL`, `TRITON_KERNELS`), chosen
+once by `lora_backend`; it decides how a step's tokens are routed (`LoRABackend.route`),
+and `add_lora` runs whatever that routing holds. The grouping of tokens by adapter itself
+has one writer, `lora/routing.py`.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar
 
 import torch
 
 from adapterhub_server.lora.cpu_kernel import CpuMapping, add_lora_cpu, build_cpu_mappings
 from adapterhub_server.lora.cpu_kernel import load as load_cpu_kernel
-from adapterhub_server.lora.kernels import (
+from adapterhub_server.lora.routing import Route, group_routes, rank_class
+from adapterhub_server.lora.triton_ops import (
     KernelMapping,
     add_lora_kernels,
     build_kernel_mappings,
@@ -61,11 +64,9 @@ from adapterhub_server.lora.kernels import (
 )
 from adapterhub_server.models.transfer import to_device
 
-Route = tuple[int, int]
-"""(rank_class, slot) of one token's adapter."""
+__all__ = ["Route", "rank_class"]  # re-exported: callers import the LoRA API from here
 
 PackedPool = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
-LoRABackend = Literal["torch", "cpu", "triton"]
 """``(A [slots, m * c, in], (B_0 [slots, c, out_0], ..., B_{m-1}))`` for one rank class."""
 
 
@@ -74,14 +75,6 @@ GEMM_MIN_TOKENS = 64
 the CPU kernel, whose dot-product loops are built for a few tokens per adapter (measured
 by ``bench/lora_ops.py --decode-step``: a step of 64 tokens all on one adapter, 18 ms vs
 20 ms; 16 tokens, 6.4 vs 7.0; 64 tokens over 8 adapters, 32 vs 23)."""
-
-
-def rank_class(rank: int) -> int:
-    """The pool class an adapter of this rank lives in: next power of two, at least 8."""
-    c = 8
-    while c < rank:
-        c *= 2
-    return c
 
 
 @dataclass
@@ -139,7 +132,7 @@ def build_lora_batch(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    backend: LoRABackend = "torch",
+    backend: LoRABackend | None = None,
     dora_rows: Mapping[Route, int] | None = None,
 ) -> LoRABatch:
     """Build one step's routing.
@@ -148,14 +141,12 @@ def build_lora_batch(
         dense_routes: per dense token, in token order (tokens ``0..len-1``), its
             ``(rank_class, slot)`` or None for the base model.
         segments: prefill runs that use an adapter; their token ranges follow the dense ones.
-        backend: ``torch`` (the grouped torch ops), ``triton`` (the CUDA kernels, every
-            token grouped by adapter) or ``cpu`` (the fused CPU kernel for the dense tokens
-            of adapters with fewer than `GEMM_MIN_TOKENS` of them, torch ops for the rest);
-            `lora_backend` chooses it once per engine.
+        backend: the engine's `LoRABackend` (`lora_backend` chooses it once per engine);
+            None: `TORCH_OPS`.
         dora_rows: route of each resident DoRA adapter -> its DoRA table row
             (`LoRAWeightPool.dora_rows`); routes not in it are plain LoRA.
     """
-    batch = _lora_routing(dense_routes, segments, device=device, dtype=dtype, backend=backend)
+    batch = (backend or TORCH_OPS).route(dense_routes, segments, device=device, dtype=dtype)
     if dora_rows:
         _add_dora_routing(batch, dense_routes, segments, dora_rows, device)
     return batch
@@ -186,39 +177,105 @@ def _add_dora_routing(
         batch.dora_tokens, batch.dora_rows = packed[: len(tokens)], packed[len(tokens) :]
 
 
-def _lora_routing(
-    dense_routes: Sequence[Route | None],
-    segments: Sequence[Segment],
-    *,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    backend: LoRABackend,
-) -> LoRABatch:
-    """`build_lora_batch` without DoRA: the shrink/expand routing of the chosen backend."""
-    if backend == "triton":
-        routes: list[Route | None] = list(dense_routes)
-        for s in segments:
-            routes += [None] * (s.t0 - len(routes)) + [(s.rank_class, s.slot)] * (s.t1 - s.t0)
-        return LoRABatch(kernel_mappings=build_kernel_mappings(routes, device))
-    batch = LoRABatch(segments=list(segments))
-    by_class: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for t, route in enumerate(dense_routes):
-        if route is not None:
-            by_class[route[0]][route[1]].append(t)
-    if backend == "cpu":
+class LoRABackend:
+    """How an engine's batched LoRA runs, for all its steps: the routing a step builds
+    (`route`), which `add_lora` then executes. One instance per kind (`TORCH_OPS`,
+    `CPU_KERNEL`, `TRITON_KERNELS`); `lora_backend` picks one at start."""
+
+    name: ClassVar[str]
+    supports_cuda_graphs: ClassVar[bool] = False
+    """Whether decode steps may replay CUDA graphs with it (fixed-shape routing tables)."""
+
+    def route(
+        self,
+        dense_routes: Sequence[Route | None],
+        segments: Sequence[Segment],
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> LoRABatch:
+        """One step's shrink/expand routing (no DoRA: `build_lora_batch` adds that)."""
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<LoRABackend {self.name}>"
+
+
+class TorchOps(LoRABackend):
+    """The grouped torch ops: dense tokens gathered per rank class, prefill segments as
+    views of their slot. Any device and dtype; the reference the kernels are tested on."""
+
+    name = "torch"
+
+    def route(
+        self,
+        dense_routes: Sequence[Route | None],
+        segments: Sequence[Segment],
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> LoRABatch:
+        groups = _token_groups(group_routes(dense_routes), device, dtype)
+        return LoRABatch(groups=groups, segments=list(segments))
+
+
+class CpuKernel(LoRABackend):
+    """The fused C kernel for the dense tokens of adapters with fewer than
+    `GEMM_MIN_TOKENS` of them; torch ops for the others and for prefill segments.
+    float32 on CPU only."""
+
+    name = "cpu"
+
+    def route(
+        self,
+        dense_routes: Sequence[Route | None],
+        segments: Sequence[Segment],
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> LoRABatch:
         if torch.device(device).type != "cpu" or dtype != torch.float32:
             raise ValueError(f"the CPU LoRA kernel cannot serve {dtype} on {device}")
+        batch = LoRABatch(segments=list(segments))
         kernel_routes = list(dense_routes)
-        for cls, slots in sorted(by_class.items()):
-            for slot, tokens in sorted(slots.items()):
+        for cls, slots in group_routes(dense_routes).items():
+            for slot, tokens in slots.items():
                 if len(tokens) >= GEMM_MIN_TOKENS:
                     batch.groups += _token_groups({cls: {slot: tokens}}, device, dtype)
                     for t in tokens:
                         kernel_routes[t] = None
         batch.cpu_mappings = build_cpu_mappings(kernel_routes)
         return batch
-    batch.groups = _token_groups(by_class, device, dtype)
-    return batch
+
+
+class TritonKernels(LoRABackend):
+    """The Triton kernels on CUDA: every token, dense or prefill, chunked by adapter."""
+
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def route(
+        self,
+        dense_routes: Sequence[Route | None],
+        segments: Sequence[Segment],
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> LoRABatch:
+        routes: list[Route | None] = list(dense_routes)
+        for s in segments:
+            routes += [None] * (s.t0 - len(routes)) + [(s.rank_class, s.slot)] * (s.t1 - s.t0)
+        return LoRABatch(kernel_mappings=build_kernel_mappings(routes, device))
+
+
+TORCH_OPS = TorchOps()
+CPU_KERNEL = CpuKernel()
+TRITON_KERNELS = TritonKernels()
+BACKENDS: dict[str, LoRABackend] = {b.name: b for b in (TORCH_OPS, CPU_KERNEL, TRITON_KERNELS)}
+"""Each backend by its `lora_kernel` name."""
 
 
 def lora_backend(requested: str, device: torch.device, dtype: torch.dtype) -> LoRABackend:
@@ -231,11 +288,11 @@ def lora_backend(requested: str, device: torch.device, dtype: torch.dtype) -> Lo
     """
     cpu_serves = device.type == "cpu" and dtype == torch.float32
     if requested == "torch":
-        return "torch"
+        return TORCH_OPS
     if requested == "triton":
         if not triton_available():
             raise ValueError("lora_kernel='triton' but Triton is not installed")
-        return "triton"
+        return TRITON_KERNELS
     if requested == "cpu":
         if not cpu_serves:
             raise ValueError(f"lora_kernel='cpu' serves float32 on CPU, not {dtype} on {device}")
@@ -244,14 +301,14 @@ def lora_backend(requested: str, device: torch.device, dtype: torch.dtype) -> Lo
                 "lora_kernel='cpu' but the CPU LoRA kernel cannot be built here (it needs a "
                 "C compiler, Linux and torch's GNU OpenMP; see the log)"
             )
-        return "cpu"
+        return CPU_KERNEL
     if requested != "auto":
         raise ValueError(f"unknown lora_kernel {requested!r}")
     if device.type == "cuda" and triton_available():
-        return "triton"
+        return TRITON_KERNELS
     if cpu_serves and load_cpu_kernel() is not None:
-        return "cpu"
-    return "torch"
+        return CPU_KERNEL
+    return TORCH_OPS
 
 
 def _token_groups(

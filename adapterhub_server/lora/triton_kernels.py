@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adapterhub_server.lora.kernels import CHUNK_TOKENS
+from adapterhub_server.lora.routing import CHUNK_TOKENS
 
 # tl.dot needs every block dimension >= 16.
 _BLOCK_M = CHUNK_TOKENS

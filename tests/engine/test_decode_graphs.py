@@ -23,8 +23,9 @@ from adapterhub_server.engine.decode_graphs import (
 )
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.sampling_params import SamplingParams
-from adapterhub_server.lora.kernels import plan_chunks, triton_available
 from adapterhub_server.lora.ops import Route
+from adapterhub_server.lora.routing import plan_chunks
+from adapterhub_server.lora.triton_ops import triton_available
 from tests.engine.test_engine import _engine, _greedy_equals_peft, _requests
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")

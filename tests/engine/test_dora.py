@@ -23,7 +23,7 @@ from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.errors import AdapterValidationError
 from adapterhub_server.lora.adapter import WEIGHTS_FILE
 from adapterhub_server.lora.cpu_kernel import load as load_cpu_kernel
-from adapterhub_server.lora.kernels import triton_available
+from adapterhub_server.lora.triton_ops import triton_available
 from adapterhub_server.registry import (
     BaseModelSpec,
     Registry,
@@ -56,7 +56,7 @@ def test_mixed_dora_lora_base_greedy_equals_peft(tiny_base, mixed, reference, ba
     rows freed and reused) while others run; prefill is chunked; requests finish at
     different steps."""
     engine = _engine(tiny_base, mixed, max_num_batched_tokens=24, max_loras=2, lora_kernel=backend)
-    assert engine.lora_backend == backend
+    assert str(engine.lora_backend) == backend
     names = ["dora", None, "r8", "dora-attn", "dora-r32", "attn-only", "dora", None]
     reqs = _requests(engine.tokenizer, names, max_tokens=[9, 5, 12, 7])
     _greedy_equals_peft(engine, reqs, reference)

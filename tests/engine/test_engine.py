@@ -17,7 +17,7 @@ from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.errors import AdapterNotFoundError, ContextLengthError
 from adapterhub_server.lora.cache import AdapterLocation, StaticAdapterSource
-from adapterhub_server.lora.kernels import triton_available
+from adapterhub_server.lora.triton_ops import triton_available
 
 PROMPTS = [
     "hello world",
@@ -126,7 +126,7 @@ def test_triton_kernel_path_greedy_equals_peft(tiny_base, tiny_adapters, peft_gr
     engine = _engine(
         tiny_base, tiny_adapters, max_num_batched_tokens=24, max_loras=3, lora_kernel="triton"
     )
-    assert engine.lora_backend == "triton"
+    assert str(engine.lora_backend) == "triton"
     reqs = _requests(engine.tokenizer, [*tiny_adapters, None], max_tokens=[6, 9, 4])
     _greedy_equals_peft(engine, reqs, peft_greedy, timeout=600)
     assert engine.adapters.stats().evictions > 0

@@ -13,7 +13,7 @@ import torch
 
 from adapterhub_server.engine.engine import LLMEngine
 from adapterhub_server.engine.sampling_params import SamplingParams
-from adapterhub_server.lora.kernels import triton_available
+from adapterhub_server.lora.triton_ops import triton_available
 from tests.engine.test_decode_graphs import _static_engine
 from tests.engine.test_engine import PROMPTS, Result, _engine
 

@@ -13,7 +13,9 @@ import torch
 from adapterhub_server.config import EngineConfig
 from adapterhub_server.lora import cpu_kernel
 from adapterhub_server.lora.ops import (
+    CPU_KERNEL,
     GEMM_MIN_TOKENS,
+    TORCH_OPS,
     PackedPool,
     Route,
     Segment,
@@ -72,7 +74,7 @@ def test_dense_tokens_match_reference(
     base = torch.randn(num_tokens, sum(outs), dtype=torch.float64)
     expected = base.clone()
     add_lora_reference(expected, x, pools64, routes)
-    batch = build_lora_batch(routes, backend="cpu")
+    batch = build_lora_batch(routes, backend=CPU_KERNEL)
     busiest = max((routes.count(r) for r in set(routes) if r is not None), default=0)
     assert bool(batch.groups) == (busiest >= GEMM_MIN_TOKENS)
     assert batch.active == any(r is not None for r in routes)
@@ -100,7 +102,7 @@ def test_decode_plus_prefill_segments_match_reference(mix: str, threads: int) ->
     expected = torch.zeros(t, sum(outs), dtype=torch.float64)
     add_lora_reference(expected, x, pools64, routes)
     got = torch.zeros(t, sum(outs))
-    add_lora(got, x.float(), pools32, build_lora_batch(dense, segments, backend="cpu"))
+    add_lora(got, x.float(), pools32, build_lora_batch(dense, segments, backend=CPU_KERNEL))
     _check(got, expected)
 
 
@@ -113,7 +115,7 @@ def test_busy_adapters_take_the_gemms_beside_the_kernel(threads: int) -> None:
     busy: list[Route | None] = [(16, 2)] * GEMM_MIN_TOKENS + [(8, 1)] * (GEMM_MIN_TOKENS + 3)
     routes = busy + mixed_routes("with_base", 20, rng) + mixed_routes("all_distinct", 10, rng)
     rng.shuffle(routes)
-    batch = build_lora_batch(routes, backend="cpu")
+    batch = build_lora_batch(routes, backend=CPU_KERNEL)
     assert {(g.rank_class, g.slot_lo) for g in batch.groups} == {(16, 2), (8, 1)}
     assert batch.cpu_mappings
     n = len(routes)
@@ -133,8 +135,8 @@ def test_matches_the_torch_ops() -> None:
     x = torch.randn(40, D_IN)
     base = torch.randn(40, sum(outs))
     via_torch, via_kernel = base.clone(), base.clone()
-    add_lora(via_torch, x, pools32, build_lora_batch(routes, backend="torch"))
-    add_lora(via_kernel, x, pools32, build_lora_batch(routes, backend="cpu"))
+    add_lora(via_torch, x, pools32, build_lora_batch(routes, backend=TORCH_OPS))
+    add_lora(via_kernel, x, pools32, build_lora_batch(routes, backend=CPU_KERNEL))
     torch.testing.assert_close(via_kernel, via_torch, rtol=1e-4, atol=1e-4)
 
 
@@ -144,7 +146,7 @@ def test_base_rows_are_untouched() -> None:
     x = torch.randn(5, D_IN)
     y = torch.randn(5, 40)
     before = y.clone()
-    add_lora(y, x, pools32, build_lora_batch(routes, backend="cpu"))
+    add_lora(y, x, pools32, build_lora_batch(routes, backend=CPU_KERNEL))
     for t in (0, 2, 4):
         assert torch.equal(y[t], before[t])
     assert not torch.equal(y[1], before[1])
@@ -162,7 +164,7 @@ def test_strided_rows() -> None:
     y = wide_y[:, 4 : 4 + sum(outs)]
     expected = torch.zeros(12, sum(outs), dtype=torch.float64)
     add_lora_reference(expected, x.double(), pools64, routes)
-    add_lora(y, x, pools32, build_lora_batch(routes, backend="cpu"))
+    add_lora(y, x, pools32, build_lora_batch(routes, backend=CPU_KERNEL))
     _check(y, expected)
     assert torch.equal(wide_y[:, :4], torch.zeros(12, 4))
     assert torch.equal(wide_y[:, 4 + sum(outs) :], torch.zeros(12, 5))
@@ -170,15 +172,15 @@ def test_strided_rows() -> None:
 
 def test_auto_picks_the_kernel_for_float32_on_cpu_only() -> None:
     cpu = torch.device("cpu")
-    assert lora_backend("auto", cpu, torch.float32) == "cpu"
-    assert lora_backend("auto", cpu, torch.bfloat16) == "torch"
-    assert lora_backend("torch", cpu, torch.float32) == "torch"
+    assert str(lora_backend("auto", cpu, torch.float32)) == "cpu"
+    assert str(lora_backend("auto", cpu, torch.bfloat16)) == "torch"
+    assert str(lora_backend("torch", cpu, torch.float32)) == "torch"
     with pytest.raises(ValueError, match="float32 on CPU"):
         lora_backend("cpu", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="cannot serve"):
-        build_lora_batch([(8, 0)], dtype=torch.bfloat16, backend="cpu")
-    assert EngineConfig(device="cpu").lora_backend() == "cpu"
-    assert EngineConfig(device="cpu", lora_kernel="torch").lora_backend() == "torch"
+        build_lora_batch([(8, 0)], dtype=torch.bfloat16, backend=CPU_KERNEL)
+    assert str(EngineConfig(device="cpu").lora_backend()) == "cpu"
+    assert str(EngineConfig(device="cpu", lora_kernel="torch").lora_backend()) == "torch"
 
 
 def test_refuses_what_would_leave_its_tensors() -> None:
@@ -187,15 +189,15 @@ def test_refuses_what_would_leave_its_tensors() -> None:
     x = torch.randn(3, D_IN)
     y = torch.zeros(3, 40)
     with pytest.raises(ValueError, match="do not match"):  # slot 7 is past the pool's 5
-        add_lora(y, x, pools32, build_lora_batch([(8, 7)], backend="cpu"))
+        add_lora(y, x, pools32, build_lora_batch([(8, 7)], backend=CPU_KERNEL))
     with pytest.raises(ValueError, match="do not match"):  # token 5 is past x's 3 rows
-        add_lora(y, x, pools32, build_lora_batch([None] * 5 + [(8, 0)], backend="cpu"))
+        add_lora(y, x, pools32, build_lora_batch([None] * 5 + [(8, 0)], backend=CPU_KERNEL))
     with pytest.raises(ValueError, match="do not match"):  # x is narrower than A
-        add_lora(y, x[:, :10], pools32, build_lora_batch([(8, 0)], backend="cpu"))
+        add_lora(y, x[:, :10], pools32, build_lora_batch([(8, 0)], backend=CPU_KERNEL))
     with pytest.raises(TypeError, match="float32"):
-        add_lora(y.double(), x.double(), pools32, build_lora_batch([(8, 0)], backend="cpu"))
+        add_lora(y.double(), x.double(), pools32, build_lora_batch([(8, 0)], backend=CPU_KERNEL))
     with pytest.raises(ValueError, match="contiguous rows"):
-        add_lora(y, x.t().contiguous().t(), pools32, build_lora_batch([(8, 0)], backend="cpu"))
+        add_lora(y, x.t().contiguous().t(), pools32, build_lora_batch([(8, 0)], backend=CPU_KERNEL))
 
 
 def test_builds_into_the_cache_and_can_be_turned_off(
@@ -213,7 +215,7 @@ def test_builds_into_the_cache_and_can_be_turned_off(
         monkeypatch.setenv("ADAPTERHUB_CPU_LORA_KERNEL", "0")
         cpu_kernel.load.cache_clear()
         assert cpu_kernel.load() is None
-        assert lora_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+        assert str(lora_backend("auto", torch.device("cpu"), torch.float32)) == "torch"
     finally:
         monkeypatch.undo()
         cpu_kernel.load.cache_clear()
@@ -227,7 +229,7 @@ def test_without_a_working_compiler_the_torch_ops_serve(
     cpu_kernel.load.cache_clear()
     try:
         assert cpu_kernel.load() is None
-        assert EngineConfig(device="cpu").lora_backend() == "torch"
+        assert str(EngineConfig(device="cpu").lora_backend()) == "torch"
         with pytest.raises(ValueError, match="cannot be built"):
             EngineConfig(device="cpu", lora_kernel="cpu").lora_backend()
     finally:

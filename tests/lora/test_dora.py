@@ -18,10 +18,10 @@ from adapterhub_server.engine.build import _install_lora_layers
 from adapterhub_server.lora.adapter import LoRAAdapter, ModuleLoRA, adaptable_modules
 from adapterhub_server.lora.cpu_kernel import load as load_cpu_kernel
 from adapterhub_server.lora.dora import DoRATables, apply_dora, apply_dora_reference
-from adapterhub_server.lora.kernels import triton_available
 from adapterhub_server.lora.layers import LoRAContext
-from adapterhub_server.lora.ops import Route, Segment, build_lora_batch
+from adapterhub_server.lora.ops import BACKENDS, Route, Segment, build_lora_batch
 from adapterhub_server.lora.pool import LoRAWeightPool, packed_groups
+from adapterhub_server.lora.triton_ops import triton_available
 from tests.tiny_models import randomise_dora
 
 HIDDEN, Q_OUT, KV_OUT = 32, 48, 16
@@ -149,7 +149,9 @@ def test_mixed_batch_equals_peft_dora_layers(setup, backend: str) -> None:
     x = torch.randn(len(names), HIDDEN, generator=gen)
     xo = torch.randn(len(names), Q_OUT, generator=gen)
 
-    context.batch = build_lora_batch(dense, segments, backend=backend, dora_rows=pool.dora_rows)
+    context.batch = build_lora_batch(
+        dense, segments, backend=BACKENDS[backend], dora_rows=pool.dora_rows
+    )
     attn = served.layers[0].self_attn
     with torch.no_grad():
         got = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.o_proj(xo)], -1)

@@ -14,19 +14,20 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from adapterhub_server.lora.kernels import (
-    KernelMapping,
-    add_lora_kernels,
-    build_kernel_mappings,
-    triton_available,
-)
 from adapterhub_server.lora.ops import (
+    TRITON_KERNELS,
     PackedPool,
     Route,
     Segment,
     add_lora,
     add_lora_reference,
     build_lora_batch,
+)
+from adapterhub_server.lora.triton_ops import (
+    KernelMapping,
+    add_lora_kernels,
+    build_kernel_mappings,
+    triton_available,
 )
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
@@ -164,7 +165,7 @@ def test_lora_batch_with_kernels_equals_the_torch_path() -> None:
     x, y0 = torch.randn(31, IN), torch.randn(31, sum(OUTS))
     torch_path, kernel_path = y0.clone(), y0.clone()
     add_lora(torch_path, x, pools, build_lora_batch(dense, segments))
-    batch = build_lora_batch(dense, segments, backend="triton")
+    batch = build_lora_batch(dense, segments, backend=TRITON_KERNELS)
     assert batch.active and not batch.groups and not batch.segments
     add_lora(kernel_path, x, pools, batch)
     torch.testing.assert_close(kernel_path, torch_path, rtol=1e-4, atol=1e-4)
@@ -211,8 +212,8 @@ def test_kernels_on_cuda(mix: str, dtype: torch.dtype) -> None:
 def test_kernel_selection() -> None:
     from adapterhub_server.config import EngineConfig
 
-    assert EngineConfig(device="cpu").lora_backend() != "triton"  # auto: Triton on CUDA only
-    assert EngineConfig(device="cpu", lora_kernel="torch").lora_backend() == "torch"
-    assert EngineConfig(device="cpu", lora_kernel="triton").lora_backend() == "triton"
+    assert str(EngineConfig(device="cpu").lora_backend()) != "triton"  # auto: Triton on CUDA only
+    assert str(EngineConfig(device="cpu", lora_kernel="torch").lora_backend()) == "torch"
+    assert str(EngineConfig(device="cpu", lora_kernel="triton").lora_backend()) == "triton"
     with pytest.raises(ValueError, match="lora_kernel"):
         EngineConfig(lora_kernel="cutlass")

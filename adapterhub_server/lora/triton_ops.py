@@ -1,4 +1,5 @@
-"""The Triton LoRA kernels as torch custom ops, and the per-step token grouping they read.
+"""The Triton LoRA kernels (`triton_kernels.py`) as torch custom ops, and the device tables
+of a step's chunks (`routing.plan_chunks`) that they read.
 
 `lora_shrink` and `lora_expand` are registered as ``torch.ops.adapterhub.*`` with fake
 (meta) implementations, so `torch.compile` traces through them without running them. They
@@ -15,15 +16,13 @@ Semantics, for every chunk c and every token t in it (slot s = ``chunk_slots[c]`
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from adapterhub_server.lora.routing import Route, plan_chunks
 from adapterhub_server.models.transfer import to_device
-
-Route = tuple[int, int]
 
 
 @functools.cache
@@ -35,10 +34,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-CHUNK_TOKENS = 16
-"""Tokens per work item: the kernels' block of rows (``tl.dot`` needs at least 16)."""
 
 
 @dataclass(frozen=True)
@@ -65,43 +60,6 @@ class KernelMapping:
     def index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The arguments the custom ops take after their data tensors."""
         return self.token_indices, self.chunk_slots, self.chunk_starts, self.chunk_counts
-
-
-@dataclass
-class ChunkPlan:
-    """Host-side chunks of one rank class (what `KernelMapping` holds on the device)."""
-
-    tokens: list[int]
-    slots: list[int]
-    starts: list[int]
-    counts: list[int]
-
-
-def plan_chunks(routes: Sequence[Route | None]) -> dict[int, ChunkPlan]:
-    """Group the tokens of a step by (rank class, slot) and cut each group into chunks.
-
-    Args:
-        routes: per token of the flat batch, ``(rank_class, slot)`` or None (base model).
-    Returns:
-        rank class -> its chunks, classes in ascending order. A class with g slots in use
-        and n tokens has at most ``min(n, g + n // CHUNK_TOKENS)`` chunks.
-    """
-    by_class: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for t, route in enumerate(routes):
-        if route is not None:
-            by_class[route[0]][route[1]].append(t)
-    plans = {}
-    for cls, groups in sorted(by_class.items()):
-        plan = ChunkPlan([], [], [], [])
-        for slot in sorted(groups):
-            members = groups[slot]
-            for i in range(0, len(members), CHUNK_TOKENS):
-                plan.slots.append(slot)
-                plan.starts.append(len(plan.tokens) + i)
-                plan.counts.append(min(CHUNK_TOKENS, len(members) - i))
-            plan.tokens.extend(members)
-        plans[cls] = plan
-    return plans
 
 
 def build_kernel_mappings(
