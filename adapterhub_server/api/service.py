@@ -65,6 +65,7 @@ from adapterhub_server.api.tools import (
 from adapterhub_server.config import DEFAULT_MAX_PROMPTS_PER_REQUEST
 from adapterhub_server.engine.outputs import RequestOutput, TokenLogprob
 from adapterhub_server.engine.protocol import EngineClient
+from adapterhub_server.engine.request_checks import check_context
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.engine.structured import CompiledGrammar, GrammarError, GrammarSpec
 from adapterhub_server.errors import (
@@ -666,18 +667,13 @@ class InferenceService:
         self, prompt_tokens: int, max_tokens: int, prompt_param: str, max_param: str
     ) -> None:
         """Refuse before queueing what the engine would refuse anyway."""
-        limit = self.engine.max_model_len
-        if prompt_tokens >= limit:
-            raise ContextLengthError(
-                f"the prompt has {prompt_tokens} tokens; this model's context is {limit} tokens",
-                param=prompt_param,
-            )
-        if prompt_tokens + max_tokens > limit:
-            raise ContextLengthError(
-                f"the prompt ({prompt_tokens} tokens) plus {max_param} ({max_tokens}) exceeds "
-                f"this model's context of {limit} tokens",
-                param=max_param,
-            )
+        check_context(
+            prompt_tokens,
+            max_tokens,
+            self.engine.max_model_len,
+            prompt_param=prompt_param,
+            max_param=max_param,
+        )
 
     async def _start(
         self,

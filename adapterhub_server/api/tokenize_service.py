@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from adapterhub_server.api.service import InferenceService, message_bytes, utf8_length
 from adapterhub_server.api.tools import render_conversation
-from adapterhub_server.errors import InvalidRequestError
+from adapterhub_server.engine.request_checks import check_token_ids
 from client.types import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -59,9 +59,7 @@ class TokenizeService:
         """The text of `request.tokens`, special tokens included."""
         self._inference.resolve_model(request.model or "")
         tokenizer = self._engine.tokenizer
-        vocab = len(tokenizer)
-        if any(t >= vocab for t in request.tokens):
-            raise InvalidRequestError(f"token ids must be in [0, {vocab})", param="tokens")
+        check_token_ids(request.tokens, len(tokenizer), param="tokens")
         prompt = await self._inference.in_worker(tokenizer.decode, request.tokens)
         return DetokenizeResponse(prompt=prompt)
 

@@ -31,6 +31,7 @@ from adapterhub_server.engine.kv_cache_manager import KVCacheManager
 from adapterhub_server.engine.logits_processors import SamplingContext
 from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from adapterhub_server.engine.protocol import EngineStats
+from adapterhub_server.engine.request_checks import check_context, check_token_ids
 from adapterhub_server.engine.sampler import NON_FINITE, Sampler, make_generator
 from adapterhub_server.engine.sampling_params import SamplingParams
 from adapterhub_server.engine.scheduler import Scheduler, SchedulerOutput
@@ -137,13 +138,7 @@ class LLMEngine:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.max_model_len} tokens. "
-                f"However, you requested {len(prompt_ids) + params.max_tokens} tokens "
-                f"({len(prompt_ids)} in the prompt, {params.max_tokens} for the completion).",
-                param="max_tokens",
-            )
+        check_context(len(prompt_ids), params.max_tokens, self.max_model_len)
         total = len(prompt_ids) + params.max_tokens
         needed = self.kv.blocks_needed(total, self.scheduler.max_num_batched_tokens)
         if needed > self.kv.pool.usable_blocks:
@@ -155,8 +150,7 @@ class LLMEngine:
                 param="max_tokens",
             )
         vocab = self.model.shape.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidRequestError("prompt token id out of the vocabulary", param="prompt")
+        check_token_ids(prompt_ids, vocab, param="prompt")
         if any(t >= vocab for t, _ in params.logit_bias):
             raise InvalidRequestError(
                 f"logit_bias names a token id outside the vocabulary (0 to {vocab - 1})",
