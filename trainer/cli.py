@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_server.errors import AdapterHubError
-from adapterhub_server.registry.factory import registry_location
+from adapterhub_server.registry import registry_location
 from trainer.config import (
     BATCHINGS,
     METHODS,

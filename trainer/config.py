@@ -170,7 +170,7 @@ class TrainConfig:
         set_ = object.__setattr__  # frozen: normalise types in place
         set_(self, "data", Path(self.data))
         if self.registry is not None:
-            from adapterhub_server.registry.factory import registry_location
+            from adapterhub_server.registry import registry_location
 
             set_(self, "registry", registry_location(str(self.registry)))
         for name in ("output_dir", "eval_data", "checkpoint_dir"):
@@ -240,7 +240,7 @@ class TrainConfig:
 
             validate_adapter_name(self.name)
         if self.alias is not None:
-            from adapterhub_server.registry.refs import validate_alias
+            from adapterhub_server.registry import validate_alias
 
             validate_alias(self.alias)
 
@@ -288,7 +288,7 @@ class TrainConfig:
             return self.checkpoint_dir
         if self.output_dir is not None:
             return self.output_dir / "checkpoints"
-        from adapterhub_server.registry.registry import default_registry_dir
+        from adapterhub_server.registry import default_registry_dir
 
         registry = self.registry if isinstance(self.registry, Path) else default_registry_dir()
         return registry.parent / "checkpoints" / str(self.name)
@@ -306,7 +306,7 @@ class TrainConfig:
             elif isinstance(value, tuple):
                 value = list(value)
             elif f.name == "registry" and isinstance(value, str):
-                from adapterhub_server.registry.factory import describe_location
+                from adapterhub_server.registry import describe_location
 
                 value = describe_location(value)  # never a password in lineage or logs
             out[f.name] = value

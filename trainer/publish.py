@@ -14,8 +14,13 @@ from typing import Any
 import torch
 
 from adapterhub_server.base_model import ResolvedBaseModel
-from adapterhub_server.registry import BaseModelSpec, Lineage, Registry, VersionRecord
-from adapterhub_server.registry.registry import default_registry_location
+from adapterhub_server.registry import (
+    BaseModelSpec,
+    Lineage,
+    Registry,
+    VersionRecord,
+    default_registry_location,
+)
 from trainer.config import TrainConfig
 from trainer.extract import Extraction
 from trainer.kinds import describe_kind

@@ -82,8 +82,7 @@ def _run(
     from transformers import AutoTokenizer
 
     from adapterhub_server.base_model import resolve_base_model
-    from adapterhub_server.registry import BaseModelSpec
-    from adapterhub_server.registry.targets import meta_model_from_dir
+    from adapterhub_server.registry import BaseModelSpec, meta_model_from_dir
     from trainer import loop
     from trainer.data import load_examples, sha256_file
     from trainer.kinds import EmbeddingFacts, check_against_base

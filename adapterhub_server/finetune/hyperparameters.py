@@ -27,9 +27,15 @@ from client.types import (
     FineTuningJobCreateRequest,
     FineTuningJobHyperparameters,
 )
-from trainer.config import ALL_LINEAR, DEFAULT_LR, TrainConfig, TrainConfigError, auto_epochs
-from trainer.data import JsonlStats
-from trainer.kinds import check_against_base
+from trainer import (
+    ALL_LINEAR,
+    DEFAULT_LR,
+    JsonlStats,
+    TrainConfig,
+    TrainConfigError,
+    auto_epochs,
+    check_against_base,
+)
 
 EXTENSIONS: dict[str, str] = {
     "training_method": "method",

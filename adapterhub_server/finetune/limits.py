@@ -17,7 +17,7 @@ from adapterhub_server.config import DEFAULT_MAX_FINE_TUNING_TOKENS
 from adapterhub_server.errors import BaseModelError
 
 if TYPE_CHECKING:
-    from trainer.kinds import EmbeddingFacts
+    from trainer import EmbeddingFacts
 
 MAX_SEED = 2**32 - 1
 """Largest `seed` of a job: the trainer derives per-epoch seeds from it, which must stay
@@ -94,9 +94,7 @@ class BaseModelInfo:
                 causal LM transformers implements.
         """
         from adapterhub_server.registry.targets import meta_model_from_config, targets_from_config
-        from trainer.config import ALL_LINEAR, TrainConfigError
-        from trainer.kinds import EmbeddingFacts
-        from trainer.modeling import resolve_target_modules
+        from trainer import ALL_LINEAR, EmbeddingFacts, TrainConfigError, resolve_target_modules
 
         try:
             config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))

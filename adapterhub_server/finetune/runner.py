@@ -56,8 +56,7 @@ from adapterhub_server.finetune.records import (
     JobError,
     make_event,
 )
-from trainer.checkpoint_paths import latest_checkpoint
-from trainer.events import read_events
+from trainer import latest_checkpoint, read_events
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from client.types import (
     FineTuningJobMethod,
     FineTuningJobSupervised,
 )
-from trainer.data import DataError, JsonlStats, scan_jsonl
+from trainer import DataError, JsonlStats, scan_jsonl
 
 PURPOSE = "fine-tune"
 DEFAULT_NAME_PREFIX = "ft-"

@@ -16,6 +16,7 @@ from adapterhub_server.registry.errors import (
     RegistryError,
     VersionConflictError,
 )
+from adapterhub_server.registry.factory import describe_location, open_registry, registry_location
 from adapterhub_server.registry.records import (
     AdapterInfo,
     FileRecord,
@@ -33,7 +34,11 @@ from adapterhub_server.registry.registry import (
     default_registry_location,
 )
 from adapterhub_server.registry.source import RegistryAdapterSource
-from adapterhub_server.registry.targets import BaseModelSpec, targets_from_config
+from adapterhub_server.registry.targets import (
+    BaseModelSpec,
+    meta_model_from_dir,
+    targets_from_config,
+)
 
 __all__ = [
     "AdapterInfo",
@@ -59,7 +64,11 @@ __all__ = [
     "VersionRecord",
     "default_registry_dir",
     "default_registry_location",
+    "describe_location",
+    "meta_model_from_dir",
+    "open_registry",
     "parse_ref",
+    "registry_location",
     "targets_from_config",
     "validate_alias",
 ]
