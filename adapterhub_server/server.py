@@ -79,18 +79,8 @@ def build_server(config: ServerConfig, base: ResolvedBaseModel | None = None) ->
     registry = None
     sources: list[AdapterSource] = [StaticAdapterSource(config.lora_modules)]
     if config.registry is not None:
-        spec = BaseModelSpec.from_directory(base.path, model_id)
-        registry = Registry.open(
-            config.registry,
-            blobs=config.registry_blobs,
-            base=spec,
-            limits=RegistryLimits(
-                max_lora_rank=config.engine.max_lora_rank,
-                max_upload_bytes=config.max_upload_bytes,
-                serving_dtype=config.engine.torch_dtype(),
-            ),
-        )
-        sources.append(RegistryAdapterSource(registry, base_fingerprint=spec.fingerprint))
+        registry, source = open_server_registry(config, base.path, model_id)
+        sources.append(source)
     # Per-replica view: names unloaded here, adapters loaded here without a registry.
     replica_source = ReplicaAdapterSource(sources)
     engine = AsyncLLMEngine.build(
@@ -139,6 +129,28 @@ def build_server(config: ServerConfig, base: ResolvedBaseModel | None = None) ->
         metrics_without_key=config.metrics_without_key,
         admin_loopback_without_key=config.admin_loopback_without_key,
     )
+
+
+def open_server_registry(
+    config: ServerConfig, base_path: Path, model_id: str, *, recover: bool = True
+) -> tuple[Registry, RegistryAdapterSource]:
+    """`config.registry` opened for serving `model_id` (uploads held to what this server
+    can serve), and the adapter source that resolves requests from it. `recover=False`
+    for a reader beside the replicas (crash recovery is the writers' business)."""
+    assert config.registry is not None
+    spec = BaseModelSpec.from_directory(base_path, model_id)
+    registry = Registry.open(
+        config.registry,
+        blobs=config.registry_blobs,
+        base=spec,
+        limits=RegistryLimits(
+            max_lora_rank=config.engine.max_lora_rank,
+            max_upload_bytes=config.max_upload_bytes,
+            serving_dtype=config.engine.torch_dtype(),
+        ),
+        recover=recover,
+    )
+    return registry, RegistryAdapterSource(registry, base_fingerprint=spec.fingerprint)
 
 
 def build_async_engine(config: ServerConfig) -> AsyncLLMEngine:

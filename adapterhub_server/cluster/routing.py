@@ -68,25 +68,7 @@ class AdapterKeyResolver:
 
 
 def _registry_source(config: ServerConfig, base_path: Path, model_id: str) -> AdapterSource:
-    from adapterhub_server.registry import (
-        BaseModelSpec,
-        Registry,
-        RegistryAdapterSource,
-        RegistryLimits,
-    )
+    from adapterhub_server.server import open_server_registry
 
-    assert config.registry is not None
-    spec = BaseModelSpec.from_directory(base_path, model_id)
     # A reader beside the replicas: crash recovery is the writers' business.
-    registry = Registry.open(
-        config.registry,
-        blobs=config.registry_blobs,
-        base=spec,
-        limits=RegistryLimits(
-            max_lora_rank=config.engine.max_lora_rank,
-            max_upload_bytes=config.max_upload_bytes,
-            serving_dtype=config.engine.torch_dtype(),
-        ),
-        recover=False,
-    )
-    return RegistryAdapterSource(registry, base_fingerprint=spec.fingerprint)
+    return open_server_registry(config, base_path, model_id, recover=False)[1]

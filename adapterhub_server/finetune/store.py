@@ -32,7 +32,7 @@ from pathlib import Path
 
 from adapterhub_server.finetune.job_tables import JobPaths, JobTables, get_job_row
 from adapterhub_server.finetune.records import QUEUED, RUNNING, JobRecord
-from adapterhub_server.registry.local import fsync_dir
+from adapterhub_server.registry.local import fsync_dir, sqlite_transaction
 
 __all__ = ["FineTuneStore", "JobPaths"]
 
@@ -155,16 +155,8 @@ class FineTuneStore(JobTables):
 
     @contextlib.contextmanager
     def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._connection()
-            conn.execute(begin)
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
+        with self._lock, sqlite_transaction(self._connection(), begin) as conn:
+            yield conn
 
     def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front: a read-check-write (claim, cancel,

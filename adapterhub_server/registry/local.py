@@ -63,6 +63,21 @@ _DIR_MODE = 0o555
 _WRITABLE_DIR_MODE = 0o755
 
 
+@contextlib.contextmanager
+def sqlite_transaction(conn: sqlite3.Connection, begin: str) -> Iterator[sqlite3.Connection]:
+    """`begin` (e.g. ``BEGIN IMMEDIATE``) on a connection in autocommit mode; COMMIT on
+    exit, ROLLBACK on an exception (also after a failed COMMIT, so the connection is usable
+    again)."""
+    conn.execute(begin)
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
 def fsync_dir(path: Path) -> None:
     """Persist a directory's entries (a rename or create inside it) across power loss."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -514,17 +529,8 @@ class SQLiteIndex:
     @contextlib.contextmanager
     def _transaction(self, kind: str, begin: str) -> Iterator[sqlite3.Connection]:
         slot = self._slots[kind]
-        with slot.lock:
-            conn = self._connection(slot)
-            conn.execute(begin)
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                # Also after a failed COMMIT, so the connection is usable again.
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
+        with slot.lock, sqlite_transaction(self._connection(slot), begin) as conn:
+            yield conn
 
     def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front: no read-then-upgrade deadlocks, and no
