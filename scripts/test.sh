@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the test suite in .venv (set up by scripts/bootstrap.sh). Arguments go to pytest.
 #   bash scripts/test.sh                      # everything
-#   bash scripts/test.sh tests/test_base_model.py -k embedded
+#   bash scripts/test.sh tests/models/test_base_model.py -k embedded
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

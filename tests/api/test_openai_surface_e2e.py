@@ -17,7 +17,7 @@ import pytest
 
 from adapterhub_server.base_model import ResolvedBaseModel
 from client import AdapterHubClient
-from tests.test_server_e2e import _start
+from tests.e2e.test_server_e2e import _start
 from tests.tiny_models import make_peft_adapter, make_tiny_llama
 
 SCHEMA = {

@@ -19,7 +19,7 @@ import pytest
 
 from tests.tiny_models import make_tiny_llama
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
