@@ -81,6 +81,7 @@ class LLMEngine:
         grammar_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
     ) -> None:
         self.model = model
+        self.vocab_size = model.shape.vocab_size
         self.tokenizer = tokenizer
         self.kv_cache = kv_cache
         self.kv = kv_manager
@@ -141,15 +142,15 @@ class LLMEngine:
         check_context(len(prompt_ids), params.max_tokens, self.max_model_len)
         total = len(prompt_ids) + params.max_tokens
         needed = self.kv.blocks_needed(total, self.scheduler.max_num_batched_tokens)
-        if needed > self.kv.pool.usable_blocks:
+        if needed > self.kv.usable_blocks:
             raise ContextLengthError(
                 f"This request needs {total} tokens of KV cache ({len(prompt_ids)} in the "
                 f"prompt, {params.max_tokens} for the completion), more than the whole cache "
-                f"holds ({self.kv.pool.usable_blocks * self.kv.block_size} tokens); "
+                f"holds ({self.kv.usable_blocks * self.kv.block_size} tokens); "
                 "lower max_tokens or shorten the prompt",
                 param="max_tokens",
             )
-        vocab = self.model.shape.vocab_size
+        vocab = self.vocab_size
         check_token_ids(prompt_ids, vocab, param="prompt")
         if any(t >= vocab for t, _ in params.logit_bias):
             raise InvalidRequestError(
@@ -484,7 +485,7 @@ class LLMEngine:
             dense_routes,
             segments,
             device=dev,
-            dtype=self.kv_cache.k.dtype,
+            dtype=self.kv_cache.dtype,
             backend=self.lora_backend,
             dora_rows=self.adapters.dora_rows,
         )
@@ -535,7 +536,7 @@ class LLMEngine:
         if not rows:
             return None
         if self._mask_filler is None:
-            self._mask_filler = MaskFiller(self.model.shape.vocab_size, self.device)
+            self._mask_filler = MaskFiller(self.vocab_size, self.device)
         return self._mask_filler.start(rows, [samplers[i].matcher for i in rows])
 
     def _append_token(

@@ -67,6 +67,16 @@ class KVCacheManager:
             tokens = min(tokens, self.sliding_window + chunk_tokens + self.block_size)
         return self.pool.blocks_for(tokens)
 
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether full blocks are kept by content for later requests to reuse."""
+        return self.pool.prefix_caching
+
+    @property
+    def usable_blocks(self) -> int:
+        """Blocks sequences may hold (the pool less its reserved null block)."""
+        return self.pool.usable_blocks
+
     def usage(self) -> float:
         """Fraction of usable blocks referenced by running sequences (0-1)."""
         return self.pool.num_used / self.pool.usable_blocks

@@ -106,7 +106,7 @@ class Scheduler:
         `seq` is admitted only once the leader's prompt has been computed, so that it reads
         the leader's full prompt blocks from the prefix cache instead of computing them
         again in the same step (the choices of one request share their prompt's KV)."""
-        if follows is not None and self.kv.pool.prefix_caching:
+        if follows is not None and self.kv.prefix_caching:
             self._leaders[seq] = follows
         self.waiting.append(seq)
 
@@ -188,7 +188,7 @@ class Scheduler:
         prefix is already cached start at once instead of queueing behind the first request
         of every other adapter (SGLang's longest-prefix-first, reduced to hit or miss).
         """
-        if len(self.waiting) < 2 or not self.kv.pool.prefix_caching:
+        if len(self.waiting) < 2 or not self.kv.prefix_caching:
             return
         head = [self.waiting.popleft() for _ in range(min(_ADMIT_LOOKAHEAD, len(self.waiting)))]
         hits, misses = [], []

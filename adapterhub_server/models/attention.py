@@ -169,6 +169,10 @@ class KVCache:
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.zero_blocks([0])
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
     @staticmethod
     def bytes_per_block(
         *, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
