@@ -202,13 +202,6 @@ def run_worker(tree: Path, spec: dict, workdir: Path, script: Path) -> dict:
     return json.loads(lines[-1].removeprefix(_RESULT))
 
 
-def _median(runs: list[dict]) -> dict:
-    keys = [k for k, v in runs[0].items() if isinstance(v, int | float)]
-    out = {k: statistics.median(r[k] for r in runs) for k in keys}
-    out["runs"] = len(runs)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", "-n", type=int, default=128)
@@ -236,7 +229,7 @@ def main() -> None:
     from adapterhub_server.base_model import resolve_base_model
     from adapterhub_server.engine.kv_sizing import format_bytes, parse_size
     from bench.serve_throughput import make_adapters
-    from bench.timing import machine_info, source_state
+    from bench.timing import machine_info, median_run, source_state
 
     source = source_state()  # before the run: the tree may change while it runs
     tmp = Path(tempfile.mkdtemp(prefix="adapterhub-bench-"))
@@ -332,7 +325,7 @@ def main() -> None:
             flush=True,
         )
 
-    summary = {name: _median(rs) for name, rs in runs.items()}
+    summary = {name: median_run(rs) for name, rs in runs.items()}
     ratios = {}
     if "static" in summary:
         for key in ("peak_running", "tokens_per_s"):

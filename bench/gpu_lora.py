@@ -70,7 +70,7 @@ from typing import Any
 
 import torch
 
-from bench.timing import machine_info
+from bench.timing import machine_info, median_run
 
 if not torch.cuda.is_available():
     # Triton reads this when a kernel is defined; nothing has imported triton yet (torch
@@ -199,13 +199,6 @@ def _drop_page_cache(directory: Path) -> bool:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _median(runs: list[dict]) -> dict:
-    keys = [k for k, v in runs[0].items() if isinstance(v, int | float) and not isinstance(v, bool)]
-    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
-    out["runs"] = len(runs)
-    return out
 
 
 # -- 1. decode ----------------------------------------------------------------------------
@@ -442,7 +435,7 @@ def bench_decode(args, base_dir: Path, device: torch.device, dtype: torch.dtype)
                 )
                 print(f"  seqs {n:4d} adapters {k:4d}  decode tok/s: {line}", flush=True)
 
-        base_summary = _median(base_runs) if base_runs else None
+        base_summary = median_run(base_runs) if base_runs else None
         for k in ks:
             row: dict[str, Any] = {
                 "seqs": n,
@@ -452,7 +445,7 @@ def bench_decode(args, base_dir: Path, device: torch.device, dtype: torch.dtype)
             }
             for m in ("engine", "engine-eager", "engine-torch", "peft"):
                 if (k, m) in runs:
-                    row[m] = _median(runs[(k, m)])
+                    row[m] = median_run(runs[(k, m)])
             if base_summary is not None:
                 row["engine-base"] = base_summary
             ratios = {}

@@ -44,6 +44,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench.timing import median_run
+
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -300,13 +302,6 @@ def run_http(url: str, prompts, adapters, base_id: str, new_tokens: int) -> dict
     }
 
 
-def _median(runs: list[dict]) -> dict:
-    keys = [k for k, v in runs[0].items() if isinstance(v, int | float)]
-    out = {k: statistics.median(r[k] for r in runs) for k in keys}
-    out["runs"] = len(runs)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", "-n", type=int, default=16)
@@ -425,7 +420,7 @@ def main() -> None:
                 )
                 print(f"  {'http':18s} {runs['http'][-1]['tokens_per_s']:8.1f} tok/s", flush=True)
 
-    summary = {name: _median(r) for name, r in runs.items()}
+    summary = {name: median_run(r) for name, r in runs.items()}
     ratios = {}
     if "engine" in summary:
         for other in ("engine-base", "peft-mixed", "peft-swap"):

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from bench.serve_throughput import PROMPTS, make_adapters
-from bench.timing import machine_info, source_state
+from bench.timing import machine_info, median_run, source_state
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = ("off", "on-cold", "on-warm")
@@ -155,13 +155,6 @@ def run(engine, prompts, adapters, max_tokens: int) -> dict:
     }
 
 
-def _median(runs: list[dict]) -> dict:
-    keys = [k for k, v in runs[0].items() if isinstance(v, int | float)]
-    out = {k: statistics.median(r[k] for r in runs) for k in keys}
-    out["runs"] = len(runs)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", "-n", type=int, default=32)
@@ -264,7 +257,7 @@ def main() -> None:
         )
         for name, rs in runs.items()
     }
-    summary = {name: _median(rs) for name, rs in runs.items()}
+    summary = {name: median_run(rs) for name, rs in runs.items()}
     for name in summary:
         summary[name]["outputs_equal_to_off"] = same_tokens[name]
     # Each repeat's off and on-cold ran within minutes of each other: their ratio is less

@@ -83,3 +83,12 @@ def source_state(tree: Path | None = None) -> dict[str, Any]:
         "commit": commit.strip() if commit else None,
         "uncommitted": [line[3:] for line in status.splitlines()] if status is not None else None,
     }
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every numeric field over repeated runs of one configuration (booleans
+    and other fields are left out), plus `runs`: how many there were."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["runs"] = len(runs)
+    return out
