@@ -33,7 +33,7 @@ from adapterhub_server.errors import (
     QueueFullError,
     ShuttingDownError,
 )
-from adapterhub_server.lora.cache import AdapterLocation, display_name
+from adapterhub_server.lora.cache import AdapterLocation
 from adapterhub_server.lora.merge import MergeSpec
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class AsyncLLMEngine:
         self._base_model_id = base_model_id
         if max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
-        self.max_outstanding = engine.scheduler.max_num_seqs + max_queued_requests
+        self.max_outstanding = engine.max_num_seqs + max_queued_requests
         """Accepted, unfinished requests (running + waiting) beyond which new ones are
         refused."""
         self._admission = threading.Lock()
@@ -143,7 +143,7 @@ class AsyncLLMEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        self.engine.adapters.close()
+        self.engine.close()
 
     async def drain(self, timeout: float) -> None:
         """Prepare for shutdown: refuse new requests from now on (`ShuttingDownError`), wait
@@ -210,16 +210,7 @@ class AsyncLLMEngine:
         return self.engine.max_model_len
 
     def list_adapters(self) -> Sequence[ServableAdapter]:
-        cache = self.engine.adapters
-        return [
-            ServableAdapter(
-                name=display_name(loc.key),
-                rank=cache.rank_of(loc.key),
-                created=loc.created,
-                source=str(loc.path),
-            )
-            for loc in cache.source.list()
-        ]
+        return self.engine.servable_adapters()
 
     def resolve_adapter(self, model: str) -> str | None:
         if not model or model == self._base_model_id:
@@ -315,7 +306,7 @@ class AsyncLLMEngine:
         """
 
         def run() -> T:
-            if not self.engine.adapters.evict(key):
+            if not self.engine.evict_adapter(key):
                 raise ConflictError(
                     f"adapter {key} is in use by running requests; retry when they finish",
                     param="version",
@@ -329,14 +320,14 @@ class AsyncLLMEngine:
         pinned ones (returned) stay until their requests end and LRU takes them."""
 
         def run() -> list[str]:
-            return [key for key in keys if not self.engine.adapters.evict(key)]
+            return [key for key in keys if not self.engine.evict_adapter(key)]
 
         return await self.call_on_engine(run)
 
     async def warm_adapter(self, loc: AdapterLocation) -> None:
         """Read and validate an adapter's files into host memory now, off the engine
         thread, so its first request does not wait for the disk."""
-        await asyncio.to_thread(self.engine.adapters.load_now, loc)
+        await asyncio.to_thread(self.engine.load_adapter_now, loc)
 
     # -- admission, on the callers' event loops -----------------------------------------
 

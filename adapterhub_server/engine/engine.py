@@ -30,7 +30,7 @@ from adapterhub_server.engine.detokenizer import IncrementalDetokenizer, StopChe
 from adapterhub_server.engine.kv_cache_manager import KVCacheManager
 from adapterhub_server.engine.logits_processors import SamplingContext
 from adapterhub_server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
-from adapterhub_server.engine.protocol import EngineStats
+from adapterhub_server.engine.protocol import EngineStats, ServableAdapter
 from adapterhub_server.engine.request_checks import check_context, check_token_ids
 from adapterhub_server.engine.sampler import NON_FINITE, Sampler, make_generator
 from adapterhub_server.engine.sampling_params import SamplingParams
@@ -209,6 +209,34 @@ class LLMEngine:
     def locate_adapter(self, ref: str) -> AdapterLocation:
         """Where adapter `ref` is; `AdapterNotFoundError` if no source knows it."""
         return self.adapters.locate(ref)
+
+    def servable_adapters(self) -> list[ServableAdapter]:
+        """Every adapter the sources list, with its rank once it has been read."""
+        return [
+            ServableAdapter(
+                name=display_name(loc.key),
+                rank=self.adapters.rank_of(loc.key),
+                created=loc.created,
+                source=str(loc.path),
+            )
+            for loc in self.adapters.list_locations()
+        ]
+
+    def load_adapter_now(self, loc: AdapterLocation) -> None:
+        """Read and validate an adapter's files into host memory (any thread)."""
+        self.adapters.load_now(loc)
+
+    def evict_adapter(self, key: str) -> bool:
+        """Forget an adapter unless a running request pins it (engine thread)."""
+        return self.adapters.evict(key)
+
+    def close(self) -> None:
+        """Stop the adapter loader (the engine thread has stopped)."""
+        self.adapters.close()
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.scheduler.max_num_seqs
 
     def stats(self) -> EngineStats:
         """Counters and gauges for `/metrics`. Plain reads of ints and list lengths: safe

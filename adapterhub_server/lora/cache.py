@@ -349,6 +349,10 @@ class AdapterCache:
         """Whether any resident adapter carries full modules or token rows now."""
         return self.full_modules is not None and len(self.full_modules) > 0
 
+    def list_locations(self) -> Sequence[AdapterLocation]:
+        """Every adapter the source can serve now."""
+        return self.source.list()
+
     def rank_of(self, key: str) -> int | None:
         """The adapter's rank if it has been parsed (and is still in host memory)."""
         with self._lock:
