@@ -425,6 +425,8 @@ def _plot(summary: dict, timelines: dict, meta: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    from bench.timing import cpu_run_title, save_figure
+
     colors = {"paged": "#2b6cb0", "static": "#a0aec0", "preempt": "#dd6b20"}
     labels = {
         "paged": f"paged, {meta['kv_cache_memory']}",
@@ -455,14 +457,14 @@ def _plot(summary: dict, timelines: dict, meta: dict, path: Path) -> None:
     right.set_ylabel("generated tokens / s (median)")
     right.margins(y=0.3)
     fig.suptitle(
-        f"{meta['model'].split('/')[-1]}, CPU ({meta['torch_threads']} threads): "
-        f"{meta['requests']} chats x {meta['max_tokens']} tokens over {meta['adapters']} "
-        f"rank-{meta['rank']} adapters",
+        cpu_run_title(
+            meta,
+            f"{meta['requests']} chats x {meta['max_tokens']} tokens over {meta['adapters']} "
+            f"rank-{meta['rank']} adapters",
+        ),
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

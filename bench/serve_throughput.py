@@ -44,7 +44,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.timing import median_run
+from bench.timing import cpu_run_title, median_run, save_figure
 
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = [
@@ -491,13 +491,13 @@ def _plot(summary: dict, meta: dict, path: Path) -> None:
     ax.bar_label(bars, fmt="%.0f")
     ax.set_ylabel("generated tokens / s")
     ax.set_title(
-        f"{meta['model'].split('/')[-1]}, CPU ({meta['torch_threads']} threads): "
-        f"{meta['requests']} requests over {meta['adapters']} rank-{meta['rank']} adapters",
+        cpu_run_title(
+            meta,
+            f"{meta['requests']} requests over {meta['adapters']} rank-{meta['rank']} adapters",
+        ),
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from bench.serve_throughput import PROMPTS, make_adapters
-from bench.timing import machine_info, median_run, source_state
+from bench.timing import cpu_run_title, machine_info, median_run, save_figure, source_state
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = ("off", "on-cold", "on-warm")
@@ -364,14 +364,14 @@ def _plot(summary: dict, runs: dict, meta: dict, path: Path) -> None:
     right.set_ylabel("TTFT p50, s")
     right.margins(y=0.35)
     fig.suptitle(
-        f"{meta['model'].split('/')[-1]}, CPU ({meta['torch_threads']} threads): "
-        f"{meta['requests']} requests over {meta['adapters']} rank-{meta['rank']} adapters, "
-        f"{meta['shared_prefix_tokens']}-token shared prefix, median of {meta['repeats']}",
+        cpu_run_title(
+            meta,
+            f"{meta['requests']} requests over {meta['adapters']} rank-{meta['rank']} adapters, "
+            f"{meta['shared_prefix_tokens']}-token shared prefix, median of {meta['repeats']}",
+        ),
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -92,3 +92,15 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
     out["runs"] = len(runs)
     return out
+
+
+def cpu_run_title(meta: dict[str, Any], workload: str) -> str:
+    """A CPU benchmark plot's title: the model, the threads and `workload`."""
+    return f"{meta['model'].split('/')[-1]}, CPU ({meta['torch_threads']} threads): {workload}"
+
+
+def save_figure(fig: Any, path: Path, *, dpi: int = 120) -> None:
+    """Lay out and write a matplotlib figure, and say where."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    print(f"wrote {path}")
