@@ -39,11 +39,7 @@ async def test_engine_not_ready_answers_503_with_retry_after(
 
 def _idle_engine() -> SimpleNamespace:
     """Just enough of an `LLMEngine` for the loop to turn with nothing to do."""
-    return SimpleNamespace(
-        scheduler=SimpleNamespace(max_num_seqs=1),
-        has_work=lambda: False,
-        adapters=SimpleNamespace(close=lambda: None),
-    )
+    return SimpleNamespace(max_num_seqs=1, has_work=lambda: False, close=lambda: None)
 
 
 async def test_async_engine_is_ready_only_while_its_loop_runs_and_admits() -> None:
