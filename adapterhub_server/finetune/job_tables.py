@@ -162,7 +162,7 @@ class JobTables:
         with self._read() as conn:
             row = conn.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
         if row is None:
-            raise NotFoundError(f"no such file: {file_id!r}", param="file_id")
+            raise _no_file(file_id)
         return _file(row)
 
     def list_files(self) -> list[FileRecord]:
@@ -175,7 +175,7 @@ class JobTables:
         with self._write() as conn:
             row = conn.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
             if row is None:
-                raise NotFoundError(f"no such file: {file_id!r}", param="file_id")
+                raise _no_file(file_id)
             marks = ",".join("?" * len(ACTIVE_STATUSES))
             users = conn.execute(
                 f"SELECT id FROM jobs WHERE status IN ({marks})"
@@ -223,7 +223,7 @@ class JobTables:
         with self._read() as conn:
             row = conn.execute("SELECT config FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            raise NotFoundError(f"no such fine-tuning job: {job_id!r}", param="fine_tuning_job_id")
+            raise _no_job(job_id)
         return json.loads(row["config"]) if row["config"] else None
 
     def get_job(self, job_id: str) -> JobRecord:
@@ -260,7 +260,7 @@ class JobTables:
         with self._read() as conn:
             row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            raise NotFoundError(f"no such fine-tuning job: {job_id!r}", param="fine_tuning_job_id")
+            raise _no_job(job_id)
         return str(row["status"])
 
     def set_process(self, job_id: str, pid: int | None, pid_start: str | None) -> None:
@@ -418,7 +418,7 @@ def insert_events(conn: Any, events: Iterable[EventRecord]) -> None:
 def get_job_row(conn: Any, job_id: str) -> JobRecord:
     row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
-        raise NotFoundError(f"no such fine-tuning job: {job_id!r}", param="fine_tuning_job_id")
+        raise _no_job(job_id)
     return _job(row)
 
 
@@ -470,3 +470,11 @@ def _event(row: Any) -> EventRecord:
         type=row["type"],
         data=json.loads(row["data"]) if row["data"] else None,
     )
+
+
+def _no_job(job_id: str) -> NotFoundError:
+    return NotFoundError(f"no such fine-tuning job: {job_id!r}", param="fine_tuning_job_id")
+
+
+def _no_file(file_id: str) -> NotFoundError:
+    return NotFoundError(f"no such file: {file_id!r}", param="file_id")
