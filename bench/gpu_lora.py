@@ -39,7 +39,7 @@ Prints tables, writes JSON to ``bench/results/gpu_lora_<device>.json`` and a PNG
 
     .venv/bin/python -m bench.gpu_lora --peft-repeats 1   # full sizes, on a GPU
     .venv/bin/python -m bench.gpu_lora --seqs 64 256 --adapters 1 8 64 --new-tokens 32 \\
-        --repeats 2 --peft-repeats 1 --peft-max-adapters 64   # about 5 GPU minutes
+        --repeats 2 --peft-repeats 1 --peft-max-adapters 8    # about 4 GPU minutes
     .venv/bin/python -m bench.gpu_lora --smoke            # CPU, tiny sizes, seconds (CI)
 
 PEFT's mixed-adapter forward loops over the adapters in every LoRA layer, so at 256 adapters
@@ -804,20 +804,6 @@ def main() -> None:
 
     tag = "smoke" if args.smoke else _device_tag(device)
     out_path = args.out or RESULTS / f"gpu_lora_{tag}.json"
-    result: dict[str, Any] = {}
-    checks: dict[str, bool] = {}
-    if "kernels" in args.sections:
-        print("kernels: one packed group, T tokens over K adapters (us per call)")
-        result["kernels"] = bench_kernels(args, groups, device, dtype)
-        checks.update(result["kernels"]["checks"])
-    if "cold_load" in args.sections:
-        print("cold_load: adapter files -> device slot")
-        result["cold_load"] = bench_cold_load(args, base_dir, device, dtype)
-    if "decode" in args.sections:
-        print("decode: N sequences over K adapters")
-        result["decode"] = bench_decode(args, base_dir, device, dtype)
-        checks.update(result["decode"]["checks"])
-
     meta = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -839,14 +825,37 @@ def main() -> None:
         ),
         "units": {"decode": "tokens/s, ms", "cold_load": "ms", "kernels": "us per call"},
     }  # fmt: skip
+    result: dict[str, Any] = {}
+    checks: dict[str, bool] = {}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        # After every section, so that a run cut short by a borrowed machine's time limit
+        # still leaves the sections it finished.
+        out_path.write_text(json.dumps({"meta": meta, **result, "checks": checks}, indent=2))
+
+    if "kernels" in args.sections:
+        print("kernels: one packed group, T tokens over K adapters (us per call)")
+        result["kernels"] = bench_kernels(args, groups, device, dtype)
+        checks.update(result["kernels"]["checks"])
+        save()
+    if "cold_load" in args.sections:
+        print("cold_load: adapter files -> device slot")
+        result["cold_load"] = bench_cold_load(args, base_dir, device, dtype)
+        save()
+    if "decode" in args.sections:
+        print("decode: N sequences over K adapters")
+        result["decode"] = bench_decode(args, base_dir, device, dtype)
+        checks.update(result["decode"]["checks"])
+        save()
+
     _print_tables(result)
     failed = [k for k, ok in checks.items() if not ok]
     print(
         f"checks: {len(checks) - len(failed)}/{len(checks)} passed"
         + (f"; FAILED: {failed}" if failed else "")
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps({"meta": meta, **result, "checks": checks}, indent=2))
+    save()
     print(f"wrote {out_path}")
     _plot(result, meta, out_path.with_suffix(".png"))
 

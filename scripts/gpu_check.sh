@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_check.sh prepare        # here, once: copies the tokenizer into .gpu/
 #   bash scripts/gpu_check.sh tests          # there: the `gpu` tests (a few minutes)
-#   bash scripts/gpu_check.sh bench-quick    # there: the benchmark at reduced sizes (~5 min)
+#   bash scripts/gpu_check.sh bench-quick    # there: the benchmark at reduced sizes (~4 min)
 #   bash scripts/gpu_check.sh bench-full     # there: the issue's full sizes (longer)
 #
 # Carry `.gpu` to the GPU machine. Results go to $OUT (the device tool's folder) when set,
@@ -22,14 +22,16 @@ prepare)
     mkdir -p .gpu/tokenizer
     cp "$src"/tokenizer.json "$src"/tokenizer_config.json .gpu/tokenizer/
     [ -f "$src/special_tokens_map.json" ] && cp "$src/special_tokens_map.json" .gpu/tokenizer/
-    # The GPU machine's python3 (3.12) lacks google-re2, which the adapter parser imports.
+    # The GPU machine's python3 (3.12) lacks google-re2 (the adapter parser imports it) and
+    # llguidance (the engine's structured-output masks import it); their wheels travel.
     mkdir -p .gpu/whl
-    .venv/bin/pip download -q google-re2 --no-deps -d .gpu/whl --python-version 3.12 \
-        --platform manylinux_2_17_x86_64 --only-binary=:all:
+    .venv/bin/pip download -q google-re2 "llguidance==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("llguidance"))')" \
+        --no-deps -d .gpu/whl --python-version 3.12 \
+        --platform manylinux_2_17_x86_64 --platform manylinux_2_31_x86_64 --only-binary=:all:
     du -sh .gpu
     ;;
 tests)
-    "$py" -c "import re2" 2>/dev/null || "$py" -m pip install -q --no-deps --root-user-action=ignore .gpu/whl/*.whl
+    "$py" -c "import re2, llguidance" 2>/dev/null || "$py" -m pip install -q --no-deps --root-user-action=ignore .gpu/whl/*.whl
     # Only the modules with gpu tests: the others import the HTTP stack, absent there.
     "$py" -m pytest -q -m gpu -p no:cacheprovider \
         tests/lora/test_triton_kernels.py tests/engine/test_cuda.py tests/engine/test_decode_graphs.py \
@@ -37,9 +39,9 @@ tests)
         2>&1 | tee "$out/gpu_tests.txt"
     ;;
 bench-quick)
-    "$py" -c "import re2" 2>/dev/null || "$py" -m pip install -q --no-deps --root-user-action=ignore .gpu/whl/*.whl
+    "$py" -c "import re2, llguidance" 2>/dev/null || "$py" -m pip install -q --no-deps --root-user-action=ignore .gpu/whl/*.whl
     "$py" -m bench.gpu_lora --tokenizer .gpu/tokenizer --seqs 64 256 --adapters 1 8 64 \
-        --new-tokens 32 --repeats 2 --peft-repeats 1 --peft-max-adapters 64 \
+        --new-tokens 32 --repeats 2 --peft-repeats 1 --peft-max-adapters 8 \
         --out "$out/gpu_lora_quick.json"
     ;;
 bench-full)
