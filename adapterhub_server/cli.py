@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
     )
+    serve.add_argument(
+        "--lora-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="dtype adapter weights are kept in: auto = the serving dtype; bfloat16 under "
+        "float32 on CPU halves the adapter bytes a decode step reads (activations and sums "
+        "stay float32)",
+    )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     serve.add_argument(
         "--lora-kernel",
@@ -387,6 +395,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_lora_rank=args.max_lora_rank,
         max_full_module_adapters=args.max_full_module_adapters,
         dtype=args.dtype,
+        lora_dtype=args.lora_dtype,
         device=args.device,
         num_threads=args.num_threads,
         max_queued_requests=args.max_queued_requests,

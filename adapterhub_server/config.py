@@ -45,6 +45,12 @@ class EngineConfig:
     up front from the KV budget on CUDA. 0 refuses such adapters."""
     dtype: str = "auto"
     """auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16."""
+    lora_dtype: str = "auto"
+    """The dtype adapter weights are kept in on the device: auto (the serving `dtype`),
+    float32 or bfloat16. bfloat16 under a float32 model on CPU halves the bytes a decode
+    step reads for its adapters: the CPU kernel widens each weight to float32 as it loads
+    it, and activations and sums stay float32, so only the weights are rounded (once, with
+    the scale alpha/r folded into B). On CUDA it must be the serving dtype."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
     num_threads: int | None = None
@@ -99,6 +105,9 @@ class EngineConfig:
             raise ValueError(f"unknown lora_kernel {self.lora_kernel!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.lora_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"unknown lora_dtype {self.lora_dtype!r}")
+        self.torch_lora_dtype()  # refuses a combination that cannot serve, at start
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
@@ -117,7 +126,9 @@ class EngineConfig:
         """The batched-LoRA backend for this config's device and dtype (`lora_backend`)."""
         from adapterhub_server.lora.ops import lora_backend
 
-        return lora_backend(self.lora_kernel, self.torch_device(), self.torch_dtype())
+        return lora_backend(
+            self.lora_kernel, self.torch_device(), self.torch_dtype(), self.torch_lora_dtype()
+        )
 
     def use_cuda_graphs(self) -> bool:
         """Whether decode steps replay CUDA graphs on this config's device."""
@@ -131,6 +142,21 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+    def torch_lora_dtype(self) -> torch.dtype:
+        """The adapter weights' dtype (`lora_dtype`); ValueError where it cannot serve."""
+        serving = self.torch_dtype()
+        if self.lora_dtype == "auto":
+            return serving
+        weights = getattr(torch, self.lora_dtype)
+        if weights != serving and self.torch_device().type != "cpu":
+            # The Triton kernels and the decode graphs read weights in the serving dtype.
+            raise ValueError(
+                f"lora_dtype {self.lora_dtype} differs from the serving dtype "
+                f"{str(serving).removeprefix('torch.')}: only CPU serving keeps adapter "
+                "weights in another dtype"
+            )
+        return weights
 
 
 @dataclass

@@ -13,7 +13,8 @@ Strategies, for a decode-shaped batch (one token per sequence, mixed adapters):
 
 ``--decode-step`` instead times a whole decode step's LoRA work, model-shaped (SmolLM2-135M:
 30 layers of q/k/v, o, gate/up and down, hidden 576, intermediate 1536, k/v 192), torch ops
-against the kernel, over token/adapter mixes: the adapter weights (tens of MB) do not fit in
+against the kernel with float32 and with bfloat16 weights (``lora_dtype``), over token/adapter
+mixes: the adapter weights (tens of MB) do not fit in
 cache there, as in the engine, while the single-op table above runs with them cached.
 
 Prints a table and writes JSON to ``bench/results/lora_ops_cpu.json`` (``--decode-step``:
@@ -138,10 +139,15 @@ def decode_step(tokens: int, adapters: int, rank: int, layers: int, repeats: int
             calls.append(({rank: (a, bs)}, x, torch.zeros(tokens, sum(outs))))
     routes = [(rank, t % adapters) for t in range(tokens)]
 
-    def step(kernel: bool) -> Callable[[], None]:
+    bf16_calls = [
+        ({c: (a.bfloat16(), tuple(b.bfloat16() for b in bs)) for c, (a, bs) in pools.items()}, x, y)
+        for pools, x, y in calls
+    ]
+
+    def step(kernel: bool, weights: list = calls) -> Callable[[], None]:
         def run() -> None:
             batch = build_lora_batch(routes, backend=CPU_KERNEL if kernel else TORCH_OPS)
-            for pools, x, y in calls:
+            for pools, x, y in weights:
                 add_lora(y, x, pools, batch)
 
         return run
@@ -149,6 +155,8 @@ def decode_step(tokens: int, adapters: int, rank: int, layers: int, repeats: int
     fns = {"torch_ops": step(False)}
     if load_cpu_kernel() is not None:
         fns["cpu_kernel"] = step(True)
+    if load_cpu_kernel(torch.bfloat16) is not None:
+        fns["cpu_kernel_bf16"] = step(True, bf16_calls)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()

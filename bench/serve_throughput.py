@@ -14,8 +14,11 @@ each generating exactly `--new-tokens` tokens greedily, through:
   (g) engine-merge-cat   the same requests over K per-request merges (``merged_adapters``)
                    of two adapters each, 0.6/0.4, ``cat``: rank 2r adapters
   (h) engine-merge-ties  the same with ``ties`` (density 0.5): rank r, computed once
+  (i) engine-bf16  a second engine with ``lora_dtype=bfloat16`` (adapter weights kept in
+                   bfloat16, activations float32), the requests of (a)
 
-The merge and DoRA configurations are measured against (a): ``engine-dora/engine`` etc.
+The merge and DoRA configurations are measured against (a): ``engine-dora/engine`` etc.;
+(a) and (i) against (b), in tokens/s and in median decode step time.
 
 Every configuration runs `--repeats` times; medians are reported. Prints a table, writes
 JSON (and a PNG bar chart) under ``bench/results/``.
@@ -39,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -372,6 +376,11 @@ def main() -> None:
     )
     engine = build_engine(base, config, lora_modules={**adapter_dirs, **dora_dirs})
     prompts = prompt_ids(engine.tokenizer, args.requests)
+    bf16_engine = None
+    if "engine-bf16" not in args.skip:
+        bf16_engine = build_engine(
+            base, replace(config, lora_dtype="bfloat16"), lora_modules=adapter_dirs
+        )
 
     peft_model = None
     if not {"peft-mixed", "peft-swap"} <= set(args.skip):
@@ -385,6 +394,7 @@ def main() -> None:
         "engine": lambda: run_engine(engine, prompts, with_adapters, args.new_tokens),
         "engine-base": lambda: run_engine(engine, prompts, no_adapters, args.new_tokens),
         "engine-dora": lambda: run_engine(engine, prompts, with_dora, args.new_tokens),
+        "engine-bf16": lambda: run_engine(bf16_engine, prompts, with_adapters, args.new_tokens),
         **{
             f"engine-merge-{s}": (
                 lambda reqs=reqs: run_engine(engine, prompts, reqs, args.new_tokens)
@@ -402,6 +412,8 @@ def main() -> None:
     run_engine(engine, prompts, with_adapters, 2)  # warm-up: adapters into slots, allocator
     if with_dora:
         run_engine(engine, prompts, with_dora, 2)
+    if bf16_engine is not None:
+        run_engine(bf16_engine, prompts, with_adapters, 2)
     for reqs in merges.values():  # computes each merge once, as a first request would
         run_engine(engine, prompts, reqs, 2)
     # Interleave repeats so that machine noise hits every configuration alike.
@@ -428,6 +440,20 @@ def main() -> None:
                 ratios[f"engine/{other}"] = (
                     summary["engine"]["tokens_per_s"] / summary[other]["tokens_per_s"]
                 )
+    if "engine-base" in summary:
+        for ours in ("engine", "engine-bf16"):
+            if ours not in summary:
+                continue
+            if ours != "engine":
+                ratios[f"{ours}/engine-base"] = (
+                    summary[ours]["tokens_per_s"] / summary["engine-base"]["tokens_per_s"]
+                )
+            step, base_step = (
+                summary[k].get("median_decode_step_ms") for k in (ours, "engine-base")
+            )
+            if step and base_step:  # the measure: a decode step's cost
+                ratios[f"{ours}/engine-base decode step"] = step / base_step
+    if "engine" in summary:
         for kind in ("engine-dora", "engine-merge-cat", "engine-merge-ties"):
             if kind in summary:
                 ratios[f"{kind}/engine"] = (

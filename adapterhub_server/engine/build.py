@@ -72,7 +72,13 @@ def build_engine(
     targets = adaptable_modules(hf)
     embeddings = embedding_targets(hf)  # before any module is swapped
     groups = packed_groups(targets)
-    pool = LoRAWeightPool(groups, max_slots=config.max_loras, dtype=dtype, device=device)
+    pool = LoRAWeightPool(
+        groups,
+        max_slots=config.max_loras,
+        dtype=dtype,
+        weight_dtype=config.torch_lora_dtype(),
+        device=device,
+    )
     context = LoRAContext()
     _install_lora_layers(hf, groups, pool, context)
     try:

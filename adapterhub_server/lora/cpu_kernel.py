@@ -7,9 +7,12 @@ shrink and the expand of every module of a packed group in one call: each adapte
 B are streamed once, tokens are read and written in place (no gather, no scatter, no
 intermediate tensors), and the work is split over torch's own OpenMP threads. The shrink
 reads four rows of A at once against up to four tokens (every loaded vector of x serves
-four rows); the expand keeps 64 output columns of up to four tokens in registers over all
-rows of B, so y is read and written once. Decode-shaped calls are bound by reading the
-adapter weights: ``bench/lora_ops.py --decode-step`` measures it against the torch ops.
+four rows); the expand streams B row by row in address order into up to four rows of y,
+which stay in L1. Decode-shaped calls are bound by reading the adapter weights from memory
+(in the engine the base weights evict them from cache every step), so both loops prefetch
+the rows they read next, and the weights may be kept in bfloat16 (`WEIGHT_DTYPES`, the
+engine's ``lora_dtype``), which halves the bytes: ``bench/lora_ops.py --decode-step``
+measures it against the torch ops.
 
 The kernel is C rather than torch because a decode step's LoRA work is ~120 calls of a few
 microseconds of arithmetic each: dispatch, not FLOPs, was the cost (`bench/profile_step.py`).
@@ -21,8 +24,9 @@ Semantics, for every group g (one adapter slot s = ``slots[g]``, its tokens
     y[t, o_j : o_j + out_j] += (A[s, j*c : (j+1)*c] @ x[t]) @ B_j[s]
 
 with ``A [slots, m * c, in]``, ``B_j [slots, c, out_j]`` (the pool layout of `lora.ops`)
-and ``o_j = out_0 + ... + out_{j-1}``: float32 only, accumulated in float32; ``c`` a
-multiple of 4 (rank classes are powers of two from 8).
+and ``o_j = out_0 + ... + out_{j-1}``: x and y float32, A and B float32 or bfloat16 (one
+build each), every product and sum in float32; ``c`` a multiple of 4 (rank classes are
+powers of two from 8).
 
 Built with the system C compiler (``$CC``, else ``cc``/``gcc``) into
 ``$ADAPTERHUB_KERNEL_CACHE`` (default ``~/.cache/adapterhub/kernels``), keyed by the source,
@@ -66,6 +70,33 @@ typedef float v16 __attribute__((vector_size(64)));
 
 static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* The adapter weights' storage type `wt`: float32, or bfloat16 (-DWEIGHTS_BF16) widened
+   to float32 as it is loaded (its bits are a float32's top half), so x, h and y stay
+   float32 and only the weights are rounded. */
+#ifdef WEIGHTS_BF16
+typedef uint16_t wt;
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+static inline v16 loadw16(const wt *p) {
+    u16x16 h;
+    memcpy(&h, p, sizeof h);
+    const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+    v16 v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+static inline float loadw(const wt *p) {
+    const uint32_t bits = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#else
+typedef float wt;
+static inline v16 loadw16(const wt *p) { return load16(p); }
+static inline float loadw(const wt *p) { return *p; }
+#endif
 static inline float hsum(v16 v) {
     float s = 0;
     for (int i = 0; i < 16; i++) s += v[i];
@@ -76,7 +107,7 @@ static inline float hsum(v16 v) {
    rows stream at once (memory-level parallelism) and every loaded x vector serves four
    rows; RB * NT independent accumulators, so the adds do not wait on each other. */
 static inline __attribute__((always_inline)) void dot_block(
-    const float *restrict a, int64_t in, const float *restrict x, int64_t xs,
+    const wt *restrict a, int64_t in, const float *restrict x, int64_t xs,
     const int64_t *tok, const int NT, float *restrict h, int64_t hs) {
     const float *xp[4];
     v16 acc[4][4];
@@ -87,24 +118,29 @@ static inline __attribute__((always_inline)) void dot_block(
     for (; k + 16 <= in; k += 16) {
         v16 xv[4];
         for (int l = 0; l < NT; l++) xv[l] = load16(xp[l] + k);
+        /* The next block of 4 rows, ahead of use: weights come from memory (a step's
+           base weights evict them from cache), and one slot's rows are streams too short
+           for the hardware prefetcher to get ahead of. Past a slot's last rows this reads
+           into the next slot, which the thread usually takes next. */
+        for (int r = 0; r < 4; r++) __builtin_prefetch(a + (4 + r) * in + k, 0, 3);
         for (int r = 0; r < 4; r++) {
-            const v16 av = load16(a + r * in + k);
+            const v16 av = loadw16(a + r * in + k);
             for (int l = 0; l < NT; l++) acc[r][l] += av * xv[l];
         }
     }
     for (int r = 0; r < 4; r++)
         for (int l = 0; l < NT; l++) {
             float s = hsum(acc[r][l]);
-            for (int64_t kk = k; kk < in; kk++) s += a[r * in + kk] * xp[l][kk];
+            for (int64_t kk = k; kk < in; kk++) s += loadw(a + r * in + kk) * xp[l][kk];
             h[l * hs + r] = s;
         }
 }
 
 /* Rows [r0, r1) of one slot's A (r1 - r0 a multiple of 4) against its nt tokens. */
-static void shrink_rows(const float *a, int64_t in, int64_t r0, int64_t r1, const float *x,
+static void shrink_rows(const wt *a, int64_t in, int64_t r0, int64_t r1, const float *x,
                         int64_t xs, const int64_t *tok, int64_t nt, float *h, int64_t hs) {
     for (int64_t r = r0; r < r1; r += 4) {
-        const float *ar = a + r * in;
+        const wt *ar = a + r * in;
         int64_t l = 0;
         for (; l + 4 <= nt; l += 4) dot_block(ar, in, x, xs, tok + l, 4, h + l * hs + r, hs);
         switch (nt - l) {
@@ -115,52 +151,41 @@ static void shrink_rows(const float *a, int64_t in, int64_t r0, int64_t r1, cons
     }
 }
 
-/* y[tok[l], o : o + 64] += sum_r h[l * hs + r] * b[r * bs + o :] for NT <= 4 tokens: the
-   outputs stay in registers over all c rows of B, so y is read and written once. */
+/* y[tok[l], lo : hi] += sum_r h[l * hs + r] * b[r * bs + lo : hi] for NT <= 4 tokens, row
+   by row of B: B streams through once, in address order, while the NT rows of y
+   (a few KiB each) stay in L1. */
 static inline __attribute__((always_inline)) void expand_block(
-    const float *restrict b, int64_t bs, int64_t c, const float *restrict h, int64_t hs,
-    float *restrict y, int64_t ys, const int64_t *tok, const int NT, int64_t o) {
-    v16 acc[4][4];
-    for (int l = 0; l < NT; l++)
-        for (int j = 0; j < 4; j++) acc[l][j] = load16(y + tok[l] * ys + o + 16 * j);
+    const wt *restrict b, int64_t bs, int64_t c, const float *restrict h, int64_t hs,
+    float *restrict y, int64_t ys, const int64_t *tok, const int NT, int64_t lo, int64_t hi) {
+    float *yp[4];
+    for (int l = 0; l < NT; l++) yp[l] = y + tok[l] * ys;
     for (int64_t r = 0; r < c; r++) {
-        const float *br = b + r * bs + o;
-        const v16 b0 = load16(br), b1 = load16(br + 16), b2 = load16(br + 32),
-                  b3 = load16(br + 48);
-        for (int l = 0; l < NT; l++) {
-            const v16 hv = (v16){0} + h[l * hs + r];
-            acc[l][0] += hv * b0;
-            acc[l][1] += hv * b1;
-            acc[l][2] += hv * b2;
-            acc[l][3] += hv * b3;
+        const wt *br = b + r * bs;
+        v16 hv[4];
+        for (int l = 0; l < NT; l++) hv[l] = (v16){0} + h[l * hs + r];
+        int64_t o = lo;
+        for (; o + 16 <= hi; o += 16) {
+            __builtin_prefetch(br + bs + o, 0, 3); /* the next row of B, as above */
+            const v16 bv = loadw16(br + o);
+            for (int l = 0; l < NT; l++) store16(yp[l] + o, load16(yp[l] + o) + hv[l] * bv);
+        }
+        for (; o < hi; o++) {
+            const float bv = loadw(br + o);
+            for (int l = 0; l < NT; l++) yp[l][o] += h[l * hs + r] * bv;
         }
     }
-    for (int l = 0; l < NT; l++)
-        for (int j = 0; j < 4; j++) store16(y + tok[l] * ys + o + 16 * j, acc[l][j]);
 }
 
 /* Output columns [lo, hi) of one module of one slot, for its nt tokens. */
-static void expand_cols(const float *b, int64_t bs, int64_t c, const float *h, int64_t hs,
+static void expand_cols(const wt *b, int64_t bs, int64_t c, const float *h, int64_t hs,
                         float *y, int64_t ys, const int64_t *tok, int64_t nt, int64_t lo,
                         int64_t hi) {
     for (int64_t l = 0; l < nt; l += 4) {
-        const int64_t n = nt - l < 4 ? nt - l : 4;
-        int64_t o = lo;
-        for (; o + 64 <= hi; o += 64) {
-            switch (n) {
-            case 4: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 4, o); break;
-            case 3: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 3, o); break;
-            case 2: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 2, o); break;
-            case 1: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 1, o); break;
-            }
-        }
-        for (int64_t t = l; t < l + n; t++) {
-            float *yt = y + tok[t] * ys;
-            for (int64_t r = 0; r < c; r++) {
-                const float hv = h[t * hs + r];
-                const float *br = b + r * bs;
-                for (int64_t oo = o; oo < hi; oo++) yt[oo] += hv * br[oo];
-            }
+        switch (nt - l < 4 ? nt - l : 4) {
+        case 4: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 4, lo, hi); break;
+        case 3: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 3, lo, hi); break;
+        case 2: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 2, lo, hi); break;
+        case 1: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 1, lo, hi); break;
         }
     }
 }
@@ -169,9 +194,9 @@ static void expand_cols(const float *b, int64_t bs, int64_t c, const float *h, i
 
 /* See the Python module docstring. Returns 0, or 1 when the scratch allocation fails,
    2 when there are more than MAX_MODULES modules or c is not a multiple of 4. */
-int lora_sgmv_f32(const float *x, int64_t x_stride, float *y, int64_t y_stride,
-                  const float *a, int64_t in, int64_t c, int64_t m,
-                  const float *const *bs, const int64_t *outs, const int64_t *tokens,
+int lora_sgmv(const float *x, int64_t x_stride, float *y, int64_t y_stride,
+              const wt *a, int64_t in, int64_t c, int64_t m,
+              const wt *const *bs, const int64_t *outs, const int64_t *tokens,
                   const int64_t *slots, const int64_t *starts, int64_t groups,
                   int64_t num_threads) {
     if (m > MAX_MODULES || c % 4 != 0) return 2;
@@ -239,6 +264,11 @@ int lora_sgmv_f32(const float *x, int64_t x_stride, float *y, int64_t y_stride,
 
 _MAX_MODULES = 8
 """The C code's MAX_MODULES."""
+WEIGHT_DTYPES: dict[torch.dtype, tuple[str, ...]] = {
+    torch.float32: (),
+    torch.bfloat16: ("-DWEIGHTS_BF16",),
+}
+"""The adapter weight dtypes the kernel is built for, with each build's C defines."""
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _COMPILE_TIMEOUT_S = 120
 
@@ -317,12 +347,9 @@ def add_lora_cpu(
         y: ``[T, sum(out_j)]`` float32, rows contiguous (modified in place).
         x: ``[T, in]`` float32, rows contiguous.
         pools: rank class ``c`` -> ``(A [slots, m * c, in], (B_j [slots, c, out_j], ...))``,
-            contiguous float32.
+            contiguous, float32 or bfloat16 (`WEIGHT_DTYPES`; A and B alike).
         mappings: this step's `build_cpu_mappings`.
     """
-    fn = load()
-    if fn is None:
-        raise RuntimeError("the CPU LoRA kernel is not available here")
     # The kernel trusts its pointers: the checks that keep it inside its tensors are here
     # (the pools' once per pool, in `_pool_args`; a decode step makes ~120 of these calls).
     if x.dtype != torch.float32 or y.dtype != torch.float32 or not (x.is_cpu and y.is_cpu):
@@ -346,7 +373,7 @@ def add_lora_cpu(
             raise ValueError(
                 f"rank class {mp.rank_class}: pool tensors do not match x, y or the routes"
             )
-        status = fn(*x_args, *pool.args, *mp.call_args)
+        status = pool.kernel(*x_args, *pool.args, *mp.call_args)
         if status == 1:
             raise MemoryError("the CPU LoRA kernel could not allocate its scratch buffer")
         if status:
@@ -359,6 +386,8 @@ class _PoolArgs:
     engine's life (reallocated only when a rank class grows, which makes a new A)."""
 
     bs: tuple[torch.Tensor, ...]
+    kernel: Callable[..., int]
+    """The build for the pool's weight dtype."""
     slots: int
     in_features: int
     out_features: int
@@ -381,10 +410,13 @@ def _pool_args(c: int, a: torch.Tensor, bs: tuple[torch.Tensor, ...]) -> _PoolAr
     slots = a.shape[0] if a.dim() == 3 else 0
     if (
         m > _MAX_MODULES
-        or not _fits(a, slots, m * c, a.shape[-1])
-        or not all(_fits(b, slots, c, out) for b, out in zip(bs, outs))
+        or not _fits(a, a.dtype, slots, m * c, a.shape[-1])
+        or not all(_fits(b, a.dtype, slots, c, out) for b, out in zip(bs, outs))
     ):
         raise ValueError(f"rank class {c}: pool tensors do not match x, y or the routes")
+    kernel = load(a.dtype)
+    if kernel is None:
+        raise RuntimeError(f"the CPU LoRA kernel for {a.dtype} weights is not available here")
     args = (
         a.data_ptr(),
         a.shape[2],
@@ -393,17 +425,19 @@ def _pool_args(c: int, a: torch.Tensor, bs: tuple[torch.Tensor, ...]) -> _PoolAr
         (ctypes.c_void_p * m)(*[b.data_ptr() for b in bs]),
         (ctypes.c_int64 * m)(*outs),
     )
-    cached = _PoolArgs(bs, slots, a.shape[2], sum(outs), args)
+    cached = _PoolArgs(bs, kernel, slots, a.shape[2], sum(outs), args)
     key = id(a)
     _POOL_ARGS[key] = (weakref.ref(a, lambda _, key=key: _POOL_ARGS.pop(key, None)), cached)
     return cached
 
 
-def _fits(t: torch.Tensor, slots: int, rows: int, cols: int) -> bool:
-    """Whether a pool tensor is a contiguous float32 CPU ``[slots, rows, cols]``."""
+def _fits(t: torch.Tensor, dtype: torch.dtype, slots: int, rows: int, cols: int) -> bool:
+    """Whether a pool tensor is a contiguous CPU ``[slots, rows, cols]`` of `dtype`, a
+    dtype the kernel is built for."""
     return (
         t.is_cpu
-        and t.dtype == torch.float32
+        and t.dtype == dtype
+        and dtype in WEIGHT_DTYPES
         and t.is_contiguous()
         and t.dim() == 3
         and t.shape[0] == slots
@@ -413,8 +447,11 @@ def _fits(t: torch.Tensor, slots: int, rows: int, cols: int) -> bool:
 
 
 @functools.cache
-def load() -> Callable[..., int] | None:
-    """The compiled kernel, building it on first use; None where it cannot serve."""
+def load(weights: torch.dtype = torch.float32) -> Callable[..., int] | None:
+    """The kernel compiled for adapter weights of dtype `weights` (`WEIGHT_DTYPES`),
+    building it on first use; None where it cannot serve."""
+    if weights not in WEIGHT_DTYPES:
+        return None
     if os.environ.get("ADAPTERHUB_CPU_LORA_KERNEL", "1") == "0":
         return None
     if sys.platform != "linux" or not _torch_uses_gomp():
@@ -426,8 +463,8 @@ def load() -> Callable[..., int] | None:
         logger.info("no C compiler found: LoRA on CPU runs through torch ops")
         return None
     try:
-        path = _build(compiler)
-        fn = ctypes.CDLL(str(path)).lora_sgmv_f32
+        path = _build(compiler, WEIGHT_DTYPES[weights])
+        fn = ctypes.CDLL(str(path)).lora_sgmv
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("CPU LoRA kernel unavailable (%s); using torch ops", exc)
         return None
@@ -464,12 +501,12 @@ def _cpu_identity() -> str:
     return ident
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, defines: tuple[str, ...]) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
     ).stdout
     key = hashlib.sha256(
-        "\0".join([_SOURCE, compiler, version, *_FLAGS, _cpu_identity()]).encode()
+        "\0".join([_SOURCE, compiler, version, *_FLAGS, *defines, _cpu_identity()]).encode()
     ).hexdigest()[:24]
     try:
         cache = user_cache_dir("ADAPTERHUB_KERNEL_CACHE", "kernels")
@@ -484,7 +521,7 @@ def _build(compiler: str) -> Path:
         src.write_text(_SOURCE)
         out = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *_FLAGS, "-o", str(out), str(src)],
+            [compiler, *_FLAGS, *defines, "-o", str(out), str(src)],
             capture_output=True,
             text=True,
             timeout=_COMPILE_TIMEOUT_S,

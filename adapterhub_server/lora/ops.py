@@ -278,25 +278,34 @@ BACKENDS: dict[str, LoRABackend] = {b.name: b for b in (TORCH_OPS, CPU_KERNEL, T
 """Each backend by its `lora_kernel` name."""
 
 
-def lora_backend(requested: str, device: torch.device, dtype: torch.dtype) -> LoRABackend:
+def lora_backend(
+    requested: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    weights: torch.dtype | None = None,
+) -> LoRABackend:
     """The backend an engine uses for all its steps, chosen once at start.
 
     Args:
         requested: ``auto`` (Triton on CUDA when installed; the CPU kernel for float32 on
             CPU where it builds; else torch), or ``triton``, ``cpu``, ``torch`` (required:
             an error where it cannot serve).
+        dtype: the activations' dtype; weights: the adapter weights' (default `dtype`).
     """
+    weights = weights or dtype
     cpu_serves = device.type == "cpu" and dtype == torch.float32
     if requested == "torch":
         return TORCH_OPS
     if requested == "triton":
+        if weights != dtype:
+            raise ValueError(f"lora_kernel='triton' reads {dtype} weights, not {weights}")
         if not triton_available():
             raise ValueError("lora_kernel='triton' but Triton is not installed")
         return TRITON_KERNELS
     if requested == "cpu":
         if not cpu_serves:
             raise ValueError(f"lora_kernel='cpu' serves float32 on CPU, not {dtype} on {device}")
-        if load_cpu_kernel() is None:
+        if load_cpu_kernel(weights) is None:
             raise ValueError(
                 "lora_kernel='cpu' but the CPU LoRA kernel cannot be built here (it needs a "
                 "C compiler, Linux and torch's GNU OpenMP; see the log)"
@@ -306,7 +315,7 @@ def lora_backend(requested: str, device: torch.device, dtype: torch.dtype) -> Lo
         raise ValueError(f"unknown lora_kernel {requested!r}")
     if device.type == "cuda" and triton_available():
         return TRITON_KERNELS
-    if cpu_serves and load_cpu_kernel() is not None:
+    if cpu_serves and load_cpu_kernel(weights) is not None:
         return CPU_KERNEL
     return TORCH_OPS
 
@@ -378,26 +387,28 @@ def add_lora(
     for g in batch.groups:
         a, bs = pools[g.rank_class]
         c = g.rank_class
-        a = a[g.slot_lo : g.slot_hi]
+        # Weights kept in another dtype than the activations (`lora_dtype`) are widened
+        # slice by slice: only the slots this group reads.
+        a = a[g.slot_lo : g.slot_hi].to(x.dtype)
         if g.contiguous is not None:
             t0, t1 = g.contiguous
             h = x[t0:t1] @ a[0].T  # [n, m * c]
-            _expand_into(y[t0:t1], h, [b[g.slot_lo] for b in bs], c)
+            _expand_into(y[t0:t1], h, [b[g.slot_lo].to(x.dtype) for b in bs], c)
             continue
         xg = x[g.token_index]  # [S, L, in]
         h = torch.bmm(xg, a.transpose(1, 2))  # [S, L, m * c]
         if g.valid is not None:
             h.mul_(g.valid)
         outs = [
-            torch.bmm(h[..., j * c : (j + 1) * c], b[g.slot_lo : g.slot_hi])
+            torch.bmm(h[..., j * c : (j + 1) * c], b[g.slot_lo : g.slot_hi].to(x.dtype))
             for j, b in enumerate(bs)
         ]  # each [S, L, out_j]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         y.index_add_(0, g.flat_index, out.view(-1, out.shape[-1]))
     for s in batch.segments:
         a, bs = pools[s.rank_class]
-        h = x[s.t0 : s.t1] @ a[s.slot].T  # [len, m * c]
-        _expand_into(y[s.t0 : s.t1], h, [b[s.slot] for b in bs], s.rank_class)
+        h = x[s.t0 : s.t1] @ a[s.slot].to(x.dtype).T  # [len, m * c]
+        _expand_into(y[s.t0 : s.t1], h, [b[s.slot].to(x.dtype) for b in bs], s.rank_class)
 
 
 def _expand_into(y: torch.Tensor, h: torch.Tensor, bs: list[torch.Tensor], c: int) -> None:
@@ -436,6 +447,6 @@ def add_lora_reference(
         a, bs = pools[c]
         o = 0
         for j, b in enumerate(bs):
-            h = a[slot, j * c : (j + 1) * c] @ x[t]
-            y[t, o : o + b.shape[-1]] += h @ b[slot]
+            h = a[slot, j * c : (j + 1) * c].to(x.dtype) @ x[t]
+            y[t, o : o + b.shape[-1]] += h @ b[slot].to(x.dtype)
             o += b.shape[-1]

@@ -85,11 +85,15 @@ class LoRAWeightPool:
         *,
         max_slots: int,
         dtype: torch.dtype = torch.float32,
+        weight_dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
+        """`dtype` is the serving dtype (activations, DoRA tables); `weight_dtype` (default
+        `dtype`) the dtype A and B are kept in."""
         self.groups = {g.key: g for g in groups}
         self.max_slots = max_slots
         self.dtype = dtype
+        self.weight_dtype = weight_dtype or dtype
         self.device = torch.device(device)
         self._pools: dict[str, dict[int, PackedPool]] = {g.key: {} for g in groups}
         self._capacity: dict[int, int] = {}
@@ -161,7 +165,7 @@ class LoRAWeightPool:
             new *= 2
         new = min(max(new, slots), self.max_slots)
         c = rank_class
-        kw = {"dtype": self.dtype, "device": self.device}
+        kw = {"dtype": self.weight_dtype, "device": self.device}
         for key, g in self.groups.items():
             a = torch.zeros(new, len(g.modules) * c, g.in_features, **kw)
             bs = tuple(torch.zeros(new, c, out, **kw) for out in g.out_features)

@@ -44,6 +44,7 @@ def test_serve_throughput_bench(tmp_path: Path) -> None:
     assert set(result["summary"]) == {
         "engine",
         "engine-base",
+        "engine-bf16",
         "engine-dora",
         "engine-merge-cat",
         "engine-merge-ties",
@@ -51,9 +52,10 @@ def test_serve_throughput_bench(tmp_path: Path) -> None:
         "peft-swap",
         "http",
     }
-    for config in ("engine", "engine-dora", "engine-merge-cat", "engine-merge-ties"):
+    for config in ("engine", "engine-bf16", "engine-dora", "engine-merge-cat", "engine-merge-ties"):
         assert result["summary"][config]["generated_tokens"] == 4 * 4, config
     assert "engine/peft-mixed" in stdout and "engine-dora/engine" in stdout
+    assert "engine-bf16/engine-base decode step" in result["ratios"]
     assert out.with_suffix(".png").exists()
 
 

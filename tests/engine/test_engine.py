@@ -119,6 +119,48 @@ def test_mixed_batch_greedy_equals_peft(tiny_base, tiny_adapters, peft_greedy) -
     assert engine.num_running == 0 and engine.num_waiting == 0
 
 
+def test_bfloat16_adapter_weights_greedy_equal_peft(tiny_base, tmp_path) -> None:
+    """``lora_dtype=bfloat16`` on CPU keeps A and B in bfloat16 (the kernel's other build
+    for decode, widened slices for prefill). Adapters saved in bfloat16 whose scale is a
+    power of two lose nothing to that, so greedy output equals PEFT's exactly, with
+    mixed adapters, base rows and chunked prefill in one batch."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.engine.conftest import greedy_continuation
+    from tests.tiny_models import make_peft_adapter
+
+    specs = {"b4": (4, 8), "b8": (8, 16), "b32": (32, 64)}  # scale alpha / r = 2
+    adapters = {}
+    for i, (name, (r, alpha)) in enumerate(specs.items()):
+        path = make_peft_adapter(tiny_base, tmp_path / name, seed=40 + i, r=r, alpha=alpha)
+        weights = path / "adapter_model.safetensors"
+        save_file({k: v.bfloat16() for k, v in load_file(weights).items()}, weights)
+        adapters[name] = path
+    engine = _engine(tiny_base, adapters, lora_dtype="bfloat16", max_num_batched_tokens=24)
+    from adapterhub_server.lora import cpu_kernel
+
+    assert engine.adapters.pool.weight_dtype == torch.bfloat16
+    kernel_builds = cpu_kernel.load(torch.bfloat16) is not None
+    assert str(engine.lora_backend) == ("cpu" if kernel_builds else "torch")
+    reqs = _requests(engine.tokenizer, [*adapters, None] * 2, max_tokens=[9, 6, 12])
+    for rid, ids, adapter, n in reqs:
+        engine.add_request(
+            rid, ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter
+        )
+    results: dict[str, Result] = {}
+    _drain(engine, results)
+    models = {}
+    for rid, ids, adapter, n in reqs:
+        if adapter not in models:
+            hf = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+            models[adapter] = (
+                PeftModel.from_pretrained(hf, adapters[adapter]) if adapter else hf
+            ).eval()
+        assert results[rid].token_ids == greedy_continuation(models[adapter], ids, n), rid
+
+
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_triton_kernel_path_greedy_equals_peft(tiny_base, tiny_adapters, peft_greedy) -> None:
     """The engine with LoRA through the Triton kernels (Triton's interpreter on CPU): mixed

@@ -127,6 +127,41 @@ def test_busy_adapters_take_the_gemms_beside_the_kernel(threads: int) -> None:
     _check(got, expected)
 
 
+def _bfloat16(pools64: dict) -> tuple[dict[int, PackedPool], dict]:
+    """The pools rounded to bfloat16 (as ``lora_dtype=bfloat16`` keeps them), and the same
+    rounded values in float64 for the reference."""
+    pools16 = {c: (a.bfloat16(), tuple(b.bfloat16() for b in bs)) for c, (a, bs) in pools64.items()}
+    rounded = {c: (a.double(), tuple(b.double() for b in bs)) for c, (a, bs) in pools16.items()}
+    return pools16, rounded
+
+
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("num_tokens", [7, 70])
+def test_bfloat16_weights_match_reference(mix: str, num_tokens: int, threads: int) -> None:
+    """Weights kept in bfloat16: the kernel widens them to float32 as it loads them, and
+    busy adapters' GEMMs and prefill segments widen their slices, so every path matches
+    the reference on the same rounded weights as closely as float32 weights do."""
+    rng = random.Random(num_tokens + 100)
+    outs = PACKINGS["packed"]
+    _, pools64 = _pools(outs, seed=5)
+    pools16, rounded = _bfloat16(pools64)
+    dense = mixed_routes(mix, num_tokens, rng)
+    routes = list(dense)
+    segments = [Segment(num_tokens, num_tokens + 6, 16, 1)]
+    routes += [(16, 1)] * 6
+    x = torch.randn(len(routes), D_IN, dtype=torch.float64)
+    base = torch.randn(len(routes), sum(outs), dtype=torch.float64)
+    expected = base.clone()
+    add_lora_reference(expected, x, rounded, routes)
+    got = base.float()
+    add_lora(got, x.float(), pools16, build_lora_batch(dense, segments, backend=CPU_KERNEL))
+    _check(got, expected)
+    # The rounding is real: float32 weights give another result.
+    exact = base.clone()
+    add_lora_reference(exact, x, pools64, routes)
+    assert not torch.allclose(got.double(), exact, rtol=1e-6, atol=1e-6)
+
+
 def test_matches_the_torch_ops() -> None:
     """Both float32 paths on the same inputs: the kernel only reorders float sums."""
     outs = PACKINGS["packed"]
@@ -181,6 +216,23 @@ def test_auto_picks_the_kernel_for_float32_on_cpu_only() -> None:
         build_lora_batch([(8, 0)], dtype=torch.bfloat16, backend=CPU_KERNEL)
     assert str(EngineConfig(device="cpu").lora_backend()) == "cpu"
     assert str(EngineConfig(device="cpu", lora_kernel="torch").lora_backend()) == "torch"
+    # bfloat16 weights under float32 activations: the kernel's other build.
+    assert str(lora_backend("auto", cpu, torch.float32, torch.bfloat16)) == "cpu"
+    assert str(EngineConfig(device="cpu", lora_dtype="bfloat16").lora_backend()) == "cpu"
+    assert cpu_kernel.load(torch.float16) is None
+
+
+def test_lora_dtype_other_than_the_serving_dtype_is_cpu_only() -> None:
+    assert EngineConfig(device="cpu").torch_lora_dtype() == torch.float32
+    assert EngineConfig(device="cpu", lora_dtype="bfloat16").torch_lora_dtype() == torch.bfloat16
+    assert EngineConfig(device="cuda").torch_lora_dtype() == torch.bfloat16
+    assert EngineConfig(device="cuda", lora_dtype="bfloat16").torch_lora_dtype() == torch.bfloat16
+    with pytest.raises(ValueError, match="only CPU serving"):
+        EngineConfig(device="cuda", lora_dtype="float32").torch_lora_dtype()
+    with pytest.raises(ValueError, match="unknown lora_dtype"):
+        EngineConfig(lora_dtype="float16")
+    with pytest.raises(ValueError, match=r"reads torch\.float32 weights"):
+        lora_backend("triton", torch.device("cpu"), torch.float32, torch.bfloat16)
 
 
 def test_refuses_what_would_leave_its_tensors() -> None:
@@ -198,6 +250,13 @@ def test_refuses_what_would_leave_its_tensors() -> None:
         add_lora(y.double(), x.double(), pools32, build_lora_batch([(8, 0)], backend=CPU_KERNEL))
     with pytest.raises(ValueError, match="contiguous rows"):
         add_lora(y, x.t().contiguous().t(), pools32, build_lora_batch([(8, 0)], backend=CPU_KERNEL))
+    a, bs = pools32[8]
+    mixed = {8: (a.bfloat16(), bs)}  # A and B must share one weight dtype
+    with pytest.raises(ValueError, match="do not match"):
+        add_lora(y, x, mixed, build_lora_batch([(8, 0)], backend=CPU_KERNEL))
+    halves = {8: (a.half(), tuple(b.half() for b in bs))}  # no build for float16 weights
+    with pytest.raises(ValueError, match="do not match"):
+        add_lora(y, x, halves, build_lora_batch([(8, 0)], backend=CPU_KERNEL))
 
 
 def test_builds_into_the_cache_and_can_be_turned_off(
