@@ -138,7 +138,7 @@ def build_engine(
         )
     logger.info(
         "engine ready: %s on %s/%s, max_model_len=%d, KV cache %s (%s) = %d blocks of %d "
-        "= %d tokens, prefix caching %s, LoRA ops %s, decode %s, load %.1f s",
+        "= %d tokens, prefix caching %s, LoRA ops %s (%s weights), decode %s, load %.1f s",
         base.model_id,
         device,
         str(dtype).removeprefix("torch."),
@@ -150,6 +150,7 @@ def build_engine(
         blocks.usable_blocks * config.block_size,
         "on" if config.prefix_caching else "off",
         lora_backend,
+        str(pool.weight_dtype).removeprefix("torch."),
         "CUDA graphs" if graphs else "eager",
         time.perf_counter() - t0,
     )

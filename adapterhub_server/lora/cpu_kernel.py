@@ -121,7 +121,8 @@ static inline __attribute__((always_inline)) void dot_block(
         /* The next block of 4 rows, ahead of use: weights come from memory (a step's
            base weights evict them from cache), and one slot's rows are streams too short
            for the hardware prefetcher to get ahead of. Past a slot's last rows this reads
-           into the next slot, which the thread usually takes next. */
+           into the next slot, which the thread usually takes next, or past the pool, which
+           a prefetch may do: it never faults. */
         for (int r = 0; r < 4; r++) __builtin_prefetch(a + (4 + r) * in + k, 0, 3);
         for (int r = 0; r < 4; r++) {
             const v16 av = loadw16(a + r * in + k);
@@ -197,8 +198,8 @@ static void expand_cols(const wt *b, int64_t bs, int64_t c, const float *h, int6
 int lora_sgmv(const float *x, int64_t x_stride, float *y, int64_t y_stride,
               const wt *a, int64_t in, int64_t c, int64_t m,
               const wt *const *bs, const int64_t *outs, const int64_t *tokens,
-                  const int64_t *slots, const int64_t *starts, int64_t groups,
-                  int64_t num_threads) {
+              const int64_t *slots, const int64_t *starts, int64_t groups,
+              int64_t num_threads) {
     if (m > MAX_MODULES || c % 4 != 0) return 2;
     const int64_t rows = m * c, n = starts[groups];
     if (n == 0) return 0;
