@@ -115,12 +115,19 @@ def _adapters_per_replica(served: list[tuple[str, str]]) -> dict[str, int]:
     return {replica: len(names) for replica, names in sorted(by_replica.items())}
 
 
-def _replica_loads(url: str, replicas: int) -> dict[str, float]:
+def _replica_loads(url: str, replicas: int, patience_s: float = 60.0) -> dict[str, float]:
     """`adapterhub_adapter_loads_total` of every engine replica (requests without an
-    adapter land on a random replica; ask until each has answered)."""
+    adapter land on a replica the router picks; ask until each has answered)."""
     loads: dict[str, float] = {}
+    deadline = time.monotonic() + patience_s
     with httpx.Client(timeout=60) as client:
-        for _ in range(200):
+        while time.monotonic() < deadline:
+            if loads:
+                # Spaced out over the patience: Ray Serve's router caches each replica's
+                # queue length for up to 10 s (RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S), so
+                # right after a run a replica last seen busy is passed over until its entry
+                # expires; 200 asks in a row once all landed on the other one.
+                time.sleep(0.05)
             response = client.get(f"{url}/metrics")
             response.raise_for_status()
             match = _LOADS.search(response.text)
