@@ -387,28 +387,34 @@ def add_lora(
     for g in batch.groups:
         a, bs = pools[g.rank_class]
         c = g.rank_class
-        # Weights kept in another dtype than the activations (`lora_dtype`) are widened
-        # slice by slice: only the slots this group reads.
-        a = a[g.slot_lo : g.slot_hi].to(x.dtype)
+        a = _widened(a[g.slot_lo : g.slot_hi], x.dtype)
         if g.contiguous is not None:
             t0, t1 = g.contiguous
             h = x[t0:t1] @ a[0].T  # [n, m * c]
-            _expand_into(y[t0:t1], h, [b[g.slot_lo].to(x.dtype) for b in bs], c)
+            _expand_into(y[t0:t1], h, [_widened(b[g.slot_lo], x.dtype) for b in bs], c)
             continue
         xg = x[g.token_index]  # [S, L, in]
         h = torch.bmm(xg, a.transpose(1, 2))  # [S, L, m * c]
         if g.valid is not None:
             h.mul_(g.valid)
         outs = [
-            torch.bmm(h[..., j * c : (j + 1) * c], b[g.slot_lo : g.slot_hi].to(x.dtype))
+            torch.bmm(h[..., j * c : (j + 1) * c], _widened(b[g.slot_lo : g.slot_hi], x.dtype))
             for j, b in enumerate(bs)
         ]  # each [S, L, out_j]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         y.index_add_(0, g.flat_index, out.view(-1, out.shape[-1]))
     for s in batch.segments:
         a, bs = pools[s.rank_class]
-        h = x[s.t0 : s.t1] @ a[s.slot].to(x.dtype).T  # [len, m * c]
-        _expand_into(y[s.t0 : s.t1], h, [b[s.slot].to(x.dtype) for b in bs], s.rank_class)
+        h = x[s.t0 : s.t1] @ _widened(a[s.slot], x.dtype).T  # [len, m * c]
+        _expand_into(y[s.t0 : s.t1], h, [_widened(b[s.slot], x.dtype) for b in bs], s.rank_class)
+
+
+def _widened(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A pool slice in the activations' dtype: weights kept in another (`lora_dtype`) are
+    converted slice by slice, only the slots a call reads. The check comes first because
+    ``Tensor.to`` costs about a microsecond even when there is nothing to convert, and the
+    torch ops make a few of these calls per layer per step."""
+    return weights if weights.dtype == dtype else weights.to(dtype)
 
 
 def _expand_into(y: torch.Tensor, h: torch.Tensor, bs: list[torch.Tensor], c: int) -> None:
@@ -447,6 +453,6 @@ def add_lora_reference(
         a, bs = pools[c]
         o = 0
         for j, b in enumerate(bs):
-            h = a[slot, j * c : (j + 1) * c].to(x.dtype) @ x[t]
-            y[t, o : o + b.shape[-1]] += h @ b[slot].to(x.dtype)
+            h = _widened(a[slot, j * c : (j + 1) * c], x.dtype) @ x[t]
+            y[t, o : o + b.shape[-1]] += h @ _widened(b[slot], x.dtype)
             o += b.shape[-1]
