@@ -830,8 +830,8 @@ def main() -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        # After every section, so that a run cut short by a borrowed machine's time limit
-        # still leaves the sections it finished.
+        # After each section (the last one: below), so that a run cut short by a borrowed
+        # machine's time limit still leaves the sections it finished.
         out_path.write_text(json.dumps({"meta": meta, **result, "checks": checks}, indent=2))
 
     if "kernels" in args.sections:
@@ -847,7 +847,6 @@ def main() -> None:
         print("decode: N sequences over K adapters")
         result["decode"] = bench_decode(args, base_dir, device, dtype)
         checks.update(result["decode"]["checks"])
-        save()
 
     _print_tables(result)
     failed = [k for k, ok in checks.items() if not ok]
