@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from adapterhub_server.config import EngineConfig, ServerConfig
 from adapterhub_server.registry import Registry, RegistryAdapterSource
 from adapterhub_server.server import Server, build_app, build_server
+from tests.engine.conftest import greedy_continuation
 from tests.live_server import serve
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -80,16 +81,7 @@ def _peft_text(tiny_base: Path, adapter_dir: Path, prompt: str = "hello world", 
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), adapter_dir
     ).eval()
-    ids = tok.encode(prompt)
-    out = model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+    return tok.decode(greedy_continuation(model, tok.encode(prompt), n), skip_special_tokens=True)
 
 
 def test_upload_then_query_without_restart(http, tiny_base, tiny_adapters) -> None:

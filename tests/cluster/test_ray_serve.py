@@ -26,6 +26,7 @@ from adapterhub_server.cluster.ray_app import (
 from adapterhub_server.cluster.routing import AdapterKeyResolver
 from adapterhub_server.config import EngineConfig, ServerConfig
 from adapterhub_server.lora.cache import StaticAdapterSource
+from tests.engine.conftest import greedy_continuation
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_ID = "tiny-base"
@@ -154,16 +155,7 @@ def _peft_greedy(base_dir: Path, adapter_dir: Path, ids: list[int], n: int) -> l
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    out = model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(ids) :].tolist()
+    return greedy_continuation(PeftModel.from_pretrained(model, adapter_dir).eval(), ids, n)
 
 
 @pytest.fixture(scope="module")

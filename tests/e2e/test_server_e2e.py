@@ -15,6 +15,7 @@ from adapterhub_server.config import EngineConfig
 from adapterhub_server.engine.async_engine import AsyncLLMEngine
 from adapterhub_server.engine.build import build_engine
 from adapterhub_server.server import build_app
+from tests.engine.conftest import greedy_continuation
 from tests.live_server import serve
 
 
@@ -33,15 +34,7 @@ def _peft_greedy(base_dir: Path, adapter_dir: Path | None, ids: list[int], n: in
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
-    out = model.eval().generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(ids) :].tolist()
+    return greedy_continuation(model.eval(), ids, n)
 
 
 @pytest.fixture(scope="module")
