@@ -40,12 +40,17 @@ def test_greedy_equals_argmax(dtype: torch.dtype) -> None:
     assert out.logprobs is None and out.top_ids is None and out.top_logprobs is None
 
 
-def test_greedy_ties_pick_lowest_index() -> None:
-    logits = torch.zeros(2, 10)
+@pytest.mark.parametrize("with_random_row", [False, True])
+def test_greedy_ties_pick_lowest_index(with_random_row: bool) -> None:
+    """The lowest of equal maxima, in an all-greedy batch and beside a sampled row (the
+    two paths take the maximum differently)."""
+    logits = torch.zeros(3, 10)
     logits[0, [3, 7]] = 5.0
     logits[1, [2, 9]] = 1.0
-    out = _run(logits, [SamplingParams(temperature=0.0)] * 2)
-    assert out.token_ids.tolist() == [3, 2]
+    last = SamplingParams(temperature=1.0, seed=3) if with_random_row else SamplingParams()
+    params = [SamplingParams(temperature=0.0)] * 2 + [last]
+    out = _run(logits, params, [None, None, make_generator(last.seed)])
+    assert out.token_ids[:2].tolist() == [3, 2]
 
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 2.0])
@@ -361,6 +366,19 @@ def test_mask_wins_over_logit_bias_and_penalties() -> None:
     out = Sampler()(logits, params, [None, None], contexts, _masks({0: [5, 6]}))
     assert out.token_ids[0].item() in (5, 6)
     assert out.token_ids[1].item() == forbidden  # the free row still gets its bias
+
+
+def test_non_finite_raw_row_is_marked_when_a_mask_hides_it() -> None:
+    """A NaN logit marks its row even where a grammar mask excludes that token (all-greedy
+    batch and mixed batch: the two paths take the row maxima differently)."""
+    logits = _logits(3, seed=5)
+    logits[0, 4] = float("nan")
+    for last in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=2)):
+        params = [SamplingParams(temperature=0.0)] * 2 + [last]
+        gens = [None, None, make_generator(last.seed)]
+        out = Sampler()(logits.clone(), params, gens, None, _masks({0: [5, 6], 1: [5, 6]}))
+        assert out.token_ids[0].item() == NON_FINITE
+        assert out.token_ids[1].item() in (5, 6)
 
 
 def test_grammar_wins_when_min_tokens_removes_its_only_choice() -> None:
