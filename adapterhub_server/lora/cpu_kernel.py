@@ -210,9 +210,12 @@ int lora_sgmv(const float *x, int64_t x_stride, float *y, int64_t y_stride,
         col0[j] = o;
         o += outs[j];
     }
-    if (num_threads <= 1 || groups % num_threads == 0) {
+    int uniform = 1; /* every slot has as many tokens (decode: one per sequence) */
+    for (int64_t g = 1; g < groups; g++)
+        if (starts[g + 1] - starts[g] != starts[1] - starts[0]) uniform = 0;
+    if (num_threads <= 1 || (uniform && groups % num_threads == 0)) {
         /* Whole slots per thread: A then B of one slot stream back to back, with no
-           barrier in between. Balanced because every slot of a class costs the same. */
+           barrier in between. Balanced because the slots cost the same. */
 #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (int64_t g = 0; g < groups; g++) {
             const int64_t t0 = starts[g], nt = starts[g + 1] - t0;
@@ -223,11 +226,17 @@ int lora_sgmv(const float *x, int64_t x_stride, float *y, int64_t y_stride,
                             rows, y + col0[j], y_stride, tokens + t0, nt, 0, outs[j]);
         }
     } else {
-        /* Too few slots to share out evenly: split the rows of A (blocks of 4), then
-           (after the barrier) the output columns, so every thread gets a part of every
-           slot. */
+        /* Too few slots to share out evenly, or slots of different token counts (short
+           prefill chunks beside decode tokens): split the rows of A (blocks of 4), then
+           (after the barrier) the output columns. Equal slots go out in contiguous runs
+           of work items; unequal ones round-robin, so that every thread gets about half
+           of every slot's work whatever its tokens cost. */
+        const int64_t shrink_items = groups * (rows / 4);
         int64_t blocks[MAX_MODULES], width[MAX_MODULES], per_group = 0;
-        const int64_t want = (4 * num_threads + groups * m - 1) / (groups * m);
+        /* Column blocks per module: about 4 per thread over all equal slots; unequal
+           slots split each module into 2 per thread, so that a busy slot is shared too. */
+        const int64_t want =
+            uniform ? (4 * num_threads + groups * m - 1) / (groups * m) : 2 * num_threads;
         for (int64_t j = 0; j < m; j++) {
             int64_t w = (outs[j] + want - 1) / want;
             w = (w + 63) / 64 * 64;
@@ -235,18 +244,20 @@ int lora_sgmv(const float *x, int64_t x_stride, float *y, int64_t y_stride,
             blocks[j] = (outs[j] + w - 1) / w;
             per_group += blocks[j];
         }
-        const int64_t row_blocks = rows / 4;
+        const int64_t row_blocks = rows / 4, expand_items = groups * per_group;
+        const int64_t shrink_chunk = uniform ? (shrink_items + num_threads - 1) / num_threads : 1;
+        const int64_t expand_chunk = uniform ? (expand_items + num_threads - 1) / num_threads : 1;
 #pragma omp parallel num_threads(num_threads)
         {
-#pragma omp for schedule(static)
-            for (int64_t item = 0; item < groups * row_blocks; item++) {
+#pragma omp for schedule(static, shrink_chunk)
+            for (int64_t item = 0; item < shrink_items; item++) {
                 const int64_t g = item / row_blocks, r = (item % row_blocks) * 4;
                 const int64_t t0 = starts[g];
                 shrink_rows(a + slots[g] * rows * in, in, r, r + 4, x, x_stride, tokens + t0,
                             starts[g + 1] - t0, h + t0 * rows, rows);
             }
-#pragma omp for schedule(static)
-            for (int64_t item = 0; item < groups * per_group; item++) {
+#pragma omp for schedule(static, expand_chunk)
+            for (int64_t item = 0; item < expand_items; item++) {
                 const int64_t g = item / per_group, t0 = starts[g];
                 int64_t blk = item % per_group, j = 0;
                 while (blk >= blocks[j]) blk -= blocks[j++];

@@ -85,7 +85,8 @@ def test_dense_tokens_match_reference(
 
 @pytest.mark.parametrize("mix", MIXES)
 def test_decode_plus_prefill_segments_match_reference(mix: str, threads: int) -> None:
-    """Dense decode tokens through the kernel, prefill chunks through the segment GEMMs."""
+    """Dense decode tokens and short prefill chunks (and a base-model chunk between them)
+    through the kernel, in one call per rank class."""
     rng = random.Random(7)
     outs = PACKINGS["packed"]
     pools32, pools64 = _pools(outs, seed=1)
@@ -102,7 +103,47 @@ def test_decode_plus_prefill_segments_match_reference(mix: str, threads: int) ->
     expected = torch.zeros(t, sum(outs), dtype=torch.float64)
     add_lora_reference(expected, x, pools64, routes)
     got = torch.zeros(t, sum(outs))
-    add_lora(got, x.float(), pools32, build_lora_batch(dense, segments, backend=CPU_KERNEL))
+    batch = build_lora_batch(dense, segments, backend=CPU_KERNEL)
+    assert not batch.segments and not batch.groups
+    add_lora(got, x.float(), pools32, batch)
+    _check(got, expected)
+
+
+def test_prefill_chunks_route_by_length_and_by_their_adapters_total(threads: int) -> None:
+    """A chunk of `GEMM_MIN_TOKENS` tokens stays a segment (GEMMs on a view of its slot);
+    shorter chunks join the dense tokens, and an adapter whose dense and short-chunk tokens
+    together reach `GEMM_MIN_TOKENS` takes a GEMM pair; the rest go to the kernel, unequal
+    token counts per slot included. Base-model chunks in between get nothing."""
+    outs = PACKINGS["packed"]
+    pools32, pools64 = _pools(outs, seed=6)
+    half = GEMM_MIN_TOKENS // 2
+    dense: list[Route | None] = [(16, 2), (8, 1), None, (16, 0), (16, 2)]
+    chunks: list[tuple[Route | None, int]] = [
+        ((16, 2), half),  # with the next one and 2 dense tokens: 66 tokens on (16, 2)
+        (None, 5),
+        ((16, 2), half),
+        ((8, 3), GEMM_MIN_TOKENS),  # long: a segment
+        ((8, 1), 9),  # short, beside a single dense token of the same adapter
+    ]
+    routes = list(dense)
+    segments = []
+    for route, n in chunks:
+        if route is not None:
+            segments.append(Segment(len(routes), len(routes) + n, *route))
+        routes += [route] * n
+    batch = build_lora_batch(dense, segments, backend=CPU_KERNEL)
+    assert [(s.rank_class, s.slot, s.t1 - s.t0) for s in batch.segments] == [
+        (8, 3, GEMM_MIN_TOKENS)
+    ]
+    assert [(g.rank_class, g.slot_lo, g.slot_hi) for g in batch.groups] == [(16, 2, 3)]
+    in_kernel = {(mp.rank_class, int(s)) for mp in batch.cpu_mappings for s in mp.slots}
+    assert in_kernel == {(16, 0), (8, 1)}
+    n = len(routes)
+    x = torch.randn(n, D_IN, dtype=torch.float64)
+    expected = torch.zeros(n, sum(outs), dtype=torch.float64)
+    add_lora_reference(expected, x, pools64, routes)
+    got = torch.zeros(n, sum(outs))
+    add_lora(got, x.float(), pools32, batch)
     _check(got, expected)
 
 
