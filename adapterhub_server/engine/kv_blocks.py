@@ -17,7 +17,13 @@ served from an old version's blocks, while the same bytes under two names may sh
 
 A block nobody references any more keeps its contents and its hash, and waits in LRU order;
 allocation takes never-cached free blocks first and evicts the least recently used cached
-block only when it must.
+block only when it must. Among free blocks, those used before come first (last freed, first
+reused) and never-used ones last, so that no step pays for zeroing and faulting in a fresh
+block (on CPU, up to a millisecond per block of the default model) while a used one is free.
+Without prefix caching the memory the cache touches then stays at its peak use: 10 rounds
+of 16 chats of 32 tokens on the default model grew the CPU process by 69 MiB, against 588
+MiB when freed blocks went to the back of the queue (with prefix caching, which keeps full
+blocks cached, 264 against 377 MiB).
 """
 
 from __future__ import annotations
@@ -133,7 +139,7 @@ class BlockPool:
                 if self._hash_of[block] is not None:
                     self._evictable[block] = None
                 else:
-                    self._free.append(block)
+                    self._free.appendleft(block)
 
     # -- prefix cache ----------------------------------------------------------------------
 
@@ -161,5 +167,5 @@ class BlockPool:
             assert h is not None
             del self._cached[h]
             self._hash_of[block] = None
-            self._free.append(block)
+            self._free.appendleft(block)
         self._evictable.clear()

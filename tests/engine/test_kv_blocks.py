@@ -38,6 +38,20 @@ def test_allocation_never_hands_out_the_null_block_and_reports_fresh_blocks() ->
         pool.allocate(1)
 
 
+def test_used_free_blocks_are_reused_before_never_used_ones() -> None:
+    pool = BlockPool(10, 4)
+    fresh: list[int] = []
+    pool.on_first_use = fresh.extend
+    a = pool.allocate(3)
+    pool.release(a)
+    b = pool.allocate(2)
+    assert set(b) <= set(a) and fresh == a  # no block was handed out fresh again
+    pool.release(b)
+    c = pool.allocate(4)
+    assert set(a) <= set(c) and len(fresh) == 4  # the three used ones, then one fresh
+    assert c[-1] == fresh[-1] and c[-1] not in a
+
+
 def test_release_is_reference_counted() -> None:
     pool = BlockPool(4, 4)
     (block,) = pool.allocate(1)

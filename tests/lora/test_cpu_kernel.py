@@ -16,6 +16,7 @@ from adapterhub_server.lora.ops import (
     CPU_KERNEL,
     GEMM_MIN_TOKENS,
     TORCH_OPS,
+    LoRABatch,
     PackedPool,
     Route,
     Segment,
@@ -58,6 +59,23 @@ def threads(request: pytest.FixtureRequest) -> Iterator[int]:
 
 def _check(got: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def _assert_matches_reference(
+    batch: LoRABatch,
+    routes: list[Route | None],
+    outs: tuple[int, ...],
+    pools32: dict[int, PackedPool],
+    pools64: dict,
+) -> None:
+    """`add_lora` with `batch` on random inputs equals the loop reference over `routes`."""
+    n = len(routes)
+    x = torch.randn(n, D_IN, dtype=torch.float64)
+    expected = torch.zeros(n, sum(outs), dtype=torch.float64)
+    add_lora_reference(expected, x, pools64, routes)
+    got = torch.zeros(n, sum(outs))
+    add_lora(got, x.float(), pools32, batch)
+    _check(got, expected)
 
 
 @pytest.mark.parametrize("packing", PACKINGS)
@@ -138,13 +156,7 @@ def test_prefill_chunks_route_by_length_and_by_their_adapters_total(threads: int
     assert [(g.rank_class, g.slot_lo, g.slot_hi) for g in batch.groups] == [(16, 2, 3)]
     in_kernel = {(mp.rank_class, int(s)) for mp in batch.cpu_mappings for s in mp.slots}
     assert in_kernel == {(16, 0), (8, 1)}
-    n = len(routes)
-    x = torch.randn(n, D_IN, dtype=torch.float64)
-    expected = torch.zeros(n, sum(outs), dtype=torch.float64)
-    add_lora_reference(expected, x, pools64, routes)
-    got = torch.zeros(n, sum(outs))
-    add_lora(got, x.float(), pools32, batch)
-    _check(got, expected)
+    _assert_matches_reference(batch, routes, outs, pools32, pools64)
 
 
 def test_busy_adapters_take_the_gemms_beside_the_kernel(threads: int) -> None:
@@ -159,13 +171,7 @@ def test_busy_adapters_take_the_gemms_beside_the_kernel(threads: int) -> None:
     batch = build_lora_batch(routes, backend=CPU_KERNEL)
     assert {(g.rank_class, g.slot_lo) for g in batch.groups} == {(16, 2), (8, 1)}
     assert batch.cpu_mappings
-    n = len(routes)
-    x = torch.randn(n, D_IN, dtype=torch.float64)
-    expected = torch.zeros(n, sum(outs), dtype=torch.float64)
-    add_lora_reference(expected, x, pools64, routes)
-    got = torch.zeros(n, sum(outs))
-    add_lora(got, x.float(), pools32, batch)
-    _check(got, expected)
+    _assert_matches_reference(batch, routes, outs, pools32, pools64)
 
 
 def _bfloat16(pools64: dict) -> tuple[dict[int, PackedPool], dict]:
