@@ -72,10 +72,11 @@ PackedPool = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
 
 
 GEMM_MIN_TOKENS = 64
-"""Tokens on one adapter (dense, or one prefill chunk) from which the torch ops (a GEMM pair on that adapter) beat
-the CPU kernel, whose dot-product loops are built for a few tokens per adapter (measured
-by ``bench/lora_ops.py --decode-step``: a step of 64 tokens all on one adapter, 18 ms vs
-20 ms; 16 tokens, 6.4 vs 7.0; 64 tokens over 8 adapters, 32 vs 23)."""
+"""Tokens on one adapter (dense, or one prefill chunk) from which the torch ops (a GEMM
+pair on that adapter) beat the CPU kernel, whose dot-product loops are built for a few
+tokens per adapter (measured by ``bench/lora_ops.py --decode-step``: a step of 64 tokens
+all on one adapter, 18 ms vs 20 ms; 16 tokens, 6.4 vs 7.0; 64 tokens over 8 adapters, 32
+vs 23)."""
 
 
 @dataclass
@@ -246,9 +247,9 @@ class CpuKernel(LoRABackend):
     ) -> LoRABatch:
         if torch.device(device).type != "cpu" or dtype != torch.float32:
             raise ValueError(f"the CPU LoRA kernel cannot serve {dtype} on {device}")
-        long = [s for s in segments if s.t1 - s.t0 >= GEMM_MIN_TOKENS]
+        long_segments = [s for s in segments if s.t1 - s.t0 >= GEMM_MIN_TOKENS]
         routes = _with_short_segments(dense_routes, segments)
-        batch = LoRABatch(segments=long)
+        batch = LoRABatch(segments=long_segments)
         kernel_routes = list(routes)
         for cls, slots in group_routes(routes).items():
             for slot, tokens in slots.items():
