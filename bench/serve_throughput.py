@@ -453,6 +453,17 @@ def main() -> None:
             )
             if step and base_step:  # the measure: a decode step's cost
                 ratios[f"{ours}/engine-base decode step"] = step / base_step
+            # The same ratios per repeat, then their median: the two runs of a repeat are
+            # next to each other in time, so drift in the machine's speed (a shared
+            # machine's memory bandwidth moves by a quarter over a day) cancels out.
+            pairs = list(zip(runs[ours], runs["engine-base"]))
+            ratios[f"{ours}/engine-base paired"] = statistics.median(
+                a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs
+            )
+            if all(a["median_decode_step_ms"] and b["median_decode_step_ms"] for a, b in pairs):
+                ratios[f"{ours}/engine-base decode step paired"] = statistics.median(
+                    a["median_decode_step_ms"] / b["median_decode_step_ms"] for a, b in pairs
+                )
     if "engine" in summary:
         for kind in ("engine-dora", "engine-merge-cat", "engine-merge-ties"):
             if kind in summary:

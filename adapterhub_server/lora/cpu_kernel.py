@@ -5,7 +5,10 @@ per layer) and, through torch ops, dispatching ~10 small ops per adapted layer (
 shrink ``bmm``, one expand ``bmm`` per module, ``cat``, scatter). This kernel does the
 shrink and the expand of every module of a packed group in one call: each adapter's A and
 B are streamed once, tokens are read and written in place (no gather, no scatter, no
-intermediate tensors), and the work is split over torch's own OpenMP threads. The shrink
+intermediate tensors), and the work is split over torch's own OpenMP threads: whole slots
+per thread when the slots carry equal token counts (decode), else rows of A and then
+columns of y handed out round-robin (short prefill chunks come here too, beside the decode
+tokens, so one slot may carry dozens of tokens and the others one each). The shrink
 reads four rows of A at once against up to four tokens (every loaded vector of x serves
 four rows); the expand streams B row by row in address order into up to four rows of y,
 which stay in L1. Decode-shaped calls are bound by reading the adapter weights from memory

@@ -56,6 +56,11 @@ def test_serve_throughput_bench(tmp_path: Path) -> None:
         assert result["summary"][config]["generated_tokens"] == 4 * 4, config
     assert "engine/peft-mixed" in stdout and "engine-dora/engine" in stdout
     assert "engine-bf16/engine-base decode step" in result["ratios"]
+    # One repeat in the smoke run: the paired ratio is that repeat's own ratio.
+    ratios, runs = result["ratios"], result["runs"]
+    assert ratios["engine/engine-base decode step paired"] == (
+        runs["engine"][0]["median_decode_step_ms"] / runs["engine-base"][0]["median_decode_step_ms"]
+    )
     assert out.with_suffix(".png").exists()
 
 
