@@ -19,6 +19,12 @@ for a request: half a header block, or headers and then half a body, hold a conn
 
 Neither timer runs while a response is being computed or streamed, except that the body
 timer keeps watching a body still arriving beside its response.
+
+A 408 goes out with a lingering close: the server sends the response and its end of stream,
+then reads and drops whatever the client still sends for up to `LINGER_S` before closing.
+A slow client is still sending when its 408 is written, and a socket closed at once answers
+late bytes (or closes with unread ones) with a reset, which can destroy the 408 before the
+client reads it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "httptools", "h11")
 """`auto` is uvicorn's own choice: httptools when installed, else h11."""
+
+LINGER_S = 2.0
+"""How long a connection answered with 408 stays half-closed, reading and dropping what the
+client still sends, before it closes (nginx's lingering close; RFC 9112, section 9.6)."""
 
 
 def timed_protocol(
@@ -113,6 +123,8 @@ class _TimeoutsMixin:
         self._first_request = True
         # Handed to a WebSocket protocol: the transport is no longer ours to close.
         self._detached = False
+        # Set once a 408 is out: the connection only drains until this closes it.
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     def _phase(self) -> Phase:
         raise NotImplementedError
@@ -127,9 +139,13 @@ class _TimeoutsMixin:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_timer is not None:
+            return  # the rest of a request already answered with 408
         self._last_activity = self.loop.time()
         super().data_received(data)  # type: ignore[misc]
         self._update_timers()
@@ -154,7 +170,7 @@ class _TimeoutsMixin:
 
     def _update_timers(self) -> None:
         """Arm or cancel each timer for the connection's state after an event."""
-        if self._detached or self.transport.is_closing():
+        if self._detached or self.transport.is_closing() or self._linger_timer is not None:
             self._cancel_timers()
             return
         phase = self._phase()
@@ -255,7 +271,12 @@ class _TimeoutsMixin:
             body,
         ]
         self.transport.write(b"".join(content))
-        self.transport.close()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self._cancel_timers()
+        self.transport.write_eof()
+        self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
     def _peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]} - " if self.client else ""

@@ -122,6 +122,22 @@ def assert_closed_in_time(start: float) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_after_a_408_the_server_reads_on_before_closing(ports: dict[str, int], impl: str) -> None:
+    """A slow client is, by definition, still sending when its 408 goes out. A socket
+    closed at once answers those late bytes with a reset, which can destroy the 408 before
+    the client has read it (RFC 9112, section 9.6); so the server half-closes and reads on
+    for a while: late bytes are taken, not reset."""
+    with connect(ports[impl]) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\n")
+        response = read_until_closed(sock)  # the 408, then the server's end of stream
+        for _ in range(3):  # a reset from a closed socket fails the second send at latest
+            sock.sendall(b"X-Late: 1\r\n")
+            time.sleep(T / 5)
+    assert status_of(response) == 408
+    assert b'"code": "request_timeout"' in response
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_a_trickled_header_block_gets_408_at_the_header_timeout(
     ports: dict[str, int], impl: str
 ) -> None:
