@@ -234,7 +234,7 @@ int lora_sgmv(const float *x, int64_t x_stride, float *y, int64_t y_stride,
            (after the barrier) the output columns. Equal slots go out in contiguous runs
            of work items; unequal ones round-robin, so that every thread gets about half
            of every slot's work whatever its tokens cost. */
-        const int64_t shrink_items = groups * (rows / 4);
+        const int64_t row_blocks = rows / 4, shrink_items = groups * row_blocks;
         int64_t blocks[MAX_MODULES], width[MAX_MODULES], per_group = 0;
         /* Column blocks per module: about 4 per thread over all equal slots; unequal
            slots split each module into 2 per thread, so that a busy slot is shared too. */
@@ -247,7 +247,7 @@ int lora_sgmv(const float *x, int64_t x_stride, float *y, int64_t y_stride,
             blocks[j] = (outs[j] + w - 1) / w;
             per_group += blocks[j];
         }
-        const int64_t row_blocks = rows / 4, expand_items = groups * per_group;
+        const int64_t expand_items = groups * per_group;
         const int64_t shrink_chunk = uniform ? (shrink_items + num_threads - 1) / num_threads : 1;
         const int64_t expand_chunk = uniform ? (expand_items + num_threads - 1) / num_threads : 1;
 #pragma omp parallel num_threads(num_threads)

@@ -247,30 +247,31 @@ class CpuKernel(LoRABackend):
     ) -> LoRABatch:
         if torch.device(device).type != "cpu" or dtype != torch.float32:
             raise ValueError(f"the CPU LoRA kernel cannot serve {dtype} on {device}")
-        long_segments = [s for s in segments if s.t1 - s.t0 >= GEMM_MIN_TOKENS]
-        routes = _with_short_segments(dense_routes, segments)
-        batch = LoRABatch(segments=long_segments)
-        kernel_routes = list(routes)
+        batch = LoRABatch()
+        short: list[Segment] = []
+        for s in segments:
+            (short if s.t1 - s.t0 < GEMM_MIN_TOKENS else batch.segments).append(s)
+        routes = _with_segments(dense_routes, short)
+        # Grouped before the loop clears the GEMM adapters' tokens from `routes`.
         for cls, slots in group_routes(routes).items():
             for slot, tokens in slots.items():
                 if len(tokens) >= GEMM_MIN_TOKENS:
                     batch.groups += _token_groups({cls: {slot: tokens}}, device, dtype)
                     for t in tokens:
-                        kernel_routes[t] = None
-        batch.cpu_mappings = build_cpu_mappings(kernel_routes)
+                        routes[t] = None
+        batch.cpu_mappings = build_cpu_mappings(routes)
         return batch
 
 
-def _with_short_segments(
+def _with_segments(
     dense_routes: Sequence[Route | None], segments: Sequence[Segment]
 ) -> list[Route | None]:
-    """`dense_routes` extended by the tokens of the segments shorter than
-    `GEMM_MIN_TOKENS` (None for every other token after the dense ones)."""
-    short = [s for s in segments if s.t1 - s.t0 < GEMM_MIN_TOKENS]
+    """`dense_routes` extended by the tokens of `segments` (None for every other token
+    after the dense ones); a new list."""
     routes = list(dense_routes)
-    if short:
-        routes += [None] * (max(s.t1 for s in short) - len(routes))
-        for s in short:
+    if segments:
+        routes += [None] * (max(s.t1 for s in segments) - len(routes))
+        for s in segments:
             routes[s.t0 : s.t1] = [(s.rank_class, s.slot)] * (s.t1 - s.t0)
     return routes
 
