@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "triton", "cpu", "torch"],
         help="batched LoRA ops: auto = Triton kernels on CUDA when installed, the fused C "
-        "kernel for float32 on CPU where a C compiler builds it, else torch ops",
+        "kernel for float32 or bfloat16 on CPU where a C compiler builds it, else torch ops",
     )
     serve.add_argument(
         "--no-cuda-graphs",

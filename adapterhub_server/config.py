@@ -57,7 +57,7 @@ class EngineConfig:
     """CPU threads for torch; None keeps torch's default."""
     lora_kernel: str = "auto"
     """`auto`: the Triton kernels on CUDA when Triton is installed, the fused C kernel for
-    float32 on CPU where it builds (a C compiler, Linux), else torch ops; `triton` or `cpu`
+    float32 or bfloat16 on CPU where it builds (a C compiler, Linux), else torch ops; `triton` or `cpu`
     require that kernel; `torch` forces the torch ops."""
     cuda_graphs: bool = True
     """On CUDA with the Triton LoRA kernels, replay decode steps from CUDA graphs captured

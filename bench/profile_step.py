@@ -5,7 +5,7 @@ steps and prints the top operators by self CPU time, grouped into base GEMMs, Lo
 attention, and the rest. Writes ``bench/results/profile_step_cpu.json``.
 
     .venv/bin/python -m bench.profile_step [-n 16] [-k 8] [--rank 16] [--no-adapters]
-        [--lora-dtype bfloat16]
+        [--dtype bfloat16] [--lora-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-adapters", action="store_true")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--out", type=Path, default=RESULTS / "profile_step_cpu.json")
@@ -48,6 +49,7 @@ def main() -> None:
             max_num_seqs=args.requests,
             max_loras=args.adapters,
             max_model_len=1024,
+            dtype=args.dtype,
             lora_dtype=args.lora_dtype,
         ),
         lora_modules=adapters,
@@ -88,6 +90,7 @@ def main() -> None:
                 "requests": args.requests,
                 "adapters": 0 if args.no_adapters else args.adapters,
                 "rank": args.rank,
+                "dtype": args.dtype,
                 "lora_dtype": args.lora_dtype,
                 "step_ms": step_total / 1e3,
                 "threads": torch.get_num_threads(),

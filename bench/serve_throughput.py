@@ -16,9 +16,13 @@ each generating exactly `--new-tokens` tokens greedily, through:
   (h) engine-merge-ties  the same with ``ties`` (density 0.5): rank r, computed once
   (i) engine-bf16  a second engine with ``lora_dtype=bfloat16`` (adapter weights kept in
                    bfloat16, activations float32), the requests of (a)
+  (j) bf16-engine, bf16-engine-base, bf16-peft-mixed   serving in bfloat16 (``dtype``):
+                   (a), (b) and (c) with the base, the adapters and the activations in
+                   bfloat16
 
 The merge and DoRA configurations are measured against (a): ``engine-dora/engine`` etc.;
-(a) and (i) against (b), in tokens/s and in median decode step time.
+(a) and (i) against (b), and bf16-engine against bf16-engine-base, in tokens/s and in
+median decode step time; each engine against the PEFT run of its dtype.
 
 Every configuration runs `--repeats` times; medians are reported. Prints a table, writes
 JSON (and a PNG bar chart) under ``bench/results/``.
@@ -382,13 +386,23 @@ def main() -> None:
             base, replace(config, lora_dtype="bfloat16"), lora_modules=adapter_dirs
         )
 
+    bf16_serving = None
+    if not {"bf16-engine", "bf16-engine-base"} <= set(args.skip):
+        bf16_serving = build_engine(
+            base, replace(config, dtype="bfloat16"), lora_modules=adapter_dirs
+        )
+
+    def load_peft(dtype: torch.dtype) -> PeftModel:
+        hf = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).eval()
+        model = PeftModel.from_pretrained(hf, adapter_dirs[names[0]], adapter_name=names[0])
+        for n in names[1:]:
+            model.load_adapter(adapter_dirs[n], adapter_name=n)
+        return model.eval()
+
     peft_model = None
     if not {"peft-mixed", "peft-swap"} <= set(args.skip):
-        hf = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
-        peft_model = PeftModel.from_pretrained(hf, adapter_dirs[names[0]], adapter_name=names[0])
-        for n in names[1:]:
-            peft_model.load_adapter(adapter_dirs[n], adapter_name=n)
-        peft_model.eval()
+        peft_model = load_peft(torch.float32)
+    bf16_peft = None if "bf16-peft-mixed" in args.skip else load_peft(torch.bfloat16)
 
     configs: dict[str, Callable[[], dict]] = {
         "engine": lambda: run_engine(engine, prompts, with_adapters, args.new_tokens),
@@ -407,6 +421,11 @@ def main() -> None:
         "peft-swap": lambda: run_peft_swap(
             peft_model, engine.tokenizer, prompts, with_adapters, args.new_tokens
         ),
+        "bf16-engine": lambda: run_engine(bf16_serving, prompts, with_adapters, args.new_tokens),
+        "bf16-engine-base": lambda: run_engine(bf16_serving, prompts, no_adapters, args.new_tokens),
+        "bf16-peft-mixed": lambda: run_peft_mixed(
+            bf16_peft, engine.tokenizer, prompts, with_adapters, args.new_tokens
+        ),
     }
     runs: dict[str, list[dict]] = {k: [] for k in configs if k not in args.skip}
     run_engine(engine, prompts, with_adapters, 2)  # warm-up: adapters into slots, allocator
@@ -414,6 +433,8 @@ def main() -> None:
         run_engine(engine, prompts, with_dora, 2)
     if bf16_engine is not None:
         run_engine(bf16_engine, prompts, with_adapters, 2)
+    if bf16_serving is not None:
+        run_engine(bf16_serving, prompts, with_adapters, 2)
     for reqs in merges.values():  # computes each merge once, as a first request would
         run_engine(engine, prompts, reqs, 2)
     # Interleave repeats so that machine noise hits every configuration alike.
@@ -434,36 +455,39 @@ def main() -> None:
 
     summary = {name: median_run(r) for name, r in runs.items()}
     ratios = {}
-    if "engine" in summary:
-        for other in ("engine-base", "peft-mixed", "peft-swap"):
-            if other in summary:
-                ratios[f"engine/{other}"] = (
-                    summary["engine"]["tokens_per_s"] / summary[other]["tokens_per_s"]
-                )
-    if "engine-base" in summary:
-        for ours in ("engine", "engine-bf16"):
-            if ours not in summary:
-                continue
-            if ours != "engine":
-                ratios[f"{ours}/engine-base"] = (
-                    summary[ours]["tokens_per_s"] / summary["engine-base"]["tokens_per_s"]
-                )
-            step, base_step = (
-                summary[k].get("median_decode_step_ms") for k in (ours, "engine-base")
+    for ours, other in (
+        ("engine", "peft-mixed"),
+        ("engine", "peft-swap"),
+        ("bf16-engine", "bf16-peft-mixed"),
+    ):
+        if ours in summary and other in summary:
+            ratios[f"{ours}/{other}"] = (
+                summary[ours]["tokens_per_s"] / summary[other]["tokens_per_s"]
             )
-            if step and base_step:  # the measure: a decode step's cost
-                ratios[f"{ours}/engine-base decode step"] = step / base_step
-            # The same ratios per repeat, then their median: the two runs of a repeat are
-            # next to each other in time, so drift in the machine's speed (a shared
-            # machine's memory bandwidth moves by a quarter over a day) cancels out.
-            pairs = list(zip(runs[ours], runs["engine-base"]))
-            ratios[f"{ours}/engine-base paired"] = statistics.median(
-                a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs
+    for ours, base_run in (
+        ("engine", "engine-base"),
+        ("engine-bf16", "engine-base"),
+        ("bf16-engine", "bf16-engine-base"),
+    ):
+        if ours not in summary or base_run not in summary:
+            continue
+        ratios[f"{ours}/{base_run}"] = (
+            summary[ours]["tokens_per_s"] / summary[base_run]["tokens_per_s"]
+        )
+        step, base_step = (summary[k].get("median_decode_step_ms") for k in (ours, base_run))
+        if step and base_step:  # the measure: a decode step's cost
+            ratios[f"{ours}/{base_run} decode step"] = step / base_step
+        # The same ratios per repeat, then their median: the two runs of a repeat are
+        # next to each other in time, so drift in the machine's speed (a shared
+        # machine's memory bandwidth moves by a quarter over a day) cancels out.
+        pairs = list(zip(runs[ours], runs[base_run]))
+        ratios[f"{ours}/{base_run} paired"] = statistics.median(
+            a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs
+        )
+        if all(a["median_decode_step_ms"] and b["median_decode_step_ms"] for a, b in pairs):
+            ratios[f"{ours}/{base_run} decode step paired"] = statistics.median(
+                a["median_decode_step_ms"] / b["median_decode_step_ms"] for a, b in pairs
             )
-            if all(a["median_decode_step_ms"] and b["median_decode_step_ms"] for a, b in pairs):
-                ratios[f"{ours}/engine-base decode step paired"] = statistics.median(
-                    a["median_decode_step_ms"] / b["median_decode_step_ms"] for a, b in pairs
-                )
     if "engine" in summary:
         for kind in ("engine-dora", "engine-merge-cat", "engine-merge-ties"):
             if kind in summary:
@@ -499,7 +523,7 @@ def main() -> None:
         "rank": args.rank,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
-        "dtype": "float32",
+        "dtype": "float32, and bfloat16 for the bf16- configurations",
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(
@@ -519,13 +543,17 @@ def _plot(summary: dict, meta: dict, path: Path) -> None:
         return
     names = list(summary)
     values = [summary[n]["tokens_per_s"] for n in names]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
     bars = ax.bar(
         names,
         values,
-        color=["#2b6cb0" if n.startswith(("engine", "http")) else "#a0aec0" for n in names],
+        color=[
+            "#2b6cb0" if n.startswith(("engine", "http", "bf16-engine")) else "#a0aec0"
+            for n in names
+        ],
     )
     ax.bar_label(bars, fmt="%.0f")
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     ax.set_ylabel("generated tokens / s")
     ax.set_title(
         cpu_run_title(

@@ -27,9 +27,10 @@ Semantics, for every group g (one adapter slot s = ``slots[g]``, its tokens
     y[t, o_j : o_j + out_j] += (A[s, j*c : (j+1)*c] @ x[t]) @ B_j[s]
 
 with ``A [slots, m * c, in]``, ``B_j [slots, c, out_j]`` (the pool layout of `lora.ops`)
-and ``o_j = out_0 + ... + out_{j-1}``: x and y float32, A and B float32 or bfloat16 (one
-build each), every product and sum in float32; ``c`` a multiple of 4 (rank classes are
-powers of two from 8).
+and ``o_j = out_0 + ... + out_{j-1}``: x and y float32 or bfloat16, A and B float32 or
+bfloat16 (one build per pair), every product and sum in float32, and bfloat16 y rounded
+once per element, after its sum; ``c`` a multiple of 4 (rank classes are powers of two
+from 8).
 
 Built with the system C compiler (``$CC``, else ``cc``/``gcc``) into
 ``$ADAPTERHUB_KERNEL_CACHE`` (default ``~/.cache/adapterhub/kernels``), keyed by the source,
@@ -100,6 +101,46 @@ typedef float wt;
 static inline v16 loadw16(const wt *p) { return load16(p); }
 static inline float loadw(const wt *p) { return *p; }
 #endif
+/* The activations' type `at` (x read, y updated in place): float32, or bfloat16
+   (-DACT_BF16), widened as loaded; y is then rounded once, to nearest even, after all of
+   a token's products are summed in float32 (`flush_row`). */
+#ifdef ACT_BF16
+typedef uint16_t at;
+typedef uint16_t xu16x16 __attribute__((vector_size(32)));
+typedef uint32_t xu32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+static inline v16 loadx16(const at *p) {
+    xu16x16 h;
+    memcpy(&h, p, sizeof h);
+    const xu32x16 bits = __builtin_convertvector(h, xu32x16) << 16;
+    v16 v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+static inline float loadx(const at *p) {
+    const uint32_t bits = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+static inline void storex16(at *p, v16 v) {
+    xu32x16 bits;
+    memcpy(&bits, &v, sizeof bits);
+    const xu32x16 rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+    const xu32x16 nan = (xu32x16)(v != v); /* all ones where NaN: keep it a quiet NaN */
+    const xu16x16 h = __builtin_convertvector((nan & 0x7FC0) | (~nan & rounded), xu16x16);
+    memcpy(p, &h, sizeof h);
+}
+static inline void storex(at *p, float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    *p = f != f ? 0x7FC0 : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+#else
+typedef float at;
+static inline v16 loadx16(const at *p) { return load16(p); }
+static inline float loadx(const at *p) { return *p; }
+#endif
 static inline float hsum(v16 v) {
     float s = 0;
     for (int i = 0; i < 16; i++) s += v[i];
@@ -110,9 +151,9 @@ static inline float hsum(v16 v) {
    rows stream at once (memory-level parallelism) and every loaded x vector serves four
    rows; RB * NT independent accumulators, so the adds do not wait on each other. */
 static inline __attribute__((always_inline)) void dot_block(
-    const wt *restrict a, int64_t in, const float *restrict x, int64_t xs,
+    const wt *restrict a, int64_t in, const at *restrict x, int64_t xs,
     const int64_t *tok, const int NT, float *restrict h, int64_t hs) {
-    const float *xp[4];
+    const at *xp[4];
     v16 acc[4][4];
     for (int l = 0; l < NT; l++) xp[l] = x + tok[l] * xs;
     for (int r = 0; r < 4; r++)
@@ -120,7 +161,7 @@ static inline __attribute__((always_inline)) void dot_block(
     int64_t k = 0;
     for (; k + 16 <= in; k += 16) {
         v16 xv[4];
-        for (int l = 0; l < NT; l++) xv[l] = load16(xp[l] + k);
+        for (int l = 0; l < NT; l++) xv[l] = loadx16(xp[l] + k);
         /* The next block of 4 rows, ahead of use: weights come from memory (a step's
            base weights evict them from cache), and one slot's rows are streams too short
            for the hardware prefetcher to get ahead of. Past a slot's last rows this reads
@@ -135,13 +176,13 @@ static inline __attribute__((always_inline)) void dot_block(
     for (int r = 0; r < 4; r++)
         for (int l = 0; l < NT; l++) {
             float s = hsum(acc[r][l]);
-            for (int64_t kk = k; kk < in; kk++) s += loadw(a + r * in + kk) * xp[l][kk];
+            for (int64_t kk = k; kk < in; kk++) s += loadw(a + r * in + kk) * loadx(xp[l] + kk);
             h[l * hs + r] = s;
         }
 }
 
 /* Rows [r0, r1) of one slot's A (r1 - r0 a multiple of 4) against its nt tokens. */
-static void shrink_rows(const wt *a, int64_t in, int64_t r0, int64_t r1, const float *x,
+static void shrink_rows(const wt *a, int64_t in, int64_t r0, int64_t r1, const at *x,
                         int64_t xs, const int64_t *tok, int64_t nt, float *h, int64_t hs) {
     for (int64_t r = r0; r < r1; r += 4) {
         const wt *ar = a + r * in;
@@ -155,14 +196,12 @@ static void shrink_rows(const wt *a, int64_t in, int64_t r0, int64_t r1, const f
     }
 }
 
-/* y[tok[l], lo : hi] += sum_r h[l * hs + r] * b[r * bs + lo : hi] for NT <= 4 tokens, row
-   by row of B: B streams through once, in address order, while the NT rows of y
-   (a few KiB each) stay in L1. */
+/* acc[l][o - lo] += sum_r h[l * hs + r] * b[r * bs + o] for o in [lo, hi) and NT <= 4
+   tokens, row by row of B: B streams through once, in address order, while the NT float32
+   rows of acc (a few KiB each) stay in L1. */
 static inline __attribute__((always_inline)) void expand_block(
     const wt *restrict b, int64_t bs, int64_t c, const float *restrict h, int64_t hs,
-    float *restrict y, int64_t ys, const int64_t *tok, const int NT, int64_t lo, int64_t hi) {
-    float *yp[4];
-    for (int l = 0; l < NT; l++) yp[l] = y + tok[l] * ys;
+    float *const *acc, const int NT, int64_t lo, int64_t hi) {
     for (int64_t r = 0; r < c; r++) {
         const wt *br = b + r * bs;
         v16 hv[4];
@@ -171,25 +210,61 @@ static inline __attribute__((always_inline)) void expand_block(
         for (; o + 16 <= hi; o += 16) {
             __builtin_prefetch(br + bs + o, 0, 3); /* the next row of B, as above */
             const v16 bv = loadw16(br + o);
-            for (int l = 0; l < NT; l++) store16(yp[l] + o, load16(yp[l] + o) + hv[l] * bv);
+            for (int l = 0; l < NT; l++)
+                store16(acc[l] + (o - lo), load16(acc[l] + (o - lo)) + hv[l] * bv);
         }
         for (; o < hi; o++) {
             const float bv = loadw(br + o);
-            for (int l = 0; l < NT; l++) yp[l][o] += h[l * hs + r] * bv;
+            for (int l = 0; l < NT; l++) acc[l][o - lo] += h[l * hs + r] * bv;
         }
     }
 }
 
+#ifdef ACT_BF16
+/* Columns of bfloat16 y summed at once in float32 scratch: 4 tokens x 512 floats = 8 KiB
+   of stack, which stays in L1 beside the streaming B. */
+#define CHUNK 512
+
+/* y[lo : hi] = round(y[lo : hi] + acc[0 : hi - lo]): the one rounding of a token's sum. */
+static inline void flush_row(at *y, const float *acc, int64_t lo, int64_t hi) {
+    int64_t o = lo;
+    for (; o + 16 <= hi; o += 16) storex16(y + o, loadx16(y + o) + load16(acc + (o - lo)));
+    for (; o < hi; o++) storex(y + o, loadx(y + o) + acc[o - lo]);
+}
+#endif
+
+/* y[tok[l], lo : hi] += sum_r h[l * hs + r] * b[r * bs + lo : hi] for NT <= 4 tokens:
+   float32 y is summed into in place; bfloat16 y a chunk of columns at a time, in float32
+   scratch, then rounded once (`flush_row`). */
+static inline __attribute__((always_inline)) void expand_tokens(
+    const wt *restrict b, int64_t bs, int64_t c, const float *restrict h, int64_t hs,
+    at *restrict y, int64_t ys, const int64_t *tok, const int NT, int64_t lo, int64_t hi) {
+#ifdef ACT_BF16
+    float scratch[4][CHUNK];
+    float *acc[4] = {scratch[0], scratch[1], scratch[2], scratch[3]};
+    for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+        const int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
+        for (int l = 0; l < NT; l++) memset(scratch[l], 0, sizeof(float) * (size_t)(c1 - c0));
+        expand_block(b, bs, c, h, hs, acc, NT, c0, c1);
+        for (int l = 0; l < NT; l++) flush_row(y + tok[l] * ys, scratch[l], c0, c1);
+    }
+#else
+    float *acc[4];
+    for (int l = 0; l < NT; l++) acc[l] = y + tok[l] * ys + lo;
+    expand_block(b, bs, c, h, hs, acc, NT, lo, hi);
+#endif
+}
+
 /* Output columns [lo, hi) of one module of one slot, for its nt tokens. */
 static void expand_cols(const wt *b, int64_t bs, int64_t c, const float *h, int64_t hs,
-                        float *y, int64_t ys, const int64_t *tok, int64_t nt, int64_t lo,
+                        at *y, int64_t ys, const int64_t *tok, int64_t nt, int64_t lo,
                         int64_t hi) {
     for (int64_t l = 0; l < nt; l += 4) {
         switch (nt - l < 4 ? nt - l : 4) {
-        case 4: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 4, lo, hi); break;
-        case 3: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 3, lo, hi); break;
-        case 2: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 2, lo, hi); break;
-        case 1: expand_block(b, bs, c, h + l * hs, hs, y, ys, tok + l, 1, lo, hi); break;
+        case 4: expand_tokens(b, bs, c, h + l * hs, hs, y, ys, tok + l, 4, lo, hi); break;
+        case 3: expand_tokens(b, bs, c, h + l * hs, hs, y, ys, tok + l, 3, lo, hi); break;
+        case 2: expand_tokens(b, bs, c, h + l * hs, hs, y, ys, tok + l, 2, lo, hi); break;
+        case 1: expand_tokens(b, bs, c, h + l * hs, hs, y, ys, tok + l, 1, lo, hi); break;
         }
     }
 }
@@ -198,7 +273,7 @@ static void expand_cols(const wt *b, int64_t bs, int64_t c, const float *h, int6
 
 /* See the Python module docstring. Returns 0, or 1 when the scratch allocation fails,
    2 when there are more than MAX_MODULES modules or c is not a multiple of 4. */
-int lora_sgmv(const float *x, int64_t x_stride, float *y, int64_t y_stride,
+int lora_sgmv(const at *x, int64_t x_stride, at *y, int64_t y_stride,
               const wt *a, int64_t in, int64_t c, int64_t m,
               const wt *const *bs, const int64_t *outs, const int64_t *tokens,
               const int64_t *slots, const int64_t *starts, int64_t groups,
@@ -284,6 +359,12 @@ WEIGHT_DTYPES: dict[torch.dtype, tuple[str, ...]] = {
     torch.bfloat16: ("-DWEIGHTS_BF16",),
 }
 """The adapter weight dtypes the kernel is built for, with each build's C defines."""
+ACTIVATION_DTYPES: dict[torch.dtype, tuple[str, ...]] = {
+    torch.float32: (),
+    torch.bfloat16: ("-DACT_BF16",),
+}
+"""The activation (x, y) dtypes the kernel is built for, with each build's C defines; one
+build per (activations, weights) pair."""
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _COMPILE_TIMEOUT_S = 120
 
@@ -359,18 +440,19 @@ def add_lora_cpu(
     """`add_lora` for the dense tokens of a step, through the C kernel.
 
     Args:
-        y: ``[T, sum(out_j)]`` float32, rows contiguous (modified in place).
-        x: ``[T, in]`` float32, rows contiguous.
+        y: ``[T, sum(out_j)]`` float32 or bfloat16 (`ACTIVATION_DTYPES`), rows contiguous
+            (modified in place; bfloat16 rounded once per element, after the sum).
+        x: ``[T, in]``, y's dtype, rows contiguous.
         pools: rank class ``c`` -> ``(A [slots, m * c, in], (B_j [slots, c, out_j], ...))``,
             contiguous, float32 or bfloat16 (`WEIGHT_DTYPES`; A and B alike).
         mappings: this step's `build_cpu_mappings`.
     """
     # The kernel trusts its pointers: the checks that keep it inside its tensors are here
     # (the pools' once per pool, in `_pool_args`; a decode step makes ~120 of these calls).
-    if x.dtype != torch.float32 or y.dtype != torch.float32 or not (x.is_cpu and y.is_cpu):
+    if x.dtype != y.dtype or x.dtype not in ACTIVATION_DTYPES or not (x.is_cpu and y.is_cpu):
         raise TypeError(
-            f"the CPU LoRA kernel takes float32 CPU tensors, got x {x.dtype} on {x.device}, "
-            f"y {y.dtype} on {y.device}"
+            "the CPU LoRA kernel takes float32 or bfloat16 CPU tensors of one dtype, got "
+            f"x {x.dtype} on {x.device}, y {y.dtype} on {y.device}"
         )
     xs, ys = x.stride(), y.stride()
     if len(xs) != 2 or len(ys) != 2 or xs[1] != 1 or ys[1] != 1:
@@ -378,7 +460,7 @@ def add_lora_cpu(
     rows = min(x.shape[0], y.shape[0])
     x_args = (x.data_ptr(), xs[0], y.data_ptr(), ys[0])
     for mp in mappings:
-        pool = _pool_args(mp.rank_class, *pools[mp.rank_class])
+        pool = _pool_args(mp.rank_class, *pools[mp.rank_class], x.dtype)
         if (
             rows < mp.num_rows
             or mp.max_slot >= pool.slots
@@ -402,7 +484,8 @@ class _PoolArgs:
 
     bs: tuple[torch.Tensor, ...]
     kernel: Callable[..., int]
-    """The build for the pool's weight dtype."""
+    """The build for the pool's weight dtype and `activations`."""
+    activations: torch.dtype
     slots: int
     in_features: int
     out_features: int
@@ -416,9 +499,11 @@ class _PoolArgs:
 _POOL_ARGS: dict[int, tuple[weakref.ref[torch.Tensor], _PoolArgs]] = {}
 
 
-def _pool_args(c: int, a: torch.Tensor, bs: tuple[torch.Tensor, ...]) -> _PoolArgs:
+def _pool_args(
+    c: int, a: torch.Tensor, bs: tuple[torch.Tensor, ...], activations: torch.dtype
+) -> _PoolArgs:
     hit = _POOL_ARGS.get(id(a))
-    if hit is not None and hit[0]() is a and hit[1].bs is bs:
+    if hit is not None and hit[0]() is a and hit[1].bs is bs and hit[1].activations is activations:
         return hit[1]
     m = len(bs)
     outs = [b.shape[2] if b.dim() == 3 else -1 for b in bs]
@@ -429,9 +514,12 @@ def _pool_args(c: int, a: torch.Tensor, bs: tuple[torch.Tensor, ...]) -> _PoolAr
         or not all(_fits(b, a.dtype, slots, c, out) for b, out in zip(bs, outs))
     ):
         raise ValueError(f"rank class {c}: pool tensors do not match x, y or the routes")
-    kernel = load(a.dtype)
+    kernel = load(a.dtype, activations)
     if kernel is None:
-        raise RuntimeError(f"the CPU LoRA kernel for {a.dtype} weights is not available here")
+        raise RuntimeError(
+            f"the CPU LoRA kernel for {a.dtype} weights and {activations} activations is not "
+            "available here"
+        )
     args = (
         a.data_ptr(),
         a.shape[2],
@@ -440,7 +528,7 @@ def _pool_args(c: int, a: torch.Tensor, bs: tuple[torch.Tensor, ...]) -> _PoolAr
         (ctypes.c_void_p * m)(*[b.data_ptr() for b in bs]),
         (ctypes.c_int64 * m)(*outs),
     )
-    cached = _PoolArgs(bs, kernel, slots, a.shape[2], sum(outs), args)
+    cached = _PoolArgs(bs, kernel, activations, slots, a.shape[2], sum(outs), args)
     key = id(a)
     _POOL_ARGS[key] = (weakref.ref(a, lambda _, key=key: _POOL_ARGS.pop(key, None)), cached)
     return cached
@@ -462,10 +550,13 @@ def _fits(t: torch.Tensor, dtype: torch.dtype, slots: int, rows: int, cols: int)
 
 
 @functools.cache
-def load(weights: torch.dtype = torch.float32) -> Callable[..., int] | None:
-    """The kernel compiled for adapter weights of dtype `weights` (`WEIGHT_DTYPES`),
-    building it on first use; None where it cannot serve."""
-    if weights not in WEIGHT_DTYPES:
+def load(
+    weights: torch.dtype = torch.float32, activations: torch.dtype = torch.float32
+) -> Callable[..., int] | None:
+    """The kernel compiled for adapter weights of dtype `weights` (`WEIGHT_DTYPES`) and
+    activations of dtype `activations` (`ACTIVATION_DTYPES`), building it on first use;
+    None where it cannot serve."""
+    if weights not in WEIGHT_DTYPES or activations not in ACTIVATION_DTYPES:
         return None
     if os.environ.get("ADAPTERHUB_CPU_LORA_KERNEL", "1") == "0":
         return None
@@ -478,7 +569,7 @@ def load(weights: torch.dtype = torch.float32) -> Callable[..., int] | None:
         logger.info("no C compiler found: LoRA on CPU runs through torch ops")
         return None
     try:
-        path = _build(compiler, WEIGHT_DTYPES[weights])
+        path = _build(compiler, WEIGHT_DTYPES[weights] + ACTIVATION_DTYPES[activations])
         fn = ctypes.CDLL(str(path)).lora_sgmv
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("CPU LoRA kernel unavailable (%s); using torch ops", exc)

@@ -31,7 +31,7 @@ DoRA adapters (`lora/dora.py`) are plain LoRA here plus one rescale of their tok
 after the delta is added, whatever the backend; `LoRABatch` lists those tokens and their
 DoRA table rows once per step (`dora_tokens`, `dora_rows`).
 
-On CPU in float32 the dense tokens, and those of prefill chunks shorter than
+On CPU (float32 or bfloat16) the dense tokens, and those of prefill chunks shorter than
 `GEMM_MIN_TOKENS`, go instead through one fused C kernel call per rank class
 (`lora/cpu_kernel.py`): the grouped torch ops above cost about ten dispatches per adapted
 layer, which on a decode step weighed more than the adapter weights they read.
@@ -54,7 +54,12 @@ from typing import ClassVar
 
 import torch
 
-from adapterhub_server.lora.cpu_kernel import CpuMapping, add_lora_cpu, build_cpu_mappings
+from adapterhub_server.lora.cpu_kernel import (
+    ACTIVATION_DTYPES,
+    CpuMapping,
+    add_lora_cpu,
+    build_cpu_mappings,
+)
 from adapterhub_server.lora.cpu_kernel import load as load_cpu_kernel
 from adapterhub_server.lora.routing import Route, group_routes, rank_class
 from adapterhub_server.lora.triton_ops import (
@@ -227,7 +232,7 @@ class TorchOps(LoRABackend):
 class CpuKernel(LoRABackend):
     """The fused C kernel for every adapter's tokens, dense or from short prefill chunks,
     while it has fewer than `GEMM_MIN_TOKENS` of them in the step; torch ops for busier
-    adapters and for prefill chunks of `GEMM_MIN_TOKENS` or more. float32 on CPU only.
+    adapters and for prefill chunks of `GEMM_MIN_TOKENS` or more. float32 or bfloat16 on CPU.
 
     Short prefill chunks join the dense tokens because, as segments, each would cost one
     shrink and an expand per module in every adapted layer: 16 chat prompts over 8
@@ -245,7 +250,7 @@ class CpuKernel(LoRABackend):
         device: torch.device | str,
         dtype: torch.dtype,
     ) -> LoRABatch:
-        if torch.device(device).type != "cpu" or dtype != torch.float32:
+        if torch.device(device).type != "cpu" or dtype not in ACTIVATION_DTYPES:
             raise ValueError(f"the CPU LoRA kernel cannot serve {dtype} on {device}")
         batch = LoRABatch()
         short: list[Segment] = []
@@ -312,13 +317,13 @@ def lora_backend(
     """The backend an engine uses for all its steps, chosen once at start.
 
     Args:
-        requested: ``auto`` (Triton on CUDA when installed; the CPU kernel for float32 on
-            CPU where it builds; else torch), or ``triton``, ``cpu``, ``torch`` (required:
-            an error where it cannot serve).
+        requested: ``auto`` (Triton on CUDA when installed; the CPU kernel for float32 or
+            bfloat16 on CPU where it builds; else torch), or ``triton``, ``cpu``, ``torch``
+            (required: an error where it cannot serve).
         dtype: the activations' dtype; weights: the adapter weights' (default `dtype`).
     """
     weights = weights or dtype
-    cpu_serves = device.type == "cpu" and dtype == torch.float32
+    cpu_serves = device.type == "cpu" and dtype in ACTIVATION_DTYPES
     if requested == "torch":
         return TORCH_OPS
     if requested == "triton":
@@ -329,8 +334,10 @@ def lora_backend(
         return TRITON_KERNELS
     if requested == "cpu":
         if not cpu_serves:
-            raise ValueError(f"lora_kernel='cpu' serves float32 on CPU, not {dtype} on {device}")
-        if load_cpu_kernel(weights) is None:
+            raise ValueError(
+                f"lora_kernel='cpu' serves float32 or bfloat16 on CPU, not {dtype} on {device}"
+            )
+        if load_cpu_kernel(weights, dtype) is None:
             raise ValueError(
                 "lora_kernel='cpu' but the CPU LoRA kernel cannot be built here (it needs a "
                 "C compiler, Linux and torch's GNU OpenMP; see the log)"
@@ -340,7 +347,7 @@ def lora_backend(
         raise ValueError(f"unknown lora_kernel {requested!r}")
     if device.type == "cuda" and triton_available():
         return TRITON_KERNELS
-    if cpu_serves and load_cpu_kernel(weights) is not None:
+    if cpu_serves and load_cpu_kernel(weights, dtype) is not None:
         return CPU_KERNEL
     return TORCH_OPS
 

@@ -53,11 +53,24 @@ def test_serve_throughput_bench(tmp_path: Path) -> None:
         "peft-mixed",
         "peft-swap",
         "http",
+        "bf16-engine",
+        "bf16-engine-base",
+        "bf16-peft-mixed",
     }
-    for config in ("engine", "engine-bf16", "engine-dora", "engine-merge-cat", "engine-merge-ties"):
+    for config in (
+        "engine",
+        "engine-bf16",
+        "engine-dora",
+        "engine-merge-cat",
+        "engine-merge-ties",
+        "bf16-engine",
+        "bf16-engine-base",
+    ):
         assert result["summary"][config]["generated_tokens"] == 4 * 4, config
     assert "engine/peft-mixed" in stdout and "engine-dora/engine" in stdout
     assert "engine-bf16/engine-base decode step" in result["ratios"]
+    assert "bf16-engine/bf16-engine-base decode step paired" in result["ratios"]
+    assert "bf16-engine/bf16-peft-mixed" in result["ratios"]
     # One repeat in the smoke run: the paired ratio is that repeat's own ratio.
     ratios, runs = result["ratios"], result["runs"]
     assert ratios["engine/engine-base decode step paired"] == (

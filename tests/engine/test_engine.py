@@ -161,6 +161,38 @@ def test_bfloat16_adapter_weights_greedy_equal_peft(tiny_base, tmp_path) -> None
         assert results[rid].token_ids == greedy_continuation(models[adapter], ids, n), rid
 
 
+def test_bfloat16_serving_on_cpu_takes_the_kernel(tiny_base, tiny_adapters) -> None:
+    """``dtype=bfloat16`` on CPU: the base in bfloat16 and LoRA through the kernel's
+    bfloat16 build (x and y bfloat16, each output summed in float32 and rounded once)
+    rather than the torch ops. Greedy output is the torch ops' own, with mixed ranks and
+    patterns, base rows and chunked prefill. (Neither equals PEFT's float32 output token
+    for token: the bfloat16 base flips a near-tie of this model's 'patterns' request.)"""
+    from adapterhub_server.lora import cpu_kernel
+
+    if cpu_kernel.load(torch.bfloat16, torch.bfloat16) is None:
+        pytest.skip("the CPU LoRA kernel cannot be built here")
+    outputs = []
+    for backend in ("auto", "torch"):
+        engine = _engine(
+            tiny_base,
+            tiny_adapters,
+            dtype="bfloat16",
+            max_num_batched_tokens=24,
+            lora_kernel=backend,
+        )
+        assert str(engine.lora_backend) == ("cpu" if backend == "auto" else "torch")
+        reqs = _requests(engine.tokenizer, [*tiny_adapters, None], max_tokens=[8, 5])
+        for rid, ids, adapter, n in reqs:
+            engine.add_request(
+                rid, ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter
+            )
+        results: dict[str, Result] = {}
+        _drain(engine, results)
+        outputs.append({rid: results[rid].token_ids for rid, *_ in reqs})
+    assert outputs[0] == outputs[1]
+    assert all(len(ids) in (5, 8) for ids in outputs[0].values())
+
+
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_triton_kernel_path_greedy_equals_peft(tiny_base, tiny_adapters, peft_greedy) -> None:
     """The engine with LoRA through the Triton kernels (Triton's interpreter on CPU): mixed

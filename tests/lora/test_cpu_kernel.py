@@ -209,6 +209,60 @@ def test_bfloat16_weights_match_reference(mix: str, num_tokens: int, threads: in
     assert not torch.allclose(got.double(), exact, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=["w32", "w16"])
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("num_tokens", [7, 40])
+def test_bfloat16_activations_are_rounded_once(
+    mix: str, num_tokens: int, weights: torch.dtype, threads: int
+) -> None:
+    """Serving in bfloat16: x and y bfloat16, the weights either dtype. The kernel sums each
+    output in float32 and rounds it once, so nearly every element equals the exact sum
+    rounded to bfloat16 (float32 sums may differ from the exact one at a rounding
+    boundary); the torch ops round the shrink, the expand and the add, and so miss it far
+    more often. Short prefill chunks beside the dense tokens take the same path."""
+    rng = random.Random(num_tokens + 200)
+    outs = PACKINGS["packed"]
+    _, pools64 = _pools(outs, seed=7)
+    pools = {c: (a.to(weights), tuple(b.to(weights) for b in bs)) for c, (a, bs) in pools64.items()}
+    exact_weights = {c: (a.double(), tuple(b.double() for b in bs)) for c, (a, bs) in pools.items()}
+    dense = mixed_routes(mix, num_tokens, rng)
+    segments = [Segment(num_tokens, num_tokens + 6, 16, 1)]
+    routes = [*dense, *[(16, 1)] * 6]
+    x = torch.randn(len(routes), D_IN).bfloat16()
+    base = torch.randn(len(routes), sum(outs)).bfloat16()
+    exact = base.double()
+    add_lora_reference(exact, x.double(), exact_weights, routes)
+    rounded = exact.bfloat16()
+
+    got = base.clone()
+    add_lora(got, x, pools, build_lora_batch(dense, segments, backend=CPU_KERNEL))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), exact, rtol=2**-7, atol=1e-2)
+    routed = torch.tensor([r is not None for r in routes])
+    kernel_miss = (got != rounded)[routed].float().mean().item()
+    assert kernel_miss < 0.01, kernel_miss
+    via_torch = base.clone()
+    add_lora(via_torch, x, pools, build_lora_batch(dense, segments, backend=TORCH_OPS))
+    torch_miss = (via_torch != rounded)[routed].float().mean().item()
+    assert kernel_miss < torch_miss, (kernel_miss, torch_miss)
+    assert torch.equal(got[~routed], base[~routed])
+
+
+def test_bfloat16_activations_keep_nan_and_inf() -> None:
+    """Rounding to bfloat16 keeps a NaN a NaN (a plain round-to-nearest on its bits can
+    carry into the sign) and an infinity infinite."""
+    pools32, _ = _pools((40,))
+    pools = {c: (a.bfloat16(), tuple(b.bfloat16() for b in bs)) for c, (a, bs) in pools32.items()}
+    x = torch.randn(3, D_IN).bfloat16()
+    y = torch.zeros(3, 40, dtype=torch.bfloat16)
+    y[0, 5] = float("nan")
+    y[1, 38] = float("inf")  # the scalar tail past the last 16 columns
+    y[2, 7] = float("-inf")
+    add_lora(y, x, pools, build_lora_batch([(8, 0), (8, 1), (16, 2)], backend=CPU_KERNEL))
+    assert y[0, 5].isnan() and y[1, 38] == float("inf") and y[2, 7] == float("-inf")
+    assert y.isfinite().sum() == 3 * 40 - 3
+
+
 def test_matches_the_torch_ops() -> None:
     """Both float32 paths on the same inputs: the kernel only reorders float sums."""
     outs = PACKINGS["packed"]
@@ -252,15 +306,19 @@ def test_strided_rows() -> None:
     assert torch.equal(wide_y[:, 4 + sum(outs) :], torch.zeros(12, 5))
 
 
-def test_auto_picks_the_kernel_for_float32_on_cpu_only() -> None:
+def test_auto_picks_the_kernel_for_float32_and_bfloat16_on_cpu() -> None:
     cpu = torch.device("cpu")
     assert str(lora_backend("auto", cpu, torch.float32)) == "cpu"
-    assert str(lora_backend("auto", cpu, torch.bfloat16)) == "torch"
+    assert str(lora_backend("auto", cpu, torch.bfloat16)) == "cpu"
+    assert str(lora_backend("auto", cpu, torch.float16)) == "torch"
     assert str(lora_backend("torch", cpu, torch.float32)) == "torch"
-    with pytest.raises(ValueError, match="float32 on CPU"):
-        lora_backend("cpu", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 or bfloat16 on CPU"):
+        lora_backend("cpu", cpu, torch.float16)
     with pytest.raises(ValueError, match="cannot serve"):
-        build_lora_batch([(8, 0)], dtype=torch.bfloat16, backend=CPU_KERNEL)
+        build_lora_batch([(8, 0)], dtype=torch.float16, backend=CPU_KERNEL)
+    assert str(EngineConfig(device="cpu", dtype="bfloat16").lora_backend()) == "cpu"
+    # float32 weights under bfloat16 activations: one more build.
+    assert str(lora_backend("auto", cpu, torch.bfloat16, torch.float32)) == "cpu"
     assert str(EngineConfig(device="cpu").lora_backend()) == "cpu"
     assert str(EngineConfig(device="cpu", lora_kernel="torch").lora_backend()) == "torch"
     # bfloat16 weights under float32 activations: the kernel's other build.
@@ -295,6 +353,8 @@ def test_refuses_what_would_leave_its_tensors() -> None:
         add_lora(y, x[:, :10], pools32, build_lora_batch([(8, 0)], backend=CPU_KERNEL))
     with pytest.raises(TypeError, match="float32"):
         add_lora(y.double(), x.double(), pools32, build_lora_batch([(8, 0)], backend=CPU_KERNEL))
+    with pytest.raises(TypeError, match="one dtype"):  # x and y must share a dtype
+        add_lora(y.bfloat16(), x, pools32, build_lora_batch([(8, 0)], backend=CPU_KERNEL))
     with pytest.raises(ValueError, match="contiguous rows"):
         add_lora(y, x.t().contiguous().t(), pools32, build_lora_batch([(8, 0)], backend=CPU_KERNEL))
     a, bs = pools32[8]
