@@ -40,6 +40,7 @@ from adapterhub_server.lora.merge import MergeRecipe, MergeSpec, merge_adapters,
 from adapterhub_server.lora.ops import Route, rank_class
 from adapterhub_server.lora.pool import LoRAWeightPool
 from adapterhub_server.lora.slots import SlotAllocator
+from adapterhub_server.torch_threads import single_threaded
 
 logger = logging.getLogger(__name__)
 
@@ -373,7 +374,13 @@ class AdapterCache:
 
     def _start_load(self, loc: AdapterLocation) -> None:
         if loc.key not in self._loading:
-            self._loading[loc.key] = self._executor.submit(self._read, loc)
+            self._loading[loc.key] = self._executor.submit(self._read_in_background, loc)
+
+    def _read_in_background(self, loc: AdapterLocation) -> LoRAAdapter:
+        # On the loader thread, torch ops of its own would give it an OpenMP team of its
+        # own, which slows every later decode step (`torch_threads`).
+        with single_threaded():
+            return self._read(loc)
 
     def _read(self, loc: AdapterLocation) -> LoRAAdapter:
         if loc.merge is not None:

@@ -67,6 +67,7 @@ from adapterhub_server.registry.records import (
 )
 from adapterhub_server.registry.refs import AdapterRef, parse_ref, parse_version, validate_alias
 from adapterhub_server.registry.targets import BaseModelSpec
+from adapterhub_server.torch_threads import single_threaded
 from adapterhub_server.weight_files import is_pickle_file
 
 logger = logging.getLogger(__name__)
@@ -595,15 +596,17 @@ class Registry:
         if self.base is None:  # push checks this first; kept for direct callers
             raise RegistryError("no base model configured to validate against")
         try:
-            adapter = load_adapter(
-                path,
-                name=name,
-                targets=dict(self.base.targets),
-                max_rank=self.limits.max_lora_rank,
-                max_file_bytes=self.limits.max_upload_bytes,
-                serving_dtype=self.limits.serving_dtype,
-                embeddings=self.base.embeddings,
-            )
+            # A server pushes from a worker thread: no OpenMP team there (`torch_threads`).
+            with single_threaded():
+                adapter = load_adapter(
+                    path,
+                    name=name,
+                    targets=dict(self.base.targets),
+                    max_rank=self.limits.max_lora_rank,
+                    max_file_bytes=self.limits.max_upload_bytes,
+                    serving_dtype=self.limits.serving_dtype,
+                    embeddings=self.base.embeddings,
+                )
         except AdapterValidationError:
             # The loader knows no MoE blocks: say so when that is why (experts not served).
             self.base.refuse_unserved(path, max_file_bytes=self.limits.max_upload_bytes)

@@ -325,3 +325,32 @@ def test_merging_dora_is_refused(tiny_base, merge_adapters, tmp_path) -> None:
             seed_key="k",
             max_rank=64,
         )  # type: ignore[list-item]
+
+
+def test_merges_are_computed_off_the_engine_thread_on_one_torch_thread(
+    tiny_base, merge_adapters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader thread computes a merge with torch on one thread: with more, it would
+    start an OpenMP team of its own, which slows every later decode step
+    (`adapterhub_server.torch_threads`); the engine's thread keeps its count."""
+    import threading
+
+    from adapterhub_server.lora import cache
+
+    seen: list[tuple[str, int]] = []
+    merge = cache.merge_adapters
+
+    def recording(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "merge_adapters", recording)
+    engine = _engine(tiny_base, merge_adapters)
+    threads = torch.get_num_threads()
+    spec = MergeSpec(ids=("a8", "c4"), weights=(0.5, 0.5), strategy="cat")
+    engine.add_request("m", engine.tokenizer.encode(PROMPTS[1]), _greedy(4), spec)
+    results: dict[str, Result] = {}
+    _drain(engine, results)
+    assert len(results["m"].token_ids) == 4
+    assert seen == [("adapter-load_0", 1)]
+    assert torch.get_num_threads() == threads
