@@ -10,9 +10,9 @@ merge on the loader thread (which built that thread a team), a decode step of 16
 went from 65 to 86 ms without adapters, and from 77 to 109 ms with 8, for the rest of the
 process's life.
 
-Background work (reading and merging adapters, filling grammar masks on CPU) is small
-beside a decode step, so it runs single-threaded inside `single_threaded`, and its threads
-never start a team.
+Work off the engine's thread (reading and merging adapters, whichever thread asks; the
+registry's checks of a push) is small beside a decode step, so it runs inside
+`single_threaded`, and its threads never start a team.
 """
 
 from __future__ import annotations
@@ -28,19 +28,31 @@ _inside = 0
 """Threads inside `single_threaded` now."""
 _restore = 0
 """torch's thread count when the first of them entered."""
+_depth = threading.local()
+"""This thread's nesting of `single_threaded` blocks."""
 
 
 @contextmanager
 def single_threaded() -> Iterator[None]:
-    """Run the block's torch ops on this thread alone (no OpenMP team of its own).
+    """Run the block's torch ops on this thread alone (no OpenMP team of its own); any
+    thread, nested blocks allowed.
 
     ``torch.set_num_threads`` sets the calling thread's count and also the count a thread
-    that starts using torch later begins with. Each thread leaving puts the count from
-    before the first entered back, for itself and for threads to come; a thread still
-    inside keeps its one. Only a thread that starts using torch while a block runs begins
-    with one (the engine's thread has long started then: it builds the engine).
+    that starts using torch later begins with. Each thread leaving its outermost block puts
+    the count from before the first thread entered back, for itself and for threads to
+    come; a thread still inside keeps its one. Only a thread that starts using torch while
+    a block runs begins with one (the engine's thread has long started then: it builds the
+    engine).
     """
     global _inside, _restore
+    depth = getattr(_depth, "n", 0)
+    _depth.n = depth + 1
+    if depth:
+        try:
+            yield
+        finally:
+            _depth.n = depth
+        return
     with _lock:
         # Asked first, also on a thread already inside: torch gives a thread its count at
         # its first use, from the process's, which would undo a 1 set before that.
@@ -52,6 +64,7 @@ def single_threaded() -> Iterator[None]:
     try:
         yield
     finally:
+        _depth.n = 0
         with _lock:
             _inside -= 1
             torch.set_num_threads(_restore)

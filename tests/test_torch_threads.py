@@ -13,8 +13,8 @@ import torch
 from adapterhub_server.torch_threads import single_threaded
 
 
-def _os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _os_threads() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
 def _parallel_torch_work() -> None:
@@ -23,7 +23,8 @@ def _parallel_torch_work() -> None:
 
 
 def _threads_started_by(fn: Callable[[], None]) -> int:
-    """OS threads the process gained while `fn` ran on a new thread (still alive then)."""
+    """OS threads started while `fn` ran on a new thread (still alive then); threads of
+    earlier tests that end meanwhile do not count."""
     go, done, leave = threading.Event(), threading.Event(), threading.Event()
 
     def run() -> None:
@@ -40,7 +41,7 @@ def _threads_started_by(fn: Callable[[], None]) -> int:
     after = _os_threads()
     leave.set()
     thread.join()
-    return after - before
+    return len(after - before)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
@@ -96,3 +97,12 @@ def test_each_thread_leaving_puts_the_count_back() -> None:
     }
     assert torch.get_num_threads() == n
     assert _count_on_a_new_thread() == n
+
+
+def test_nested_blocks_keep_one_thread_until_the_outermost_leaves() -> None:
+    n = torch.get_num_threads()
+    with single_threaded():
+        with single_threaded():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n

@@ -374,15 +374,16 @@ class AdapterCache:
 
     def _start_load(self, loc: AdapterLocation) -> None:
         if loc.key not in self._loading:
-            self._loading[loc.key] = self._executor.submit(self._read_in_background, loc)
-
-    def _read_in_background(self, loc: AdapterLocation) -> LoRAAdapter:
-        # On the loader thread, torch ops of its own would give it an OpenMP team of its
-        # own, which slows every later decode step (`torch_threads`).
-        with single_threaded():
-            return self._read(loc)
+            self._loading[loc.key] = self._executor.submit(self._read, loc)
 
     def _read(self, loc: AdapterLocation) -> LoRAAdapter:
+        # On the loader thread, or a server's worker thread (`load_now`), torch ops on more
+        # than one thread would give that thread an OpenMP team of its own, which slows
+        # every later decode step (`torch_threads`).
+        with single_threaded():
+            return self._read_files(loc)
+
+    def _read_files(self, loc: AdapterLocation) -> LoRAAdapter:
         if loc.merge is not None:
             return self._compute_merge(loc, loc.merge)
         t0 = time.perf_counter()

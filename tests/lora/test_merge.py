@@ -354,3 +354,29 @@ def test_merges_are_computed_off_the_engine_thread_on_one_torch_thread(
     assert len(results["m"].token_ids) == 4
     assert seen == [("adapter-load_0", 1)]
     assert torch.get_num_threads() == threads
+
+
+def test_adapters_read_on_a_server_worker_thread_use_one_torch_thread(
+    tiny_base, merge_adapters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`/v1/load_lora_adapter` reads the files on a worker thread (`load_adapter_now`):
+    the same one-thread rule as the loader thread's."""
+    import threading
+
+    from adapterhub_server.lora import cache
+
+    engine = _engine(tiny_base, merge_adapters)
+    seen: list[int] = []
+    load = cache.load_adapter
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "load_adapter", recording)
+    threads = torch.get_num_threads()
+    worker = threading.Thread(target=engine.load_adapter_now, args=(engine.adapters.locate("a8"),))
+    worker.start()
+    worker.join()
+    assert seen == [1]
+    assert torch.get_num_threads() == threads
