@@ -75,14 +75,10 @@ typedef float v16 __attribute__((vector_size(64)));
 static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
-/* The adapter weights' storage type `wt`: float32, or bfloat16 (-DWEIGHTS_BF16) widened
-   to float32 as it is loaded (its bits are a float32's top half), so x, h and y stay
-   float32 and only the weights are rounded. */
-#ifdef WEIGHTS_BF16
-typedef uint16_t wt;
+/* bfloat16 bits are a float32's top half: widening one is a shift. */
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
-static inline v16 loadw16(const wt *p) {
+static inline v16 bf16_load16(const uint16_t *p) {
     u16x16 h;
     memcpy(&h, p, sizeof h);
     const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
@@ -90,45 +86,38 @@ static inline v16 loadw16(const wt *p) {
     memcpy(&v, &bits, sizeof v);
     return v;
 }
-static inline float loadw(const wt *p) {
+static inline float bf16_load(const uint16_t *p) {
     const uint32_t bits = (uint32_t)*p << 16;
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+
+/* The adapter weights' storage type `wt`: float32, or bfloat16 (-DWEIGHTS_BF16) widened
+   to float32 as it is loaded, so that only the weights are rounded. */
+#ifdef WEIGHTS_BF16
+typedef uint16_t wt;
+static inline v16 loadw16(const wt *p) { return bf16_load16(p); }
+static inline float loadw(const wt *p) { return bf16_load(p); }
 #else
 typedef float wt;
 static inline v16 loadw16(const wt *p) { return load16(p); }
 static inline float loadw(const wt *p) { return *p; }
 #endif
+
 /* The activations' type `at` (x read, y updated in place): float32, or bfloat16
    (-DACT_BF16), widened as loaded; y is then rounded once, to nearest even, after all of
    a token's products are summed in float32 (`flush_row`). */
 #ifdef ACT_BF16
 typedef uint16_t at;
-typedef uint16_t xu16x16 __attribute__((vector_size(32)));
-typedef uint32_t xu32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-static inline v16 loadx16(const at *p) {
-    xu16x16 h;
-    memcpy(&h, p, sizeof h);
-    const xu32x16 bits = __builtin_convertvector(h, xu32x16) << 16;
-    v16 v;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
-static inline float loadx(const at *p) {
-    const uint32_t bits = (uint32_t)*p << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+static inline v16 loadx16(const at *p) { return bf16_load16(p); }
+static inline float loadx(const at *p) { return bf16_load(p); }
 static inline void storex16(at *p, v16 v) {
-    xu32x16 bits;
+    u32x16 bits;
     memcpy(&bits, &v, sizeof bits);
-    const xu32x16 rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
-    const xu32x16 nan = (xu32x16)(v != v); /* all ones where NaN: keep it a quiet NaN */
-    const xu16x16 h = __builtin_convertvector((nan & 0x7FC0) | (~nan & rounded), xu16x16);
+    const u32x16 rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+    const u32x16 nan = (u32x16)(v != v); /* all ones where NaN: keep it a quiet NaN */
+    const u16x16 h = __builtin_convertvector((nan & 0x7FC0) | (~nan & rounded), u16x16);
     memcpy(p, &h, sizeof h);
 }
 static inline void storex(at *p, float f) {
@@ -141,6 +130,7 @@ typedef float at;
 static inline v16 loadx16(const at *p) { return load16(p); }
 static inline float loadx(const at *p) { return *p; }
 #endif
+
 static inline float hsum(v16 v) {
     float s = 0;
     for (int i = 0; i < 16; i++) s += v[i];
