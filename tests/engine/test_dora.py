@@ -30,7 +30,14 @@ from adapterhub_server.registry import (
     RegistryAdapterSource,
     RegistryLimits,
 )
-from tests.engine.test_engine import Result, _drain, _engine, _greedy_equals_peft, _requests
+from tests.engine.test_engine import (
+    Result,
+    _drain,
+    _engine,
+    _greedy_equals_peft,
+    _requests,
+    bfloat16_kernel_and_torch_outputs,
+)
 from tests.lora.dora_adapters import PeftReference, make_dora_adapter, make_mixed_adapters
 from tests.tiny_families import DEFAULT_TARGETS, make_tiny_adapter, make_tiny_family
 
@@ -64,6 +71,15 @@ def test_mixed_dora_lora_base_greedy_equals_peft(tiny_base, mixed, reference, ba
     assert engine.adapters.stats().evictions > 0
     assert len(pool.dora_rows) <= 2  # rows follow the slots
     assert pool.dora_tables("model.layers.0.self_attn.qkv_proj") is not None
+
+
+def test_bfloat16_serving_on_cpu_kernel_equals_torch_ops(tiny_base, mixed) -> None:
+    """Served in bfloat16 on CPU, DoRA's rescale after the kernel's bfloat16 delta: the
+    same greedy tokens as through the torch ops, with slots churning."""
+    via_kernel, via_torch = bfloat16_kernel_and_torch_outputs(
+        tiny_base, mixed, ["dora", None, "r8", "dora-attn", "dora-r32", "dora"], max_loras=2
+    )
+    assert via_kernel == via_torch
 
 
 def test_all_requests_on_one_dora_adapter(tiny_base, mixed, reference) -> None:

@@ -161,12 +161,12 @@ def test_bfloat16_adapter_weights_greedy_equal_peft(tiny_base, tmp_path) -> None
         assert results[rid].token_ids == greedy_continuation(models[adapter], ids, n), rid
 
 
-def test_bfloat16_serving_on_cpu_takes_the_kernel(tiny_base, tiny_adapters) -> None:
-    """``dtype=bfloat16`` on CPU: the base in bfloat16 and LoRA through the kernel's
-    bfloat16 build (x and y bfloat16, each output summed in float32 and rounded once)
-    rather than the torch ops. Greedy output is the torch ops' own, with mixed ranks and
-    patterns, base rows and chunked prefill. (Neither equals PEFT's float32 output token
-    for token: the bfloat16 base flips a near-tie of this model's 'patterns' request.)"""
+def bfloat16_kernel_and_torch_outputs(
+    base: Path, adapters: dict[str, Path], names: list[str | None], **overrides: int | str
+) -> list[dict[str, list[int]]]:
+    """Greedy tokens of `names`' requests served in bfloat16 on CPU, through the CPU
+    kernel (``auto``) and through the torch ops, by request id; skips where the kernel's
+    bfloat16 build cannot be built."""
     from adapterhub_server.lora import cpu_kernel
 
     if cpu_kernel.load(torch.bfloat16, torch.bfloat16) is None:
@@ -174,14 +174,15 @@ def test_bfloat16_serving_on_cpu_takes_the_kernel(tiny_base, tiny_adapters) -> N
     outputs = []
     for backend in ("auto", "torch"):
         engine = _engine(
-            tiny_base,
-            tiny_adapters,
+            base,
+            adapters,
             dtype="bfloat16",
             max_num_batched_tokens=24,
             lora_kernel=backend,
+            **overrides,
         )
         assert str(engine.lora_backend) == ("cpu" if backend == "auto" else "torch")
-        reqs = _requests(engine.tokenizer, [*tiny_adapters, None], max_tokens=[8, 5])
+        reqs = _requests(engine.tokenizer, names, max_tokens=[8, 5])
         for rid, ids, adapter, n in reqs:
             engine.add_request(
                 rid, ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter
@@ -189,8 +190,20 @@ def test_bfloat16_serving_on_cpu_takes_the_kernel(tiny_base, tiny_adapters) -> N
         results: dict[str, Result] = {}
         _drain(engine, results)
         outputs.append({rid: results[rid].token_ids for rid, *_ in reqs})
-    assert outputs[0] == outputs[1]
-    assert all(len(ids) in (5, 8) for ids in outputs[0].values())
+    return outputs
+
+
+def test_bfloat16_serving_on_cpu_takes_the_kernel(tiny_base, tiny_adapters) -> None:
+    """``dtype=bfloat16`` on CPU: the base in bfloat16 and LoRA through the kernel's
+    bfloat16 build (x and y bfloat16, each output summed in float32 and rounded once)
+    rather than the torch ops. Greedy output is the torch ops' own, with mixed ranks and
+    patterns, base rows and chunked prefill. (Neither equals PEFT's float32 output token
+    for token: the bfloat16 base flips a near-tie of this model's 'patterns' request.)"""
+    via_kernel, via_torch = bfloat16_kernel_and_torch_outputs(
+        tiny_base, tiny_adapters, [*tiny_adapters, None]
+    )
+    assert via_kernel == via_torch
+    assert all(len(ids) in (5, 8) for ids in via_kernel.values())
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
