@@ -32,10 +32,8 @@ bfloat16 (one build per pair), every product and sum in float32, and bfloat16 y 
 once per element, after its sum; ``c`` a multiple of 4 (rank classes are powers of two
 from 8).
 
-Built with the system C compiler (``$CC``, else ``cc``/``gcc``) into
-``$ADAPTERHUB_KERNEL_CACHE`` (default ``~/.cache/adapterhub/kernels``), keyed by the source,
-the compiler and the CPU, in well under a second. Where it cannot be built or loaded (no
-compiler, not Linux, a torch without OpenMP) `load` returns None and the torch ops serve;
+Built at first use by `c_build`. Where it cannot be built or loaded (no compiler, not
+Linux, a torch without OpenMP) `load` returns None and the torch ops serve;
 ``ADAPTERHUB_CPU_LORA_KERNEL=0`` turns it off.
 """
 
@@ -43,56 +41,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from adapterhub_server.cache_dirs import user_cache_dir
+from adapterhub_server.c_build import VECTOR_HELPERS, load_function
 from adapterhub_server.lora.routing import Route, group_routes
 
-logger = logging.getLogger(__name__)
-
-
-_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* 16 floats: one AVX-512 register, two AVX2 ones; GCC/Clang lower it to what -march has. */
-typedef float v16 __attribute__((vector_size(64)));
-
-static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
-
-/* bfloat16 bits are a float32's top half: widening one is a shift. */
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-static inline v16 bf16_load16(const uint16_t *p) {
-    u16x16 h;
-    memcpy(&h, p, sizeof h);
-    const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
-    v16 v;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
-static inline float bf16_load(const uint16_t *p) {
-    const uint32_t bits = (uint32_t)*p << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
+_SOURCE = (
+    VECTOR_HELPERS
+    + r"""
 /* The adapter weights' storage type `wt`: float32, or bfloat16 (-DWEIGHTS_BF16) widened
    to float32 as it is loaded, so that only the weights are rounded. */
 #ifdef WEIGHTS_BF16
@@ -112,30 +72,13 @@ static inline float loadw(const wt *p) { return *p; }
 typedef uint16_t at;
 static inline v16 loadx16(const at *p) { return bf16_load16(p); }
 static inline float loadx(const at *p) { return bf16_load(p); }
-static inline void storex16(at *p, v16 v) {
-    u32x16 bits;
-    memcpy(&bits, &v, sizeof bits);
-    const u32x16 rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
-    const u32x16 nan = (u32x16)(v != v); /* all ones where NaN: keep it a quiet NaN */
-    const u16x16 h = __builtin_convertvector((nan & 0x7FC0) | (~nan & rounded), u16x16);
-    memcpy(p, &h, sizeof h);
-}
-static inline void storex(at *p, float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    *p = f != f ? 0x7FC0 : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
+static inline void storex16(at *p, v16 v) { bf16_store16(p, v); }
+static inline void storex(at *p, float f) { bf16_store(p, f); }
 #else
 typedef float at;
 static inline v16 loadx16(const at *p) { return load16(p); }
 static inline float loadx(const at *p) { return *p; }
 #endif
-
-static inline float hsum(v16 v) {
-    float s = 0;
-    for (int i = 0; i < 16; i++) s += v[i];
-    return s;
-}
 
 /* h[l * hs + r] = dot(a[r * in :], x[tok[l]]) for RB = 4 rows of A and NT <= 4 tokens: four
    rows stream at once (memory-level parallelism) and every loaded x vector serves four
@@ -341,6 +284,7 @@ int lora_sgmv(const at *x, int64_t x_stride, at *y, int64_t y_stride,
     return 0;
 }
 """
+)
 
 _MAX_MODULES = 8
 """The C code's MAX_MODULES."""
@@ -355,8 +299,6 @@ ACTIVATION_DTYPES: dict[torch.dtype, tuple[str, ...]] = {
 }
 """The activation (x, y) dtypes the kernel is built for, with each build's C defines; one
 build per (activations, weights) pair."""
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-_COMPILE_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -545,86 +487,15 @@ def load(
 ) -> Callable[..., int] | None:
     """The kernel compiled for adapter weights of dtype `weights` (`WEIGHT_DTYPES`) and
     activations of dtype `activations` (`ACTIVATION_DTYPES`), building it on first use;
-    None where it cannot serve."""
+    None where it cannot serve (`c_build.load_function`) or
+    ``ADAPTERHUB_CPU_LORA_KERNEL=0``."""
     if weights not in WEIGHT_DTYPES or activations not in ACTIVATION_DTYPES:
         return None
-    if os.environ.get("ADAPTERHUB_CPU_LORA_KERNEL", "1") == "0":
-        return None
-    if sys.platform != "linux" or not _torch_uses_gomp():
-        # Another OpenMP runtime beside torch's would run a second thread pool on the
-        # same cores, each spinning while the other works.
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.info("no C compiler found: LoRA on CPU runs through torch ops")
-        return None
-    try:
-        path = _build(compiler, WEIGHT_DTYPES[weights] + ACTIVATION_DTYPES[activations])
-        fn = ctypes.CDLL(str(path)).lora_sgmv
-    except (OSError, subprocess.SubprocessError) as exc:
-        logger.warning("CPU LoRA kernel unavailable (%s); using torch ops", exc)
-        return None
     p, i = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i, p, i, p, i, i, i, p, p, p, p, p, i, i]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _torch_uses_gomp() -> bool:
-    """Whether torch's OpenMP runtime (GNU libgomp) is loaded, so the kernel shares it."""
-    if "OpenMP" not in torch.__config__.parallel_info():
-        return False
-    try:
-        with open("/proc/self/maps") as maps:
-            return any("libgomp" in line for line in maps)
-    except OSError:
-        return False
-
-
-def _cpu_identity() -> str:
-    """What ``-march=native`` compiles for: a library built on one CPU may not run on
-    another that shares the cache (a mounted home directory, a Docker volume)."""
-    ident = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith(("flags", "model name", "Features", "CPU part")):
-                    ident += line
-                if line.strip() == "":  # the first processor is enough
-                    break
-    except OSError:
-        pass
-    return ident
-
-
-def _build(compiler: str, defines: tuple[str, ...]) -> Path:
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
-    ).stdout
-    key = hashlib.sha256(
-        "\0".join([_SOURCE, compiler, version, *_FLAGS, *defines, _cpu_identity()]).encode()
-    ).hexdigest()[:24]
-    try:
-        cache = user_cache_dir("ADAPTERHUB_KERNEL_CACHE", "kernels")
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        cache = Path(tempfile.mkdtemp(prefix="adapterhub-kernels-"))
-    target = cache / f"lora_sgmv_{key}.so"
-    if target.is_file():
-        return target
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=cache) as tmp:
-        src = Path(tmp) / "lora_sgmv.c"
-        src.write_text(_SOURCE)
-        out = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *_FLAGS, *defines, "-o", str(out), str(src)],
-            capture_output=True,
-            text=True,
-            timeout=_COMPILE_TIMEOUT_S,
-        )
-        if result.returncode != 0:
-            raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        # Several processes may build at once: each renames a whole file into place.
-        os.replace(out, target)
-    logger.info("built the CPU LoRA kernel into %s", target)
-    return target
+    return load_function(
+        _SOURCE,
+        "lora_sgmv",
+        [p, i, p, i, p, i, i, i, p, p, p, p, p, i, i],
+        defines=WEIGHT_DTYPES[weights] + ACTIVATION_DTYPES[activations],
+        switch="ADAPTERHUB_CPU_LORA_KERNEL",
+    )
