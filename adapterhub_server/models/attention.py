@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from adapterhub_server.models import cpu_attention
 from adapterhub_server.models.transfer import to_device
 
 
@@ -259,23 +260,22 @@ def attend(
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
 
     n = meta.num_decode
-    if n:
-        width = meta.decode_block_table.shape[1]
-        length = width * cache.block_size
-        # [n, width, block_size, kv_heads, d] -> [n, kv_heads, length, d]
-        keys, values = cache.gather(layer, meta.decode_block_table.view(-1))
-        keys = keys.view(n, length, kv_heads, head_dim)
-        values = values.view(n, length, kv_heads, head_dim)
-        mask = meta.decode_mask
-        if sliding_window is not None:
-            mask = mask & meta.decode_window_mask(sliding_window)
-        # One query per sequence: folding the query heads that share a KV head into the
-        # query-length axis gives grouped-query attention without repeating keys.
-        qd = q[:n].view(n, kv_heads, group, head_dim)
-        od = _attention(
-            qd, keys.transpose(1, 2), values.transpose(1, 2), mask, scale=scale, softcap=softcap
+    if n and cpu_attention.applies(q, k_cache, softcap):
+        # Keys and values read in place: the gather below copies every visible block.
+        cpu_attention.decode_attention(
+            q[:n],
+            k_cache,
+            v_cache,
+            meta.decode_block_table,
+            meta.decode_positions,
+            out[:n],
+            scale=scale if scale is not None else head_dim**-0.5,
+            sliding_window=sliding_window,
         )
-        out[:n] = od.reshape(n, num_heads, head_dim)
+    elif n:
+        out[:n] = decode_attention_torch(
+            q[:n], cache, layer, meta, scale=scale, sliding_window=sliding_window, softcap=softcap
+        )
 
     for c in meta.prefills:
         end = c.start + (c.t1 - c.t0)
@@ -304,6 +304,46 @@ def attend(
             op = _attention(qp, keys, values, mask, scale=scale, softcap=softcap)
         out[c.t0 : c.t1] = op.transpose(0, 1)
     return out.view(num_tokens, num_heads * head_dim)
+
+
+def decode_attention_torch(
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    *,
+    scale: float | None,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """The decoding sequences' attention in torch ops: their blocks gathered out of the
+    cache, then SDPA under the step's mask (the reference `cpu_attention` is held to, and
+    the path on CUDA, with soft-capping, and where the kernel is not built).
+
+    Args:
+        q: ``[n, heads, head_dim]``, one query per decoding sequence.
+    Returns:
+        ``[n, heads, head_dim]``.
+    """
+    n, num_heads, head_dim = q.shape
+    kv_heads = cache.k.shape[3]
+    group = num_heads // kv_heads
+    width = meta.decode_block_table.shape[1]
+    length = width * cache.block_size
+    # [n, width, block_size, kv_heads, d] -> [n, kv_heads, length, d]
+    keys, values = cache.gather(layer, meta.decode_block_table.view(-1))
+    keys = keys.view(n, length, kv_heads, head_dim)
+    values = values.view(n, length, kv_heads, head_dim)
+    mask = meta.decode_mask
+    if sliding_window is not None:
+        mask = mask & meta.decode_window_mask(sliding_window)
+    # One query per sequence: folding the query heads that share a KV head into the
+    # query-length axis gives grouped-query attention without repeating keys.
+    qd = q.view(n, kv_heads, group, head_dim)
+    od = _attention(
+        qd, keys.transpose(1, 2), values.transpose(1, 2), mask, scale=scale, softcap=softcap
+    )
+    return od.reshape(n, num_heads, head_dim)
 
 
 def _attention(

@@ -1,0 +1,109 @@
+"""Decode attention on CPU over the paged KV cache: the C kernel vs gather + SDPA.
+
+One decode step's attention on the default model's shape (30 layers, 9 query heads over 3
+KV heads of 64), 16 sequences whose blocks are scattered over the cache, at several context
+lengths, through `models.attention.attend` (the step's key/value write included), both
+paths interleaved. Prints a table, writes ``bench/results/attention_cpu.json``.
+
+    .venv/bin/python -m bench.attention_cpu [--contexts 64 256 1024] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from adapterhub_server.models import cpu_attention
+from adapterhub_server.models.attention import KVCache, attend, build_attention_metadata
+from bench.timing import machine_info
+
+RESULTS = Path(__file__).parent / "results"
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 9, 3, 64, 16
+
+
+def step_ms(context: int, sequences: int, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """Median ms of one decode step's attention over every layer, per path."""
+    blocks_each = (context + BLOCK - 1) // BLOCK
+    cache = KVCache(
+        num_layers=LAYERS,
+        num_blocks=1 + sequences * blocks_each,
+        block_size=BLOCK,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        dtype=dtype,
+        device="cpu",
+    )
+    gen = torch.Generator().manual_seed(0)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    order = (torch.randperm(sequences * blocks_each, generator=gen) + 1).tolist()
+    tables = [order[i * blocks_each : (i + 1) * blocks_each] for i in range(sequences)]
+    meta = build_attention_metadata(tables, [context - 1] * sequences, [], BLOCK)
+    q = torch.randn(sequences, HEADS, HEAD_DIM, generator=gen).to(dtype)
+    k = torch.randn(sequences, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
+    v = torch.randn(sequences, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
+
+    def run() -> torch.Tensor:
+        return torch.stack([attend(q, k, v, cache, layer, meta) for layer in range(LAYERS)])
+
+    paths = {"kernel": cpu_attention.applies, "torch": lambda *_: False}
+    outputs = {}
+    for name, applies in paths.items():
+        with mock.patch.object(cpu_attention, "applies", applies):
+            outputs[name] = run()  # warm-up, and the outputs compared below
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(outputs["kernel"], outputs["torch"], rtol=tol, atol=tol)
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeats):  # interleaved, so that machine noise hits both alike
+        for name, applies in paths.items():
+            with mock.patch.object(cpu_attention, "applies", applies):
+                t0 = time.perf_counter()
+                run()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--sequences", type=int, default=16)
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], nargs="+", default=["float32", "bfloat16"]
+    )
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=RESULTS / "attention_cpu.json")
+    args = parser.parse_args()
+    if cpu_attention.load() is None:
+        raise SystemExit("the CPU attention kernel cannot be built here")
+    rows = []
+    print(f"{'dtype':9s} {'context':>7s} {'kernel ms':>10s} {'torch ms':>9s} {'speed-up':>9s}")
+    for dtype_name in args.dtype:
+        dtype = getattr(torch, dtype_name)
+        for context in args.contexts:
+            ms = step_ms(context, args.sequences, dtype, args.repeats)
+            rows.append(
+                {"dtype": dtype_name, "context": context, **{f"{k}_ms": v for k, v in ms.items()}}
+            )
+            print(
+                f"{dtype_name:9s} {context:7d} {ms['kernel']:10.2f} {ms['torch']:9.2f} "
+                f"{ms['torch'] / ms['kernel']:8.2f}x"
+            )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "sequences": args.sequences,
+        "layers": LAYERS,
+        "repeats": args.repeats,
+        **machine_info(),
+    }
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The CPU decode-attention kernel against a float64 reference and against the torch path
+(gather + SDPA): grouped-query shapes, head sizes off the vector width, block sizes,
+sliding windows, scattered block tables, thread counts; it never reads past the visible
+positions, and it refuses tables outside the cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adapterhub_server.models import cpu_attention
+from adapterhub_server.models.attention import (
+    KVCache,
+    attend,
+    build_attention_metadata,
+    decode_attention_torch,
+)
+
+pytestmark = pytest.mark.skipif(
+    cpu_attention.load() is None, reason="the CPU attention kernel cannot be built here"
+)
+
+
+def _setup(
+    *,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    positions: list[int],
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> tuple[KVCache, torch.Tensor, list[list[int]]]:
+    """A one-layer cache of random keys and values, each sequence's blocks scattered over
+    it in a shuffled order, and one query per sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    needed = [p // block_size + 1 for p in positions]
+    num_blocks = 1 + sum(needed) + 3
+    cache = KVCache(
+        num_layers=1,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        device="cpu",
+    )
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    tables = []
+    for n in needed:
+        tables.append(order[:n])
+        order = order[n:]
+    q = torch.randn(len(positions), heads, head_dim, generator=gen).to(dtype)
+    return cache, q, tables
+
+
+def _reference(
+    q: torch.Tensor,
+    cache: KVCache,
+    tables: list[list[int]],
+    positions: list[int],
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """float64 softmax attention over each sequence's visible positions, read one by one."""
+    n, heads, d = q.shape
+    kv_heads, bs = cache.k.shape[3], cache.block_size
+    group = heads // kv_heads
+    out = torch.empty(n, heads, d, dtype=torch.float64)
+    for i, (table, p) in enumerate(zip(tables, positions)):
+        lo = max(0, p - window + 1) if window else 0
+        rows = [table[j // bs] * bs + j % bs for j in range(lo, p + 1)]
+        keys = cache.k[0].reshape(-1, kv_heads, d)[rows].double()  # [L, kv_heads, d]
+        values = cache.v[0].reshape(-1, kv_heads, d)[rows].double()
+        for h in range(heads):
+            s = keys[:, h // group] @ q[i, h].double() * scale
+            out[i, h] = torch.softmax(s, 0) @ values[:, h // group]
+    return out
+
+
+def _kernel(
+    q: torch.Tensor,
+    cache: KVCache,
+    tables: list[list[int]],
+    positions: list[int],
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    meta = build_attention_metadata(tables, positions, [], cache.block_size)
+    out = torch.empty_like(q)
+    cpu_attention.decode_attention(
+        q,
+        cache.k[0],
+        cache.v[0],
+        meta.decode_block_table,
+        meta.decode_positions,
+        out,
+        scale=scale,
+        sliding_window=window,
+    )
+    return out
+
+
+SHAPES = {  # (heads, kv_heads, head_dim)
+    "mha": (4, 4, 64),
+    "gqa-3": (9, 3, 64),
+    "gqa-4-dim-40": (8, 2, 40),
+    "mqa-6-dim-80": (6, 1, 80),
+    "group-16-dim-8": (16, 1, 8),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_matches_reference_and_torch_path(
+    shape: str, block_size: int, window: int | None, threads: int
+) -> None:
+    heads, kv_heads, d = SHAPES[shape]
+    positions = [0, 1, 4, 15, 16, 37, 70, 6]
+    cache, q, tables = _setup(
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=d,
+        block_size=block_size,
+        positions=positions,
+        dtype=torch.float32,
+    )
+    scale = d**-0.5
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _kernel(q, cache, tables, positions, scale, window)
+    finally:
+        torch.set_num_threads(previous)
+    ref = _reference(q, cache, tables, positions, scale, window)
+    torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=2e-6)
+    meta = build_attention_metadata(tables, positions, [], block_size)
+    torch_path = decode_attention_torch(
+        q, cache, 0, meta, scale=scale, sliding_window=window, softcap=None
+    )
+    torch.testing.assert_close(got, torch_path, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["gqa-3", "gqa-4-dim-40"])
+def test_bfloat16_rounds_once_from_float32_sums(shape: str) -> None:
+    heads, kv_heads, d = SHAPES[shape]
+    positions = [3, 40, 129, 0]
+    cache, q, tables = _setup(
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=d,
+        block_size=16,
+        positions=positions,
+        dtype=torch.bfloat16,
+    )
+    got = _kernel(q, cache, tables, positions, d**-0.5, None)
+    assert got.dtype == torch.bfloat16
+    ref = _reference(q, cache, tables, positions, d**-0.5, None)
+    # The sums are float32 over bfloat16 inputs, then one rounding: within a unit in the
+    # last place of the result (bfloat16 has 8 bits of mantissa), not the drift of a
+    # bfloat16 accumulation.
+    ulp = ref.abs().clamp_min(1e-3) * 2.0**-7
+    assert ((got.double() - ref).abs() <= ulp).float().mean() > 0.99
+    meta = build_attention_metadata(tables, positions, [], 16)
+    torch_path = decode_attention_torch(
+        q, cache, 0, meta, scale=d**-0.5, sliding_window=None, softcap=None
+    )
+    torch.testing.assert_close(got.float(), torch_path.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_reads_only_the_visible_positions() -> None:
+    """NaN everywhere a sequence does not see (the rest of its last block, table padding,
+    positions behind a sliding window) leaves its output finite; a NaN it does see makes
+    its output NaN, and only its own."""
+    positions = [20, 3, 33]
+    cache, q, tables = _setup(
+        heads=4, kv_heads=2, head_dim=16, block_size=8, positions=positions, dtype=torch.float32
+    )
+    window = 10
+    visible = torch.zeros(cache.k.shape[1] * 8, dtype=torch.bool)
+    for table, p in zip(tables, positions):
+        for j in range(max(0, p - window + 1), p + 1):
+            visible[table[j // 8] * 8 + j % 8] = True
+    for t in (cache.k, cache.v):
+        t.view(-1, 2, 16)[~visible] = float("nan")
+    got = _kernel(q, cache, tables, positions, 0.25, window)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(
+        got.double(), _reference(q, cache, tables, positions, 0.25, window), rtol=2e-6, atol=2e-6
+    )
+    cache.v.view(-1, 2, 16)[tables[1][0] * 8 + 2] = float("nan")  # sequence 1 sees it
+    got = _kernel(q, cache, tables, positions, 0.25, window)
+    assert torch.isnan(got[1]).all()
+    assert torch.isfinite(got[[0, 2]]).all()
+
+
+def test_refuses_a_table_outside_the_cache() -> None:
+    cache, q, tables = _setup(
+        heads=2, kv_heads=1, head_dim=16, block_size=4, positions=[5], dtype=torch.float32
+    )
+    out = torch.empty_like(q)
+
+    def run(table: list[int], position: int) -> None:
+        cpu_attention.decode_attention(
+            q,
+            cache.k[0],
+            cache.v[0],
+            torch.tensor([table]),
+            torch.tensor([position]),
+            out,
+            scale=0.25,
+            sliding_window=None,
+        )
+
+    run(tables[0], 5)
+    with pytest.raises(ValueError, match="past its block table"):
+        run(tables[0], 8)  # position 8 would need a third block
+    with pytest.raises(ValueError, match="outside the cache"):
+        run([1, cache.num_blocks], 5)
+
+
+def test_attend_takes_the_kernel_except_for_soft_capping(monkeypatch: pytest.MonkeyPatch) -> None:
+    positions = [9, 30]
+    cache, q, tables = _setup(
+        heads=6, kv_heads=2, head_dim=32, block_size=16, positions=positions, dtype=torch.float32
+    )
+    meta = build_attention_metadata(tables, positions, [], 16)
+    k = torch.randn(2, 2, 32)
+    v = torch.randn(2, 2, 32)
+    calls: list[int] = []
+    real = cpu_attention.decode_attention
+    monkeypatch.setattr(
+        cpu_attention, "decode_attention", lambda *a, **kw: (calls.append(1), real(*a, **kw))
+    )
+    out = attend(q, k, v, cache, 0, meta)
+    assert calls == [1]
+    assert torch.isfinite(out).all()
+    # attend wrote this step's keys and values before attending over them
+    torch.testing.assert_close(
+        out.view(2, 6, 32).double(),
+        _reference(q, cache, tables, positions, 32**-0.5, None),
+        rtol=2e-6,
+        atol=2e-6,
+    )
+    attend(q, k, v, cache, 0, meta, softcap=5.0)
+    assert calls == [1]  # soft-capping: the torch path
+
+
+def test_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = torch.randn(1, 2, 16)
+    k_cache = torch.zeros(3, 4, 1, 16)
+    cpu_attention.load.cache_clear()
+    try:
+        assert cpu_attention.applies(q, k_cache, None)
+        assert not cpu_attention.applies(q, k_cache, 30.0)
+        assert not cpu_attention.applies(q.double(), k_cache.double(), None)
+        assert not cpu_attention.applies(torch.randn(1, 17, 16), k_cache, None)  # group > 16
+        monkeypatch.setenv("ADAPTERHUB_CPU_ATTENTION_KERNEL", "0")
+        cpu_attention.load.cache_clear()
+        assert not cpu_attention.applies(q, k_cache, None)
+    finally:
+        monkeypatch.undo()
+        cpu_attention.load.cache_clear()
+
+
+def test_long_contexts_over_many_blocks() -> None:
+    """Scores of a few thousand keys per head: the exponential's range reduction and the
+    padded score rows at sizes well past one vector."""
+    positions = [2047, 1000]
+    cache, q, tables = _setup(
+        heads=4, kv_heads=2, head_dim=32, block_size=16, positions=positions, dtype=torch.float32
+    )
+    q.mul_(4.0)  # sharper softmax: weights spanning many orders of magnitude
+    got = _kernel(q, cache, tables, positions, 32**-0.5, None)
+    ref = _reference(q, cache, tables, positions, 32**-0.5, None)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert not math.isnan(got.sum().item())
