@@ -11,6 +11,9 @@ Strategies, for a decode-shaped batch (one token per sequence, mixed adapters):
 * ``cpu_kernel``  the fused C kernel (``lora/cpu_kernel.py``, the engine's choice on CPU
                   in float32), routing included.
 
+``--read-floor`` times the same LoRA work between the engine's prepacked base GEMMs, as in
+a decode step, against a plain read of the same adapter bytes: the floor for any kernel.
+
 ``--decode-step`` instead times a whole decode step's LoRA work, model-shaped (SmolLM2-135M:
 30 layers of q/k/v, o, gate/up and down, hidden 576, intermediate 1536, k/v 192), torch ops
 against the kernel with float32 and with bfloat16 weights (``lora_dtype``), over token/adapter
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from adapterhub_server.frozen_linear import FrozenLinear
 from adapterhub_server.lora.cpu_kernel import load as load_cpu_kernel
 from adapterhub_server.lora.ops import (
     CPU_KERNEL,
@@ -175,6 +179,59 @@ def decode_step(tokens: int, adapters: int, rank: int, layers: int, repeats: int
     }
 
 
+def read_floor(tokens: int, adapters: int, rank: int, layers: int, repeats: int) -> dict:
+    """The adapter cost inside a model-shaped stack of the engine's prepacked base GEMMs
+    (`FrozenLinear`, plus the lm_head), each followed, as in the engine, by nothing, by the
+    CPU kernel, or by a plain read of the same number of adapter bytes (one ``sum`` over
+    them, no LoRA arithmetic): the read is a floor no LoRA kernel can go below here. Per
+    adapter-weight dtype, medians in ms per step, the three variants interleaved."""
+    gen = torch.Generator().manual_seed(0)
+    stack = []
+    for _ in range(layers):
+        for d_in, outs in _LAYER_GROUPS:
+            base = FrozenLinear(torch.randn(sum(outs), d_in, generator=gen) * 0.02, None)
+            a = torch.randn(adapters, len(outs) * rank, d_in, generator=gen) * 0.05
+            bs = tuple(torch.randn(adapters, rank, o, generator=gen) * 0.05 for o in outs)
+            x = torch.randn(tokens, d_in, generator=gen)
+            stack.append((base, x, a, bs))
+    head = FrozenLinear(torch.randn(49152, _HIDDEN, generator=gen) * 0.02, None)
+    head_x = torch.randn(tokens, _HIDDEN, generator=gen)
+    batch = build_lora_batch([(rank, t % adapters) for t in range(tokens)], backend=CPU_KERNEL)
+    result: dict[str, float] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        calls = [
+            (base, x, {rank: (a.to(dtype), tuple(b.to(dtype) for b in bs))})
+            for base, x, a, bs in stack
+        ]
+        flats = [
+            torch.cat([a.flatten()] + [b.flatten() for b in bs]).to(dtype) for _, _, a, bs in stack
+        ]
+
+        def step(variant: str, calls: list = calls, flats: list = flats) -> None:
+            for (base, x, pools), flat in zip(calls, flats):
+                y = base(x)
+                if variant == "kernel":
+                    add_lora(y, x, pools, batch)
+                elif variant == "read":
+                    flat.sum()
+            head(head_x)
+
+        samples: dict[str, list[float]] = {v: [] for v in ("base", "kernel", "read")}
+        for variant in samples:
+            step(variant)
+        for _ in range(repeats):
+            for variant in samples:
+                t0 = time.perf_counter()
+                step(variant)
+                samples[variant].append(time.perf_counter() - t0)
+        med = {v: statistics.median(s) * 1e3 for v, s in samples.items()}
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        result["base_ms"] = med["base"]
+        result[f"kernel_{name}_ms"] = med["kernel"] - med["base"]
+        result[f"read_{name}_ms"] = med["read"] - med["base"]
+    return result
+
+
 def _print_table(rows: list[dict], keys: tuple[str, ...], width: int) -> None:
     names = [k for k in rows[0] if k not in keys]
     print(" ".join(f"{k:>8}" for k in keys) + " " + " ".join(f"{n:>{width}}" for n in names))
@@ -199,11 +256,31 @@ def main() -> None:
         action="store_true",
         help="time a model-shaped decode step's LoRA work (torch ops vs the CPU kernel)",
     )
-    parser.add_argument("--layers", type=int, default=30, help="with --decode-step")
+    parser.add_argument(
+        "--read-floor",
+        action="store_true",
+        help="the adapter cost between the base GEMMs: the kernel vs a plain read of its bytes",
+    )
+    parser.add_argument("--layers", type=int, default=30, help="with --decode-step, --read-floor")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    if args.decode_step:
+    if args.read_floor:
+        rows = []
+        for t in args.tokens:
+            for k in args.adapters:
+                ms = read_floor(t, k, args.rank, args.layers, args.repeats)
+                rows.append({"tokens": t, "adapters": k, **ms})
+        _print_table(rows, ("tokens", "adapters"), 14)
+        out = args.out or RESULTS / "lora_read_floor_cpu.json"
+        meta = {
+            **machine_info(),
+            "rank": args.rank,
+            "layers": args.layers,
+            "unit": "milliseconds per decode step (median): base GEMMs, and what the kernel "
+            "or a plain read of the adapter bytes adds to them",
+        }
+    elif args.decode_step:
         rows = []
         for t in args.tokens:
             for k in args.adapters:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from adapterhub_server.lora import cpu_kernel
+from adapterhub_server.models import cpu_attention
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,10 +34,52 @@ def test_lora_ops_bench(tmp_path: Path) -> None:
     assert rows and all(r["grouped_us"] > 0 for r in rows)
 
 
+def test_lora_read_floor_bench(tmp_path: Path) -> None:
+    if cpu_kernel.load() is None:
+        pytest.skip("the CPU LoRA kernel cannot be built here")
+    out = tmp_path / "floor.json"
+    _run(
+        "bench.lora_ops",
+        "--read-floor",
+        "--tokens",
+        "2",
+        "--adapters",
+        "2",
+        "--layers",
+        "1",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["base_ms"] > 0 and {"kernel_fp32_ms", "read_bf16_ms"} <= set(row)
+
+
 def test_linear_bench(tmp_path: Path) -> None:
     out = tmp_path / "linear.json"
     _run("bench.linear_cpu", "--rows", "2", "--repeats", "2", "--out", str(out))
     assert {r["layer"] for r in json.loads(out.read_text())["rows"]} >= {"lm_head", "qkv_proj"}
+
+
+def test_attention_bench(tmp_path: Path) -> None:
+    if cpu_attention.load() is None:
+        pytest.skip("the CPU attention kernel cannot be built here")
+    out = tmp_path / "attention.json"
+    _run(
+        "bench.attention_cpu",
+        "--contexts",
+        "20",
+        "--sequences",
+        "2",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["dtype"], r["context"]) for r in rows] == [("float32", 20), ("bfloat16", 20)]
+    assert all(r["kernel_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
 
 
 def test_serve_throughput_bench(tmp_path: Path) -> None:
