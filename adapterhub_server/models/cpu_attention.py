@@ -120,6 +120,27 @@ static inline __attribute__((always_inline)) void dot_heads(const float *restric
     }
 }
 
+/* s[g * span + o] = dot(qf[g * D :], kp[o * row :]) for `keys` keys of one block and
+   NH query heads of head size D, both constants: the heads' q vectors stay in registers
+   across the keys, so a key costs D / 16 loads and NH horizontal sums. */
+static inline __attribute__((always_inline)) void scores_run(
+    const float *restrict qf, const at *restrict kp, int64_t row, int64_t keys,
+    float *restrict s, int64_t span, const int D, const int NH) {
+    v16 qv[4][8];
+    for (int g = 0; g < NH; g++)
+        for (int c = 0; c < D / 16; c++) qv[g][c] = load16(qf + g * D + c * 16);
+    for (int64_t o = 0; o < keys; o++) {
+        const at *k = kp + o * row;
+        v16 acc[4];
+        for (int g = 0; g < NH; g++) acc[g] = (v16){0};
+        for (int c = 0; c < D / 16; c++) {
+            const v16 kv = loada16(k + c * 16);
+            for (int g = 0; g < NH; g++) acc[g] += qv[g][c] * kv;
+        }
+        for (int g = 0; g < NH; g++) s[g * span + o] = hsum(acc[g]);
+    }
+}
+
 /* acc[g * d + k] += sum_o w[g * span + o] * vp[o * row + k] over `keys` keys of one block,
    for NH <= 4 query heads sharing the values: the sums stay in registers across the
    block's keys, and each value vector is loaded once for all the heads. */
@@ -139,6 +160,101 @@ static inline __attribute__((always_inline)) void axpy_heads(
     for (; k < d; k++)
         for (int64_t o = 0; o < keys; o++)
             for (int g = 0; g < NH; g++) acc[g * d + k] += w[g * span + o] * loada(vp + o * row + k);
+}
+
+/* acc[g * D :] += sum_o w[g * span + o] * vp[o * row :] for `keys` keys, NH query heads
+   and head size D, both constants: every (head, 16 columns) sum its own register, so the
+   adds of consecutive keys do not wait on each other. */
+static inline __attribute__((always_inline)) void values_run(
+    float *restrict acc, const float *restrict w, int64_t span, const at *restrict vp,
+    int64_t row, int64_t keys, const int D, const int NH) {
+    v16 a[4][8];
+    for (int g = 0; g < NH; g++)
+        for (int c = 0; c < D / 16; c++) a[g][c] = load16(acc + g * D + c * 16);
+    for (int64_t o = 0; o < keys; o++) {
+        float wo[4];
+        for (int g = 0; g < NH; g++) wo[g] = w[g * span + o];
+        for (int c = 0; c < D / 16; c++) {
+            const v16 v = loada16(vp + o * row + c * 16);
+            for (int g = 0; g < NH; g++) a[g][c] += wo[g] * v;
+        }
+    }
+    for (int g = 0; g < NH; g++)
+        for (int c = 0; c < D / 16; c++) store16(acc + g * D + c * 16, a[g][c]);
+}
+
+/* acc[hq * d :] += the weighted values of one block's keys o0 <= o < o1 (weights
+   w[hq * span + o - o0]) for every query head, asking for the next block meanwhile as
+   `block_scores` does. */
+static void block_values(float *acc, const float *w, const at *vb, const at *next,
+                         int64_t block_size, int64_t row, int64_t o0, int64_t o1,
+                         int64_t kv_heads, int64_t group, int64_t d, int64_t span) {
+    const int64_t keys = o1 - o0;
+    const int64_t share = (block_size * row * (int64_t)sizeof(at) + kv_heads - 1) / kv_heads;
+    for (int64_t h = 0; h < kv_heads; h++) {
+        if (next != NULL) prefetch_run((const char *)next + h * share, share);
+        const at *vp = vb + o0 * row + h * d;
+        for (int64_t g = 0; g < group;) {
+            const int64_t hq = h * group + g, left = group - g;
+            float *a = acc + hq * d;
+            const float *wh = w + hq * span;
+            if (d == 64 && left >= 4) { values_run(a, wh, span, vp, row, keys, 64, 4); g += 4; }
+            else if (d == 64 && left == 3) { values_run(a, wh, span, vp, row, keys, 64, 3); g += 3; }
+            else if (d == 64 && left == 2) { values_run(a, wh, span, vp, row, keys, 64, 2); g += 2; }
+            else if (d == 64) { values_run(a, wh, span, vp, row, keys, 64, 1); g += 1; }
+            else if (d == 128 && left >= 2) { values_run(a, wh, span, vp, row, keys, 128, 2); g += 2; }
+            else if (d == 128) { values_run(a, wh, span, vp, row, keys, 128, 1); g += 1; }
+            else {
+                const int nh = left < 4 ? (int)left : 4;
+                switch (nh) {
+                case 4: axpy_heads(a, wh, span, vp, row, keys, d, 4); break;
+                case 3: axpy_heads(a, wh, span, vp, row, keys, d, 3); break;
+                case 2: axpy_heads(a, wh, span, vp, row, keys, d, 2); break;
+                case 1: axpy_heads(a, wh, span, vp, row, keys, d, 1); break;
+                }
+                g += nh;
+            }
+        }
+    }
+}
+
+/* The scores of one block's keys o0 <= o < o1 for every query head: s[hq * span + o - o0].
+   The next block (`next`, or NULL) is asked for a share per KV head meanwhile: spread out,
+   so that the requests do not queue up behind each other. */
+static void block_scores(const float *qf, const at *kb, const at *next, int64_t block_size,
+                         int64_t row, int64_t o0, int64_t o1, int64_t kv_heads, int64_t group,
+                         int64_t d, float *s, int64_t span) {
+    const int64_t keys = o1 - o0;
+    const int64_t share = (block_size * row * (int64_t)sizeof(at) + kv_heads - 1) / kv_heads;
+    for (int64_t h = 0; h < kv_heads; h++) {
+        if (next != NULL) prefetch_run((const char *)next + h * share, share);
+        const at *kp = kb + o0 * row + h * d;
+        for (int64_t g = 0; g < group;) {
+            const int64_t hq = h * group + g, left = group - g;
+            const float *qh = qf + hq * d;
+            float *sh = s + hq * span;
+            /* Head sizes of the common models, with as many heads as their q vectors fit
+               in 16 registers; any other size, one key at a time. */
+            if (d == 64 && left >= 4) { scores_run(qh, kp, row, keys, sh, span, 64, 4); g += 4; }
+            else if (d == 64 && left == 3) { scores_run(qh, kp, row, keys, sh, span, 64, 3); g += 3; }
+            else if (d == 64 && left == 2) { scores_run(qh, kp, row, keys, sh, span, 64, 2); g += 2; }
+            else if (d == 64) { scores_run(qh, kp, row, keys, sh, span, 64, 1); g += 1; }
+            else if (d == 128 && left >= 2) { scores_run(qh, kp, row, keys, sh, span, 128, 2); g += 2; }
+            else if (d == 128) { scores_run(qh, kp, row, keys, sh, span, 128, 1); g += 1; }
+            else {
+                const int nh = left < 4 ? (int)left : 4;
+                for (int64_t o = 0; o < keys; o++) {
+                    switch (nh) {
+                    case 4: dot_heads(qh, kp + o * row, d, 4, sh + o, span); break;
+                    case 3: dot_heads(qh, kp + o * row, d, 3, sh + o, span); break;
+                    case 2: dot_heads(qh, kp + o * row, d, 2, sh + o, span); break;
+                    case 1: dot_heads(qh, kp + o * row, d, 1, sh + o, span); break;
+                    }
+                }
+                g += nh;
+            }
+        }
+    }
 }
 
 /* See the Python module docstring. q: [n, heads, d] with token stride qs and head stride
@@ -188,28 +304,11 @@ int paged_decode_attention(const at *q, int64_t qs, int64_t qh, const at *kc, co
                 const at *kb = kc + blocks[j0 / block_size] * block_size * row;
                 const int64_t o0 = lo > j0 ? lo - j0 : 0;
                 const int64_t o1 = p - j0 + 1 < block_size ? p - j0 + 1 : block_size;
-                /* The next block's keys, a row per key summed here: spread out, so that
-                   the requests never queue up behind each other. */
                 const at *next = j0 + block_size <= p
                                      ? kc + blocks[j0 / block_size + 1] * block_size * row
                                      : NULL;
-                for (int64_t o = o0; o < o1; o++) {
-                    if (next != NULL) prefetch_run(next + o * row, (int64_t)sizeof(at) * row);
-                    float *sj = scores + (j0 + o - lo);
-                    for (int64_t h = 0; h < kv_heads; h++) {
-                        const at *kp = kb + o * row + h * d;
-                        for (int64_t g = 0; g < group; g += 4) {
-                            const int64_t hq = h * group + g;
-                            float *sg = sj + hq * span;
-                            switch (group - g < 4 ? group - g : 4) {
-                            case 4: dot_heads(qf + hq * d, kp, d, 4, sg, span); break;
-                            case 3: dot_heads(qf + hq * d, kp, d, 3, sg, span); break;
-                            case 2: dot_heads(qf + hq * d, kp, d, 2, sg, span); break;
-                            case 1: dot_heads(qf + hq * d, kp, d, 1, sg, span); break;
-                            }
-                        }
-                    }
-                }
+                block_scores(qf, kb, next, block_size, row, o0, o1, kv_heads, group, d,
+                             scores + (j0 + o0 - lo), span);
             }
             /* Each head's top score (NaN if any score is NaN), then the weights
                exp(s - top) and their sum; the padding lanes (-inf) come out 0. */
@@ -241,23 +340,8 @@ int paged_decode_attention(const at *q, int64_t qs, int64_t qh, const at *kc, co
                 const at *next = j0 + block_size <= p
                                      ? vc + blocks[j0 / block_size + 1] * block_size * row
                                      : NULL;
-                const int64_t n_keys = o1 - o0;
-                const int64_t share = (block_size * row * (int64_t)sizeof(at) + kv_heads - 1) / kv_heads;
-                for (int64_t h = 0; h < kv_heads; h++)
-                    for (int64_t g = 0; g < group; g += 4) {
-                        if (next != NULL && g == 0) /* the next block's values, a share per head */
-                            prefetch_run((const char *)next + h * share, share);
-                        const int64_t hq = h * group + g;
-                        float *a = acc + hq * d;
-                        const float *w = scores + hq * span + (j0 + o0 - lo);
-                        const at *vp = vb + o0 * row + h * d;
-                        switch (group - g < 4 ? group - g : 4) {
-                        case 4: axpy_heads(a, w, span, vp, row, n_keys, d, 4); break;
-                        case 3: axpy_heads(a, w, span, vp, row, n_keys, d, 3); break;
-                        case 2: axpy_heads(a, w, span, vp, row, n_keys, d, 2); break;
-                        case 1: axpy_heads(a, w, span, vp, row, n_keys, d, 1); break;
-                        }
-                    }
+                block_values(acc, scores + (j0 + o0 - lo), vb, next, block_size, row, o0, o1,
+                             kv_heads, group, d, span);
             }
             for (int64_t hq = 0; hq < heads; hq++) {
                 at *o = out + (i * heads + hq) * d;

@@ -108,6 +108,9 @@ def _kernel(
 SHAPES = {  # (heads, kv_heads, head_dim)
     "mha": (4, 4, 64),
     "gqa-3": (9, 3, 64),
+    "gqa-6": (12, 2, 64),
+    "gqa-4-dim-128": (8, 2, 128),
+    "mqa-5-dim-128": (5, 1, 128),
     "gqa-4-dim-40": (8, 2, 40),
     "mqa-6-dim-80": (6, 1, 80),
     "group-16-dim-8": (16, 1, 8),
