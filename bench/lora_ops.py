@@ -265,35 +265,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    if args.read_floor:
-        rows = []
-        for t in args.tokens:
-            for k in args.adapters:
-                ms = read_floor(t, k, args.rank, args.layers, args.repeats)
-                rows.append({"tokens": t, "adapters": k, **ms})
+    if args.read_floor or args.decode_step:
+        measure, name, unit = (
+            (
+                read_floor,
+                "lora_read_floor_cpu.json",
+                "milliseconds per decode step (median): base GEMMs, and what the kernel or a "
+                "plain read of the adapter bytes adds to them",
+            )
+            if args.read_floor
+            else (decode_step, "lora_decode_step_cpu.json", "milliseconds per decode step (median)")
+        )
+        rows = [
+            {"tokens": t, "adapters": k, **measure(t, k, args.rank, args.layers, args.repeats)}
+            for t in args.tokens
+            for k in args.adapters
+        ]
         _print_table(rows, ("tokens", "adapters"), 14)
-        out = args.out or RESULTS / "lora_read_floor_cpu.json"
-        meta = {
-            **machine_info(),
-            "rank": args.rank,
-            "layers": args.layers,
-            "unit": "milliseconds per decode step (median): base GEMMs, and what the kernel "
-            "or a plain read of the adapter bytes adds to them",
-        }
-    elif args.decode_step:
-        rows = []
-        for t in args.tokens:
-            for k in args.adapters:
-                ms = decode_step(t, k, args.rank, args.layers, args.repeats)
-                rows.append({"tokens": t, "adapters": k, **ms})
-        _print_table(rows, ("tokens", "adapters"), 14)
-        out = args.out or RESULTS / "lora_decode_step_cpu.json"
-        meta = {
-            **machine_info(),
-            "rank": args.rank,
-            "layers": args.layers,
-            "unit": "milliseconds per decode step (median)",
-        }
+        out = args.out or RESULTS / name
+        meta = {**machine_info(), "rank": args.rank, "layers": args.layers, "unit": unit}
     else:
         rows = []
         for t in args.tokens:

@@ -122,10 +122,15 @@ static inline __attribute__((always_inline)) void dot_heads(const float *restric
 
 /* s[g * span + o] = dot(qf[g * D :], kp[o * row :]) for `keys` keys of one block and
    NH query heads of head size D, both constants: the heads' q vectors stay in registers
-   across the keys, so a key costs D / 16 loads and NH horizontal sums. */
+   across the keys, so a key costs D / 16 loads and NH horizontal sums. D = 0: head size d,
+   any other, through `dot_heads`. */
 static inline __attribute__((always_inline)) void scores_run(
     const float *restrict qf, const at *restrict kp, int64_t row, int64_t keys,
-    float *restrict s, int64_t span, const int D, const int NH) {
+    float *restrict s, int64_t span, int64_t d, const int D, const int NH) {
+    if (D == 0) { /* another head size: one key at a time */
+        for (int64_t o = 0; o < keys; o++) dot_heads(qf, kp + o * row, d, NH, s + o, span);
+        return;
+    }
     v16 qv[4][8];
     for (int g = 0; g < NH; g++)
         for (int c = 0; c < D / 16; c++) qv[g][c] = load16(qf + g * D + c * 16);
@@ -164,10 +169,15 @@ static inline __attribute__((always_inline)) void axpy_heads(
 
 /* acc[g * D :] += sum_o w[g * span + o] * vp[o * row :] for `keys` keys, NH query heads
    and head size D, both constants: every (head, 16 columns) sum its own register, so the
-   adds of consecutive keys do not wait on each other. */
+   adds of consecutive keys do not wait on each other. D = 0: head size d, through
+   `axpy_heads`. */
 static inline __attribute__((always_inline)) void values_run(
     float *restrict acc, const float *restrict w, int64_t span, const at *restrict vp,
-    int64_t row, int64_t keys, const int D, const int NH) {
+    int64_t row, int64_t keys, int64_t d, const int D, const int NH) {
+    if (D == 0) { /* another head size */
+        axpy_heads(acc, w, span, vp, row, keys, d, NH);
+        return;
+    }
     v16 a[4][8];
     for (int g = 0; g < NH; g++)
         for (int c = 0; c < D / 16; c++) a[g][c] = load16(acc + g * D + c * 16);
@@ -183,77 +193,71 @@ static inline __attribute__((always_inline)) void values_run(
         for (int c = 0; c < D / 16; c++) store16(acc + g * D + c * 16, a[g][c]);
 }
 
-/* acc[hq * d :] += the weighted values of one block's keys o0 <= o < o1 (weights
-   w[hq * span + o - o0]) for every query head, asking for the next block meanwhile as
-   `block_scores` does. */
-static void block_values(float *acc, const float *w, const at *vb, const at *next,
-                         int64_t block_size, int64_t row, int64_t o0, int64_t o1,
-                         int64_t kv_heads, int64_t group, int64_t d, int64_t span) {
+/* Query heads of a group taken at once, `left` of them to go: for the specialised head
+   sizes as many as their vectors fit in 16 registers, else 4. */
+static inline int heads_at_once(int64_t d, int64_t left) {
+    const int64_t most = d == 128 ? 2 : 4;
+    return (int)(left < most ? left : most);
+}
+
+/* CALL(D, NH) with constant D and NH: head sizes 64 and 128 (the common models') get code
+   of their own; D = 0 serves any other. */
+#define BY_SHAPE(d, nh, CALL)                                                              \
+    switch ((d) == 64 || (d) == 128 ? (d) * 8 + (nh) : (nh)) {                             \
+    case 64 * 8 + 4: CALL(64, 4); break;                                                   \
+    case 64 * 8 + 3: CALL(64, 3); break;                                                   \
+    case 64 * 8 + 2: CALL(64, 2); break;                                                   \
+    case 64 * 8 + 1: CALL(64, 1); break;                                                   \
+    case 128 * 8 + 2: CALL(128, 2); break;                                                 \
+    case 128 * 8 + 1: CALL(128, 1); break;                                                 \
+    case 4: CALL(0, 4); break;                                                             \
+    case 3: CALL(0, 3); break;                                                             \
+    case 2: CALL(0, 2); break;                                                             \
+    default: CALL(0, 1); break;                                                            \
+    }
+
+/* One block's keys o0 <= o < o1 for every query head: with VALUES = 0 their scores,
+   s[hq * span + o - o0] = dot(qf[hq * d :], K[o]); with VALUES = 1 their weighted values,
+   acc[hq * d :] += s[hq * span + o - o0] * V[o]. `kv` is the block (keys or values); the
+   next one (`next`, or NULL) is asked for a share per KV head meanwhile: spread out, so
+   that the requests do not queue up behind each other. */
+static inline __attribute__((always_inline)) void block_heads(
+    const int VALUES, const float *qf, float *s, float *acc, const at *kv, const at *next,
+    int64_t block_size, int64_t row, int64_t o0, int64_t o1, int64_t kv_heads, int64_t group,
+    int64_t d, int64_t span) {
     const int64_t keys = o1 - o0;
     const int64_t share = (block_size * row * (int64_t)sizeof(at) + kv_heads - 1) / kv_heads;
     for (int64_t h = 0; h < kv_heads; h++) {
         if (next != NULL) prefetch_run((const char *)next + h * share, share);
-        const at *vp = vb + o0 * row + h * d;
+        const at *p = kv + o0 * row + h * d;
         for (int64_t g = 0; g < group;) {
-            const int64_t hq = h * group + g, left = group - g;
-            float *a = acc + hq * d;
-            const float *wh = w + hq * span;
-            if (d == 64 && left >= 4) { values_run(a, wh, span, vp, row, keys, 64, 4); g += 4; }
-            else if (d == 64 && left == 3) { values_run(a, wh, span, vp, row, keys, 64, 3); g += 3; }
-            else if (d == 64 && left == 2) { values_run(a, wh, span, vp, row, keys, 64, 2); g += 2; }
-            else if (d == 64) { values_run(a, wh, span, vp, row, keys, 64, 1); g += 1; }
-            else if (d == 128 && left >= 2) { values_run(a, wh, span, vp, row, keys, 128, 2); g += 2; }
-            else if (d == 128) { values_run(a, wh, span, vp, row, keys, 128, 1); g += 1; }
-            else {
-                const int nh = left < 4 ? (int)left : 4;
-                switch (nh) {
-                case 4: axpy_heads(a, wh, span, vp, row, keys, d, 4); break;
-                case 3: axpy_heads(a, wh, span, vp, row, keys, d, 3); break;
-                case 2: axpy_heads(a, wh, span, vp, row, keys, d, 2); break;
-                case 1: axpy_heads(a, wh, span, vp, row, keys, d, 1); break;
-                }
-                g += nh;
-            }
+            const int64_t hq = h * group + g;
+            const int nh = heads_at_once(d, group - g);
+#define RUN(D, NH)                                                                         \
+    if (VALUES) values_run(acc + hq * d, s + hq * span, span, p, row, keys, d, D, NH);     \
+    else scores_run(qf + hq * d, p, row, keys, s + hq * span, span, d, D, NH)
+            BY_SHAPE(d, nh, RUN)
+#undef RUN
+            g += nh;
         }
     }
 }
 
-/* The scores of one block's keys o0 <= o < o1 for every query head: s[hq * span + o - o0].
-   The next block (`next`, or NULL) is asked for a share per KV head meanwhile: spread out,
-   so that the requests do not queue up behind each other. */
-static void block_scores(const float *qf, const at *kb, const at *next, int64_t block_size,
-                         int64_t row, int64_t o0, int64_t o1, int64_t kv_heads, int64_t group,
-                         int64_t d, float *s, int64_t span) {
-    const int64_t keys = o1 - o0;
-    const int64_t share = (block_size * row * (int64_t)sizeof(at) + kv_heads - 1) / kv_heads;
-    for (int64_t h = 0; h < kv_heads; h++) {
-        if (next != NULL) prefetch_run((const char *)next + h * share, share);
-        const at *kp = kb + o0 * row + h * d;
-        for (int64_t g = 0; g < group;) {
-            const int64_t hq = h * group + g, left = group - g;
-            const float *qh = qf + hq * d;
-            float *sh = s + hq * span;
-            /* Head sizes of the common models, with as many heads as their q vectors fit
-               in 16 registers; any other size, one key at a time. */
-            if (d == 64 && left >= 4) { scores_run(qh, kp, row, keys, sh, span, 64, 4); g += 4; }
-            else if (d == 64 && left == 3) { scores_run(qh, kp, row, keys, sh, span, 64, 3); g += 3; }
-            else if (d == 64 && left == 2) { scores_run(qh, kp, row, keys, sh, span, 64, 2); g += 2; }
-            else if (d == 64) { scores_run(qh, kp, row, keys, sh, span, 64, 1); g += 1; }
-            else if (d == 128 && left >= 2) { scores_run(qh, kp, row, keys, sh, span, 128, 2); g += 2; }
-            else if (d == 128) { scores_run(qh, kp, row, keys, sh, span, 128, 1); g += 1; }
-            else {
-                const int nh = left < 4 ? (int)left : 4;
-                for (int64_t o = 0; o < keys; o++) {
-                    switch (nh) {
-                    case 4: dot_heads(qh, kp + o * row, d, 4, sh + o, span); break;
-                    case 3: dot_heads(qh, kp + o * row, d, 3, sh + o, span); break;
-                    case 2: dot_heads(qh, kp + o * row, d, 2, sh + o, span); break;
-                    case 1: dot_heads(qh, kp + o * row, d, 1, sh + o, span); break;
-                    }
-                }
-                g += nh;
-            }
-        }
+/* `block_heads` over every block of positions lo..p (block table `blocks`) of the
+   cache `kv` (keys for VALUES = 0, values for 1); scores[hq * span + j - lo] is position
+   j's. */
+static inline __attribute__((always_inline)) void over_blocks(
+    const int VALUES, const at *kv, const int64_t *blocks, int64_t lo, int64_t p,
+    int64_t block_size, int64_t row, const float *qf, float *scores, float *acc,
+    int64_t kv_heads, int64_t group, int64_t d, int64_t span) {
+    for (int64_t j0 = lo - lo % block_size; j0 <= p; j0 += block_size) {
+        const int64_t o0 = lo > j0 ? lo - j0 : 0;
+        const int64_t o1 = p - j0 + 1 < block_size ? p - j0 + 1 : block_size;
+        const at *next =
+            j0 + block_size <= p ? kv + blocks[j0 / block_size + 1] * block_size * row : NULL;
+        block_heads(VALUES, qf, scores + (j0 + o0 - lo), acc,
+                    kv + blocks[j0 / block_size] * block_size * row, next, block_size, row, o0,
+                    o1, kv_heads, group, d, span);
     }
 }
 
@@ -300,16 +304,8 @@ int paged_decode_attention(const at *q, int64_t qs, int64_t qh, const at *kc, co
                 for (int64_t k = 0; k < d; k++)
                     qf[hq * d + k] = loada(q + i * qs + hq * qh + k) * scale;
             /* Scores, block by block: each key is loaded once for its query heads. */
-            for (int64_t j0 = lo - lo % block_size; j0 <= p; j0 += block_size) {
-                const at *kb = kc + blocks[j0 / block_size] * block_size * row;
-                const int64_t o0 = lo > j0 ? lo - j0 : 0;
-                const int64_t o1 = p - j0 + 1 < block_size ? p - j0 + 1 : block_size;
-                const at *next = j0 + block_size <= p
-                                     ? kc + blocks[j0 / block_size + 1] * block_size * row
-                                     : NULL;
-                block_scores(qf, kb, next, block_size, row, o0, o1, kv_heads, group, d,
-                             scores + (j0 + o0 - lo), span);
-            }
+            over_blocks(0, kc, blocks, lo, p, block_size, row, qf, scores, NULL, kv_heads, group,
+                        d, span);
             /* Each head's top score (NaN if any score is NaN), then the weights
                exp(s - top) and their sum; the padding lanes (-inf) come out 0. */
             for (int64_t hq = 0; hq < heads; hq++) {
@@ -333,16 +329,8 @@ int paged_decode_attention(const at *q, int64_t qs, int64_t qh, const at *kc, co
             }
             /* Weighted values, block by block. */
             memset(acc, 0, sizeof(float) * (size_t)(heads * d));
-            for (int64_t j0 = lo - lo % block_size; j0 <= p; j0 += block_size) {
-                const at *vb = vc + blocks[j0 / block_size] * block_size * row;
-                const int64_t o0 = lo > j0 ? lo - j0 : 0;
-                const int64_t o1 = p - j0 + 1 < block_size ? p - j0 + 1 : block_size;
-                const at *next = j0 + block_size <= p
-                                     ? vc + blocks[j0 / block_size + 1] * block_size * row
-                                     : NULL;
-                block_values(acc, scores + (j0 + o0 - lo), vb, next, block_size, row, o0, o1,
-                             kv_heads, group, d, span);
-            }
+            over_blocks(1, vc, blocks, lo, p, block_size, row, NULL, scores, acc, kv_heads,
+                        group, d, span);
             for (int64_t hq = 0; hq < heads; hq++) {
                 at *o = out + (i * heads + hq) * d;
                 const float inv = 1.0f / total[hq];

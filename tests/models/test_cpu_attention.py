@@ -6,6 +6,7 @@ positions, and it refuses tables outside the cache."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,6 +24,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@dataclass
+class Case:
+    cache: KVCache
+    q: torch.Tensor
+    """``[n, heads, head_dim]``: one query per sequence."""
+    tables: list[list[int]]
+    positions: list[int]
+
+
 def _setup(
     *,
     heads: int,
@@ -32,7 +42,7 @@ def _setup(
     positions: list[int],
     dtype: torch.dtype,
     seed: int = 0,
-) -> tuple[KVCache, torch.Tensor, list[list[int]]]:
+) -> Case:
     """A one-layer cache of random keys and values, each sequence's blocks scattered over
     it in a shuffled order, and one query per sequence."""
     gen = torch.Generator().manual_seed(seed)
@@ -55,18 +65,12 @@ def _setup(
         tables.append(order[:n])
         order = order[n:]
     q = torch.randn(len(positions), heads, head_dim, generator=gen).to(dtype)
-    return cache, q, tables
+    return Case(cache, q, tables, positions)
 
 
-def _reference(
-    q: torch.Tensor,
-    cache: KVCache,
-    tables: list[list[int]],
-    positions: list[int],
-    scale: float,
-    window: int | None,
-) -> torch.Tensor:
+def _reference(case: Case, scale: float, window: int | None) -> torch.Tensor:
     """float64 softmax attention over each sequence's visible positions, read one by one."""
+    cache, q, tables, positions = case.cache, case.q, case.tables, case.positions
     n, heads, d = q.shape
     kv_heads, bs = cache.k.shape[3], cache.block_size
     group = heads // kv_heads
@@ -82,15 +86,9 @@ def _reference(
     return out
 
 
-def _kernel(
-    q: torch.Tensor,
-    cache: KVCache,
-    tables: list[list[int]],
-    positions: list[int],
-    scale: float,
-    window: int | None,
-) -> torch.Tensor:
-    meta = build_attention_metadata(tables, positions, [], cache.block_size)
+def _kernel(case: Case, scale: float, window: int | None) -> torch.Tensor:
+    cache, q = case.cache, case.q
+    meta = build_attention_metadata(case.tables, case.positions, [], cache.block_size)
     out = torch.empty_like(q)
     cpu_attention.decode_attention(
         q,
@@ -103,6 +101,13 @@ def _kernel(
         sliding_window=window,
     )
     return out
+
+
+def _torch_path(case: Case, scale: float, window: int | None) -> torch.Tensor:
+    meta = build_attention_metadata(case.tables, case.positions, [], case.cache.block_size)
+    return decode_attention_torch(
+        case.q, case.cache, 0, meta, scale=scale, sliding_window=window, softcap=None
+    )
 
 
 SHAPES = {  # (heads, kv_heads, head_dim)
@@ -126,7 +131,7 @@ def test_float32_matches_reference_and_torch_path(
 ) -> None:
     heads, kv_heads, d = SHAPES[shape]
     positions = [0, 1, 4, 15, 16, 37, 70, 6]
-    cache, q, tables = _setup(
+    case = _setup(
         heads=heads,
         kv_heads=kv_heads,
         head_dim=d,
@@ -138,23 +143,19 @@ def test_float32_matches_reference_and_torch_path(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = _kernel(q, cache, tables, positions, scale, window)
+        got = _kernel(case, scale, window)
     finally:
         torch.set_num_threads(previous)
-    ref = _reference(q, cache, tables, positions, scale, window)
+    ref = _reference(case, scale, window)
     torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=2e-6)
-    meta = build_attention_metadata(tables, positions, [], block_size)
-    torch_path = decode_attention_torch(
-        q, cache, 0, meta, scale=scale, sliding_window=window, softcap=None
-    )
-    torch.testing.assert_close(got, torch_path, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, _torch_path(case, scale, window), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", ["gqa-3", "gqa-4-dim-40"])
 def test_bfloat16_rounds_once_from_float32_sums(shape: str) -> None:
     heads, kv_heads, d = SHAPES[shape]
     positions = [3, 40, 129, 0]
-    cache, q, tables = _setup(
+    case = _setup(
         heads=heads,
         kv_heads=kv_heads,
         head_dim=d,
@@ -162,18 +163,15 @@ def test_bfloat16_rounds_once_from_float32_sums(shape: str) -> None:
         positions=positions,
         dtype=torch.bfloat16,
     )
-    got = _kernel(q, cache, tables, positions, d**-0.5, None)
+    got = _kernel(case, d**-0.5, None)
     assert got.dtype == torch.bfloat16
-    ref = _reference(q, cache, tables, positions, d**-0.5, None)
+    ref = _reference(case, d**-0.5, None)
     # The sums are float32 over bfloat16 inputs, then one rounding: within a unit in the
     # last place of the result (bfloat16 has 8 bits of mantissa), not the drift of a
     # bfloat16 accumulation.
     ulp = ref.abs().clamp_min(1e-3) * 2.0**-7
     assert ((got.double() - ref).abs() <= ulp).float().mean() > 0.99
-    meta = build_attention_metadata(tables, positions, [], 16)
-    torch_path = decode_attention_torch(
-        q, cache, 0, meta, scale=d**-0.5, sliding_window=None, softcap=None
-    )
+    torch_path = _torch_path(case, d**-0.5, None)
     torch.testing.assert_close(got.float(), torch_path.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -182,38 +180,37 @@ def test_reads_only_the_visible_positions() -> None:
     positions behind a sliding window) leaves its output finite; a NaN it does see makes
     its output NaN, and only its own."""
     positions = [20, 3, 33]
-    cache, q, tables = _setup(
+    case = _setup(
         heads=4, kv_heads=2, head_dim=16, block_size=8, positions=positions, dtype=torch.float32
     )
     window = 10
+    cache = case.cache
     visible = torch.zeros(cache.k.shape[1] * 8, dtype=torch.bool)
-    for table, p in zip(tables, positions):
+    for table, p in zip(case.tables, positions):
         for j in range(max(0, p - window + 1), p + 1):
             visible[table[j // 8] * 8 + j % 8] = True
     for t in (cache.k, cache.v):
         t.view(-1, 2, 16)[~visible] = float("nan")
-    got = _kernel(q, cache, tables, positions, 0.25, window)
+    got = _kernel(case, 0.25, window)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(
-        got.double(), _reference(q, cache, tables, positions, 0.25, window), rtol=2e-6, atol=2e-6
-    )
-    cache.v.view(-1, 2, 16)[tables[1][0] * 8 + 2] = float("nan")  # sequence 1 sees it
-    got = _kernel(q, cache, tables, positions, 0.25, window)
+    torch.testing.assert_close(got.double(), _reference(case, 0.25, window), rtol=2e-6, atol=2e-6)
+    cache.v.view(-1, 2, 16)[case.tables[1][0] * 8 + 2] = float("nan")  # sequence 1 sees it
+    got = _kernel(case, 0.25, window)
     assert torch.isnan(got[1]).all()
     assert torch.isfinite(got[[0, 2]]).all()
 
 
 def test_refuses_a_table_outside_the_cache() -> None:
-    cache, q, tables = _setup(
+    case = _setup(
         heads=2, kv_heads=1, head_dim=16, block_size=4, positions=[5], dtype=torch.float32
     )
-    out = torch.empty_like(q)
+    out = torch.empty_like(case.q)
 
     def run(table: list[int], position: int) -> None:
         cpu_attention.decode_attention(
-            q,
-            cache.k[0],
-            cache.v[0],
+            case.q,
+            case.cache.k[0],
+            case.cache.v[0],
             torch.tensor([table]),
             torch.tensor([position]),
             out,
@@ -221,19 +218,19 @@ def test_refuses_a_table_outside_the_cache() -> None:
             sliding_window=None,
         )
 
-    run(tables[0], 5)
+    run(case.tables[0], 5)
     with pytest.raises(ValueError, match="past its block table"):
-        run(tables[0], 8)  # position 8 would need a third block
+        run(case.tables[0], 8)  # position 8 would need a third block
     with pytest.raises(ValueError, match="outside the cache"):
-        run([1, cache.num_blocks], 5)
+        run([1, case.cache.num_blocks], 5)
 
 
 def test_attend_takes_the_kernel_except_for_soft_capping(monkeypatch: pytest.MonkeyPatch) -> None:
     positions = [9, 30]
-    cache, q, tables = _setup(
+    case = _setup(
         heads=6, kv_heads=2, head_dim=32, block_size=16, positions=positions, dtype=torch.float32
     )
-    meta = build_attention_metadata(tables, positions, [], 16)
+    meta = build_attention_metadata(case.tables, positions, [], 16)
     k = torch.randn(2, 2, 32)
     v = torch.randn(2, 2, 32)
     calls: list[int] = []
@@ -241,17 +238,17 @@ def test_attend_takes_the_kernel_except_for_soft_capping(monkeypatch: pytest.Mon
     monkeypatch.setattr(
         cpu_attention, "decode_attention", lambda *a, **kw: (calls.append(1), real(*a, **kw))
     )
-    out = attend(q, k, v, cache, 0, meta)
+    out = attend(case.q, k, v, case.cache, 0, meta)
     assert calls == [1]
     assert torch.isfinite(out).all()
     # attend wrote this step's keys and values before attending over them
     torch.testing.assert_close(
         out.view(2, 6, 32).double(),
-        _reference(q, cache, tables, positions, 32**-0.5, None),
+        _reference(case, 32**-0.5, None),
         rtol=2e-6,
         atol=2e-6,
     )
-    attend(q, k, v, cache, 0, meta, softcap=5.0)
+    attend(case.q, k, v, case.cache, 0, meta, softcap=5.0)
     assert calls == [1]  # soft-capping: the torch path
 
 
@@ -276,11 +273,11 @@ def test_long_contexts_over_many_blocks() -> None:
     """Scores of a few thousand keys per head: the exponential's range reduction and the
     padded score rows at sizes well past one vector."""
     positions = [2047, 1000]
-    cache, q, tables = _setup(
+    case = _setup(
         heads=4, kv_heads=2, head_dim=32, block_size=16, positions=positions, dtype=torch.float32
     )
-    q.mul_(4.0)  # sharper softmax: weights spanning many orders of magnitude
-    got = _kernel(q, cache, tables, positions, 32**-0.5, None)
-    ref = _reference(q, cache, tables, positions, 32**-0.5, None)
+    case.q.mul_(4.0)  # sharper softmax: weights spanning many orders of magnitude
+    got = _kernel(case, 32**-0.5, None)
+    ref = _reference(case, 32**-0.5, None)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
     assert not math.isnan(got.sum().item())
