@@ -8,8 +8,9 @@ engine's business (`engine.kv_cache_manager`), this module only reads and writes
 A step's tokens are flattened as ``[decode tokens (one per sequence)..., prefill chunk
 tokens...]``. Every token's key and value are written in one indexed copy per layer, at its
 *slot* (``block * block_size + offset``). Decode attention runs once for all decoding
-sequences over their gathered blocks; prefill chunks attend per chunk to their cached prefix
-plus themselves (causal). Block 0 is the null block: table padding and positions a sequence
+sequences: on CPU through the C kernel of `cpu_attention`, which reads their blocks in
+place, else over their blocks gathered into one batch (`decode_attention_torch`); prefill
+chunks attend per chunk to their cached prefix plus themselves (causal). Block 0 is the null block: table padding and positions a sequence
 no longer keeps point there, always masked.
 """
 
