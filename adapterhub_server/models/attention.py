@@ -10,8 +10,9 @@ tokens...]``. Every token's key and value are written in one indexed copy per la
 *slot* (``block * block_size + offset``). Decode attention runs once for all decoding
 sequences: on CPU through the C kernel of `cpu_attention`, which reads their blocks in
 place, else over their blocks gathered into one batch (`decode_attention_torch`); prefill
-chunks attend per chunk to their cached prefix plus themselves (causal). Block 0 is the null block: table padding and positions a sequence
-no longer keeps point there, always masked.
+chunks attend per chunk to their cached prefix plus themselves (causal). Block 0 is the
+null block: table padding and positions a sequence no longer keeps point there, always
+masked.
 """
 
 from __future__ import annotations

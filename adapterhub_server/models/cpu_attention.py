@@ -164,7 +164,8 @@ static inline __attribute__((always_inline)) void axpy_heads(
     }
     for (; k < d; k++)
         for (int64_t o = 0; o < keys; o++)
-            for (int g = 0; g < NH; g++) acc[g * d + k] += w[g * span + o] * loada(vp + o * row + k);
+            for (int g = 0; g < NH; g++)
+                acc[g * d + k] += w[g * span + o] * loada(vp + o * row + k);
 }
 
 /* acc[g * D :] += sum_o w[g * span + o] * vp[o * row :] for `keys` keys, NH query heads
