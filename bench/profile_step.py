@@ -103,17 +103,23 @@ def main() -> None:
 
 
 def _label_cpu_kernel_calls() -> None:
-    """Time the CPU LoRA kernel's calls as ``lora.cpu_kernel``: it is called through ctypes,
-    so the profiler would otherwise count its time as the step's own (Python) time."""
+    """Time the CPU kernels' calls as ``lora.cpu_kernel`` and ``attention.cpu_kernel``: they
+    are called through ctypes, so the profiler would otherwise count their time as the
+    step's own (Python) time."""
     from adapterhub_server.lora import ops
+    from adapterhub_server.models import cpu_attention
 
-    kernel = ops.add_lora_cpu
+    for owner, name, label in (
+        (ops, "add_lora_cpu", "lora.cpu_kernel"),
+        (cpu_attention, "decode_attention", "attention.cpu_kernel"),
+    ):
+        kernel = getattr(owner, name)
 
-    def labelled(*args, **kwargs) -> None:
-        with record_function("lora.cpu_kernel"):
-            kernel(*args, **kwargs)
+        def labelled(*args, kernel=kernel, label=label, **kwargs) -> None:
+            with record_function(label):
+                kernel(*args, **kwargs)
 
-    ops.add_lora_cpu = labelled
+        setattr(owner, name, labelled)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,8 @@ def test_profile_bench(tmp_path: Path) -> None:
     assert "mkldnn::_linear_pointwise" in ops or "aten::linear" in ops
     if cpu_kernel.load() is not None:  # its ctypes calls are labelled, not the step's own time
         assert "lora.cpu_kernel" in ops
+    if cpu_attention.load() is not None:
+        assert "attention.cpu_kernel" in ops
 
 
 def test_train_throughput_bench(tiny_base: Path, tmp_path: Path) -> None:
