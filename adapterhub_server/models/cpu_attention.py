@@ -373,12 +373,13 @@ def load(dtype: torch.dtype = torch.float32) -> Callable[..., int] | None:
 
 def applies(q: torch.Tensor, k_cache: torch.Tensor, softcap: float | None) -> bool:
     """Whether `decode_attention` computes this layer's decode attention: a CPU cache of
-    a built dtype, q of the same dtype, no soft-capping, a query group it takes, and not
-    while tracing (a traced step must stay torch ops)."""
+    a built dtype, q of the same dtype with contiguous head vectors, no soft-capping, a
+    query group it takes, and not while tracing (a traced step must stay torch ops)."""
     return (
         softcap is None
         and k_cache.is_cpu
         and q.dtype == k_cache.dtype
+        and q.stride(-1) == 1
         and q.shape[1] % k_cache.shape[2] == 0
         and q.shape[1] // k_cache.shape[2] <= MAX_GROUP
         and not torch.compiler.is_compiling()

@@ -261,6 +261,7 @@ def test_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not cpu_attention.applies(q, k_cache, 30.0)
         assert not cpu_attention.applies(q.double(), k_cache.double(), None)
         assert not cpu_attention.applies(torch.randn(1, 17, 16), k_cache, None)  # group > 16
+        assert not cpu_attention.applies(torch.randn(1, 16, 2).transpose(1, 2), k_cache, None)
         monkeypatch.setenv("ADAPTERHUB_CPU_ATTENTION_KERNEL", "0")
         cpu_attention.load.cache_clear()
         assert not cpu_attention.applies(q, k_cache, None)
