@@ -111,7 +111,7 @@ def _label_cpu_kernel_calls() -> None:
 
     for owner, name, label in (
         (ops, "add_lora_cpu", "lora.cpu_kernel"),
-        (cpu_attention, "decode_attention", "attention.cpu_kernel"),
+        (cpu_attention, "paged_attention", "attention.cpu_kernel"),
     ):
         kernel = getattr(owner, name)
 

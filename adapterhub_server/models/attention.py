@@ -9,8 +9,9 @@ A step's tokens are flattened as ``[decode tokens (one per sequence)..., prefill
 tokens...]``. Every token's key and value are written in one indexed copy per layer, at its
 *slot* (``block * block_size + offset``). Decode attention runs once for all decoding
 sequences: on CPU through the C kernel of `cpu_attention`, which reads their blocks in
-place, else over their blocks gathered into one batch (`decode_attention_torch`); prefill
-chunks attend per chunk to their cached prefix plus themselves (causal). Block 0 is the
+place, else over their blocks gathered into one batch (`decode_attention_torch`). Prefill
+chunks attend per chunk to their cached prefix plus themselves (causal): on CPU through the
+same kernel, a query per token over the chunk's table, else gathered and through SDPA. Block 0 is the
 null block: table padding and positions a sequence no longer keeps point there, always
 masked.
 """
@@ -37,6 +38,13 @@ class PrefillChunk:
     start: int
     blocks: torch.Tensor
     """``[num_blocks]`` int64 block table of the sequence."""
+    positions: torch.Tensor
+    """``[t1 - t0]`` int64: the chunk's positions, ``start, start + 1, ...``."""
+    table: torch.Tensor = field(init=False)
+    """`blocks` as one table row, ``[1, num_blocks]``, shared by the chunk's queries."""
+
+    def __post_init__(self) -> None:
+        self.table = self.blocks.view(1, -1)
 
 
 @dataclass
@@ -99,7 +107,15 @@ def build_attention_metadata(
     t = n
     for blocks, start, num in prefills:
         slots.extend(slots_for(blocks, start, start + num, block_size))
-        chunks.append(PrefillChunk(t, t + num, start, to_device(blocks, torch.long, device)))
+        chunks.append(
+            PrefillChunk(
+                t,
+                t + num,
+                start,
+                to_device(blocks, torch.long, device),
+                to_device(list(range(start, start + num)), torch.long, device),
+            )
+        )
         t += num
     pos = torch.tensor(decode_positions, dtype=torch.long)
     mask = None
@@ -264,7 +280,7 @@ def attend(
     n = meta.num_decode
     if n and cpu_attention.applies(q, k_cache, softcap):
         # Keys and values read in place: the gather below copies every visible block.
-        cpu_attention.decode_attention(
+        cpu_attention.paged_attention(
             q[:n],
             k_cache,
             v_cache,
@@ -280,6 +296,20 @@ def attend(
         )
 
     for c in meta.prefills:
+        if cpu_attention.applies(q, k_cache, softcap):
+            # Each token a query at its position over the chunk's table: causal, its cached
+            # prefix read in place rather than copied and repeated for every query head.
+            cpu_attention.paged_attention(
+                q[c.t0 : c.t1],
+                k_cache,
+                v_cache,
+                c.table,
+                c.positions,
+                out[c.t0 : c.t1],
+                scale=scale if scale is not None else head_dim**-0.5,
+                sliding_window=sliding_window,
+            )
+            continue
         end = c.start + (c.t1 - c.t0)
         first = 0
         if sliding_window is not None:

@@ -1,29 +1,34 @@
-"""Decode attention over the paged KV cache on CPU, in C: keys and values read in place.
+"""Attention over the paged KV cache on CPU, in C: keys and values read in place.
 
 The torch path of `attention.attend` copies every decoding sequence's blocks out of the
-cache (`KVCache.gather`) and runs SDPA over the copy under a mask. That copy grows with the
-context: 16 sequences at 1,024 tokens on the default model spent ~72 ms per decode step in
-attention, as much as the whole rest of the step (``bench/attention_cpu.py`` measures both
-paths). This kernel walks each sequence's block table and reads the visible keys and values
-where they lie, once each: one work item per sequence, whose blocks hold every KV head's
-keys side by side, so each block streams once in address order; each key and value vector
-is loaded once for all the query heads that share it (grouped-query attention), and the
-work is spread over torch's OpenMP threads.
+cache (`KVCache.gather`) and runs SDPA over the copy under a mask; a prefill chunk with a
+cached prefix copies its prefix the same way and repeats it for every query head. Those
+copies grow with the context: 16 sequences at 1,024 tokens on the default model spent ~72
+ms per decode step in attention, as much as the whole rest of the step, and a 20-token
+chunk after 1,000 cached tokens ~85 ms per forward (``bench/attention_cpu.py`` measures
+both paths). This kernel walks the block table and reads the visible keys and values where
+they lie: one work item per query (a decoding sequence's token, or one token of a prefill
+chunk, whose queries share the chunk's table), whose blocks hold every KV head's keys side
+by side, so each block streams once in address order; each key and value vector is loaded
+once for all the query heads that share it (grouped-query attention), and the work is
+spread over torch's OpenMP threads.
 
-Semantics, for decoding sequence i at position p = ``positions[i]``, query head h of KV
-head ``h // group``, and visible positions ``lo <= j <= p`` (``lo = p - window + 1`` with a
+Semantics, for query i at position p = ``positions[i]``, query head h of KV head
+``h // group``, and visible positions ``lo <= j <= p`` (``lo = p - window + 1`` with a
 sliding window, else 0)::
 
     s_j = scale * q[i, h] . K[j]
     out[i, h] = sum_j softmax(s)_j * V[j]
 
 with ``K[j]``, ``V[j]`` the key and value of position j, at offset ``j % block_size`` of
-block ``block_table[i, j // block_size]``. Products and sums in float32 (bfloat16 q, cache
-and out widened as loaded, out rounded once); the softmax subtracts the row's maximum and
-its exponential is a polynomial within 2 ulp of float32's (SDPA on CPU uses a vectorized
-one too). Positions outside ``[lo, p]`` are never read, so table padding and blocks a
-sequence gave back may hold anything. Soft-capping is not computed here: those layers
-take the torch path.
+block ``block_table[i, j // block_size]`` (row 0 for every query when the table has one
+row). A prefill chunk is causal this way: its token at position p sees up to p, its own key
+included, as `attend` writes the step's keys and values before attending. Products and
+sums in float32 (bfloat16 q, cache and out widened as loaded, out rounded once); the
+softmax subtracts the row's maximum and its exponential is a polynomial within 2 ulp of
+float32's (SDPA on CPU uses a vectorized one too). Positions outside ``[lo, p]`` are never
+read, so table padding and blocks a sequence gave back may hold anything. Soft-capping is
+not computed here: those layers take the torch path.
 """
 
 from __future__ import annotations
@@ -264,12 +269,13 @@ static inline __attribute__((always_inline)) void over_blocks(
 
 /* See the Python module docstring. q: [n, heads, d] with token stride qs and head stride
    qh; kc, vc: one layer's [blocks, block_size, kv_heads, d]; out: [n, heads, d]
-   contiguous; table: [n, width]. One sequence per work item: a block's keys (and values)
+   contiguous; query i's block table starts at table + i * table_stride (0: one table for
+   every query, a prefill chunk's). One query per work item: a block's keys (and values)
    of every KV head lie together, so the item streams each block once, in address order.
    Returns 0, 1 when scratch cannot be allocated, 2 for shapes it does not take (heads
    not a multiple of kv_heads, a group over MAX_GROUP). */
-int paged_decode_attention(const at *q, int64_t qs, int64_t qh, const at *kc, const at *vc,
-                           at *out, const int64_t *table, int64_t width, const int64_t *pos,
+int paged_attention(const at *q, int64_t qs, int64_t qh, const at *kc, const at *vc,
+                           at *out, const int64_t *table, int64_t table_stride, const int64_t *pos,
                            int64_t n, int64_t heads, int64_t kv_heads, int64_t d,
                            int64_t block_size, float scale, int64_t window,
                            int64_t num_threads) {
@@ -300,7 +306,7 @@ int paged_decode_attention(const at *q, int64_t qs, int64_t qh, const at *kc, co
             const int64_t p = pos[i];
             const int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
             const int64_t len = p + 1 - lo, padded = (len + 15) / 16 * 16;
-            const int64_t *blocks = table + i * width;
+            const int64_t *blocks = table + i * table_stride;
             for (int64_t hq = 0; hq < heads; hq++)
                 for (int64_t k = 0; k < d; k++)
                     qf[hq * d + k] = loada(q + i * qs + hq * qh + k) * scale;
@@ -364,7 +370,7 @@ def load(dtype: torch.dtype = torch.float32) -> Callable[..., int] | None:
     p, i = ctypes.c_void_p, ctypes.c_int64
     return load_function(
         _SOURCE,
-        "paged_decode_attention",
+        "paged_attention",
         [p, i, i, p, p, p, p, i, p, i, i, i, i, i, ctypes.c_float, i, i],
         defines=DTYPES[dtype],
         switch="ADAPTERHUB_CPU_ATTENTION_KERNEL",
@@ -372,7 +378,7 @@ def load(dtype: torch.dtype = torch.float32) -> Callable[..., int] | None:
 
 
 def applies(q: torch.Tensor, k_cache: torch.Tensor, softcap: float | None) -> bool:
-    """Whether `decode_attention` computes this layer's decode attention: a CPU cache of
+    """Whether `paged_attention` computes this layer's attention: a CPU cache of
     a built dtype, q of the same dtype with contiguous head vectors, no soft-capping, a
     query group it takes, and not while tracing (a traced step must stay torch ops)."""
     return (
@@ -387,7 +393,7 @@ def applies(q: torch.Tensor, k_cache: torch.Tensor, softcap: float | None) -> bo
     )
 
 
-def decode_attention(
+def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -398,14 +404,15 @@ def decode_attention(
     scale: float,
     sliding_window: int | None,
 ) -> None:
-    """Decode attention of `q` over the cache, written into `out` (see the module
+    """Attention of the queries `q` over the cache, written into `out` (see the module
     docstring; call only where `applies`).
 
     Args:
         q: ``[n, heads, d]``, the last dim contiguous (rotary applied).
         k_cache, v_cache: one layer's ``[blocks, block_size, kv_heads, d]``, contiguous.
-        block_table: ``[n, width]`` int64, contiguous, covering positions ``0..positions``.
-        positions: ``[n]`` int64, contiguous: each sequence's query position.
+        block_table: ``[n, width]`` int64 (a table per query: decode), or ``[1, width]``
+            (one table for all: a prefill chunk), contiguous, covering the positions.
+        positions: ``[n]`` int64, contiguous: each query's position.
         out: ``[n, heads, d]``, contiguous, q's dtype.
     """
     n, heads, d = q.shape
@@ -422,12 +429,12 @@ def decode_attention(
         or block_table.dtype != torch.long
         or positions.dtype != torch.long
         or block_table.dim() != 2
-        or block_table.shape[0] != n
+        or block_table.shape[0] not in (1, n)
         or not block_table.is_contiguous()
         or positions.shape != (n,)
         or not positions.is_contiguous()
     ):
-        raise ValueError("paged decode attention: tensors do not match")
+        raise ValueError("paged attention: tensors do not match")
     if n == 0:
         return
     _check_table(block_table, positions, blocks, block_size)
@@ -442,7 +449,7 @@ def decode_attention(
         v_cache.data_ptr(),
         out.data_ptr(),
         block_table.data_ptr(),
-        block_table.shape[1],
+        block_table.shape[1] if block_table.shape[0] == n else 0,
         positions.data_ptr(),
         n,
         heads,
@@ -459,26 +466,27 @@ def decode_attention(
         raise ValueError(f"the CPU attention kernel refused its arguments (status {status})")
 
 
-# The last (block table, positions, cache shape) found inside the cache: every layer of a
-# step passes the same two tensors, so they are checked once per step, not once per layer.
-_CHECKED: tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int, int] | None = None
+# (block table, positions, cache shape) found inside the cache lately: every layer of a
+# step passes the same tensors (the decode batch's, each prefill chunk's), so they are
+# checked once per step, not once per layer.
+_CHECKED: list[tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int, int]] = []
+_CHECKED_KEPT = 16
 
 
 def _check_table(
     block_table: torch.Tensor, positions: torch.Tensor, blocks: int, block_size: int
 ) -> None:
     """Refuse a table the kernel would read outside of the cache with: it trusts both."""
-    global _CHECKED
-    last = _CHECKED
-    if (
-        last is not None
-        and last[0]() is block_table
-        and last[1]() is positions
-        and last[2:] == (blocks, block_size)
-    ):
-        return
+    for table_ref, positions_ref, *shape in _CHECKED:
+        if (
+            table_ref() is block_table
+            and positions_ref() is positions
+            and shape == [blocks, block_size]
+        ):
+            return
     if int(positions.min()) < 0 or int(positions.max()) >= block_table.shape[1] * block_size:
-        raise ValueError("paged decode attention: a position lies past its block table")
+        raise ValueError("paged attention: a position lies past its block table")
     if int(block_table.min()) < 0 or int(block_table.max()) >= blocks:
-        raise ValueError("paged decode attention: a block id lies outside the cache")
-    _CHECKED = (weakref.ref(block_table), weakref.ref(positions), blocks, block_size)
+        raise ValueError("paged attention: a block id lies outside the cache")
+    _CHECKED.append((weakref.ref(block_table), weakref.ref(positions), blocks, block_size))
+    del _CHECKED[:-_CHECKED_KEPT]

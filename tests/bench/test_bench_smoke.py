@@ -66,19 +66,15 @@ def test_attention_bench(tmp_path: Path) -> None:
     if cpu_attention.load() is None:
         pytest.skip("the CPU attention kernel cannot be built here")
     out = tmp_path / "attention.json"
-    _run(
-        "bench.attention_cpu",
-        "--contexts",
-        "20",
-        "--sequences",
-        "2",
-        "--repeats",
-        "1",
-        "--out",
-        str(out),
-    )
+    args = ["--contexts", "20", "--prefill", "8:4", "--sequences", "2", "--repeats", "1"]
+    _run("bench.attention_cpu", *args, "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["dtype"], r["context"]) for r in rows] == [("float32", 20), ("bfloat16", 20)]
+    assert [(r["dtype"], r["kind"]) for r in rows] == [
+        ("float32", "decode"),
+        ("float32", "prefill"),
+        ("bfloat16", "decode"),
+        ("bfloat16", "prefill"),
+    ]
     assert all(r["kernel_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
 
 

@@ -164,24 +164,26 @@ def test_preemption_keeps_greedy_output(
     assert engine.kv.pool.num_used == 0
 
 
-def test_cpu_decode_attention_takes_the_kernel_and_keeps_peft_output(
+def test_cpu_attention_takes_the_kernel_and_keeps_peft_output(
     tiny_base: Path, tiny_adapters: dict[str, Path], peft_greedy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On CPU every decode step's attention goes through the C kernel (block tables of
-    several blocks, mixed adapters and base rows), and the output is still exactly PEFT's."""
+    """On CPU the decode steps' attention and the prefill chunks' go through the C kernel
+    (block tables of several blocks, mixed adapters and base rows, chunks split by the
+    token budget), and the output is still exactly PEFT's."""
     if cpu_attention.load() is None:
         pytest.skip("the CPU attention kernel cannot be built here")
     calls: list[int] = []
-    real = cpu_attention.decode_attention
+    real = cpu_attention.paged_attention
 
     def counted(q, *args, **kwargs) -> None:
         calls.append(q.shape[0])
         real(q, *args, **kwargs)
 
-    monkeypatch.setattr(cpu_attention, "decode_attention", counted)
+    monkeypatch.setattr(cpu_attention, "paged_attention", counted)
     adapters = {k: tiny_adapters[k] for k in ("r8", "r4")}
     results = _workload(_engine(tiny_base, adapters), lambda i: _greedy(20))
-    assert calls and max(calls) == 6  # all six sequences decoded together
+    assert 6 in calls  # all six sequences decoded together
+    assert any(n >= 9 for n in calls)  # prefill chunks of 9-14 tokens
     for i in range(6):
         ids = [(5 * i + 3 * j) % 60 + 2 for j in range(9 + i)]
         assert results[f"r{i}"].token_ids == peft_greedy(["r8", None, "r4"][i % 3], ids, 20), i

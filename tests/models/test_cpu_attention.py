@@ -90,7 +90,7 @@ def _kernel(case: Case, scale: float, window: int | None) -> torch.Tensor:
     cache, q = case.cache, case.q
     meta = build_attention_metadata(case.tables, case.positions, [], cache.block_size)
     out = torch.empty_like(q)
-    cpu_attention.decode_attention(
+    cpu_attention.paged_attention(
         q,
         cache.k[0],
         cache.v[0],
@@ -207,7 +207,7 @@ def test_refuses_a_table_outside_the_cache() -> None:
     out = torch.empty_like(case.q)
 
     def run(table: list[int], position: int) -> None:
-        cpu_attention.decode_attention(
+        cpu_attention.paged_attention(
             case.q,
             case.cache.k[0],
             case.cache.v[0],
@@ -234,9 +234,9 @@ def test_attend_takes_the_kernel_except_for_soft_capping(monkeypatch: pytest.Mon
     k = torch.randn(2, 2, 32)
     v = torch.randn(2, 2, 32)
     calls: list[int] = []
-    real = cpu_attention.decode_attention
+    real = cpu_attention.paged_attention
     monkeypatch.setattr(
-        cpu_attention, "decode_attention", lambda *a, **kw: (calls.append(1), real(*a, **kw))
+        cpu_attention, "paged_attention", lambda *a, **kw: (calls.append(1), real(*a, **kw))
     )
     out = attend(case.q, k, v, case.cache, 0, meta)
     assert calls == [1]
@@ -282,3 +282,36 @@ def test_long_contexts_over_many_blocks() -> None:
     ref = _reference(case, 32**-0.5, None)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
     assert not math.isnan(got.sum().item())
+
+
+@pytest.mark.parametrize("start", [0, 49])
+@pytest.mark.parametrize("window", [None, 7])
+def test_a_prefill_chunk_is_causal_over_one_shared_table(
+    start: int, window: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk's tokens are queries at their own positions over the chunk's one table
+    (``[1, width]``): each sees up to itself. Through `attend` (which writes the chunk's
+    keys and values first) the kernel equals the torch path (gather, or the chunk's own
+    keys when nothing is cached, then SDPA)."""
+    chunk = 12
+    case = _setup(
+        heads=9,
+        kv_heads=3,
+        head_dim=64,
+        block_size=16,
+        positions=[start + chunk - 1],
+        dtype=torch.float32,
+    )
+    table = case.tables[0]
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(chunk, 9, 64, generator=gen)
+    k = torch.randn(chunk, 3, 64, generator=gen)
+    v = torch.randn(chunk, 3, 64, generator=gen)
+    meta = build_attention_metadata([], [], [(table, start, chunk)], 16)
+    got = attend(q, k, v, case.cache, 0, meta, sliding_window=window).view(chunk, 9, 64)
+    positions = list(range(start, start + chunk))
+    ref = _reference(Case(case.cache, q, [table] * chunk, positions), 64**-0.5, window)
+    torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=2e-6)
+    monkeypatch.setattr(cpu_attention, "applies", lambda *_: False)
+    torch_path = attend(q, k, v, case.cache, 0, meta, sliding_window=window)
+    torch.testing.assert_close(got, torch_path.view(chunk, 9, 64), rtol=1e-5, atol=1e-5)
