@@ -274,11 +274,10 @@ static inline __attribute__((always_inline)) void over_blocks(
    of every KV head lie together, so the item streams each block once, in address order.
    Returns 0, 1 when scratch cannot be allocated, 2 for shapes it does not take (heads
    not a multiple of kv_heads, a group over MAX_GROUP). */
-int paged_attention(const at *q, int64_t qs, int64_t qh, const at *kc, const at *vc,
-                           at *out, const int64_t *table, int64_t table_stride, const int64_t *pos,
-                           int64_t n, int64_t heads, int64_t kv_heads, int64_t d,
-                           int64_t block_size, float scale, int64_t window,
-                           int64_t num_threads) {
+int paged_attention(const at *q, int64_t qs, int64_t qh, const at *kc, const at *vc, at *out,
+                    const int64_t *table, int64_t table_stride, const int64_t *pos, int64_t n,
+                    int64_t heads, int64_t kv_heads, int64_t d, int64_t block_size, float scale,
+                    int64_t window, int64_t num_threads) {
     if (kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP) return 2;
     const int64_t group = heads / kv_heads, row = kv_heads * d;
     int64_t longest = 0;
