@@ -100,6 +100,17 @@ def prefill_ms(cached: int, chunk: int, dtype: torch.dtype, repeats: int) -> dic
     return _paths_ms(cache, meta, chunk, gen, repeats)
 
 
+def _cached_and_chunk(text: str) -> tuple[int, int]:
+    """``CACHED:CHUNK`` (e.g. ``1000:20``) as two counts, a chunk of at least one token."""
+    try:
+        cached, chunk = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CACHED:CHUNK, got {text!r}") from None
+    if cached < 0 or chunk < 1:
+        raise argparse.ArgumentTypeError(f"need CACHED >= 0 and CHUNK >= 1, got {text!r}")
+    return cached, chunk
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="*", default=[64, 256, 1024])
@@ -107,7 +118,8 @@ def main() -> None:
     parser.add_argument(
         "--prefill",
         nargs="*",
-        default=["1000:20", "1000:100", "0:512"],
+        type=_cached_and_chunk,
+        default=[(1000, 20), (1000, 100), (0, 512)],
         help="CACHED:CHUNK pairs: a chunk of CHUNK tokens after CACHED cached ones",
     )
     parser.add_argument(
@@ -120,7 +132,6 @@ def main() -> None:
         raise SystemExit("the CPU attention kernel cannot be built here")
     rows = []
     print(f"{'dtype':9s} {'case':28s} {'kernel ms':>10s} {'torch ms':>9s} {'speed-up':>9s}")
-    pairs = [tuple(int(x) for x in pair.split(":")) for pair in args.prefill]
     cases = [
         (
             {"kind": "decode", "context": c},
@@ -136,7 +147,7 @@ def main() -> None:
             prefill_ms,
             (cached, chunk),
         )
-        for cached, chunk in pairs
+        for cached, chunk in args.prefill
     ]
     for dtype_name in args.dtype:
         for fields, label, measure, params in cases:

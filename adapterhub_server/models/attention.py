@@ -18,6 +18,7 @@ masked.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -38,13 +39,18 @@ class PrefillChunk:
     start: int
     blocks: torch.Tensor
     """``[num_blocks]`` int64 block table of the sequence."""
-    positions: torch.Tensor
-    """``[t1 - t0]`` int64: the chunk's positions, ``start, start + 1, ...``."""
-    table: torch.Tensor = field(init=False)
-    """`blocks` as one table row, ``[1, num_blocks]``, shared by the chunk's queries."""
 
-    def __post_init__(self) -> None:
-        self.table = self.blocks.view(1, -1)
+    # Built at first use, by the CPU attention kernel only (no copy to a device for steps
+    # that never read them), then kept: every layer of the step passes the same tensors.
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        """``[t1 - t0]`` int64: the chunk's positions, ``start, start + 1, ...``."""
+        return torch.arange(self.start, self.start + self.t1 - self.t0, device=self.blocks.device)
+
+    @functools.cached_property
+    def table(self) -> torch.Tensor:
+        """`blocks` as one table row, ``[1, num_blocks]``, shared by the chunk's queries."""
+        return self.blocks.view(1, -1)
 
 
 @dataclass
@@ -107,15 +113,7 @@ def build_attention_metadata(
     t = n
     for blocks, start, num in prefills:
         slots.extend(slots_for(blocks, start, start + num, block_size))
-        chunks.append(
-            PrefillChunk(
-                t,
-                t + num,
-                start,
-                to_device(blocks, torch.long, device),
-                to_device(list(range(start, start + num)), torch.long, device),
-            )
-        )
+        chunks.append(PrefillChunk(t, t + num, start, to_device(blocks, torch.long, device)))
         t += num
     pos = torch.tensor(decode_positions, dtype=torch.long)
     mask = None

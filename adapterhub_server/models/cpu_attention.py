@@ -297,8 +297,12 @@ int paged_attention(const at *q, int64_t qs, int64_t qh, const at *kc, const at 
 #pragma omp atomic write
             failed = 1;
         }
-        float *qf = scores + heads * span, *acc = qf + heads * d;
-        float *total = acc + heads * d;
+        float *qf = scores, *acc = scores, *total = scores; /* set below, when allocated */
+        if (scores != NULL) {
+            qf = scores + heads * span;
+            acc = qf + heads * d;
+            total = acc + heads * d;
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n; i++) {
             if (scores == NULL) continue;
