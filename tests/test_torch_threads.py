@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -13,35 +15,44 @@ import torch
 from adapterhub_server.torch_threads import single_threaded
 
 
-def _os_threads() -> set[str]:
-    return set(os.listdir("/proc/self/task"))
-
-
 def _parallel_torch_work() -> None:
     x = torch.ones(1024, 1024)
     (x @ x).sum()  # an MKL GEMM and a reduction: both run OpenMP parallel regions
 
 
+_PR_SET_NAME = 15
+_probes = itertools.count()
+
+
+def _threads_named(name: str) -> int:
+    count = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                count += f.read().strip() == name
+        except FileNotFoundError:  # the thread ended while we looked
+            pass
+    return count
+
+
 def _threads_started_by(fn: Callable[[], None]) -> int:
-    """OS threads started while `fn` ran on a new thread (still alive then); threads of
-    earlier tests that end meanwhile do not count."""
-    go, done, leave = threading.Event(), threading.Event(), threading.Event()
+    """OS threads that `fn`, run on a new thread, started (and still alive then).
+
+    The new thread gets a name of its own, and Linux gives a thread its creator's name,
+    so threads that other tests' servers and pools start meanwhile do not count.
+    """
+    name = f"ah-probe-{next(_probes)}"
+    seen: list[int] = []
 
     def run() -> None:
-        go.wait()
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode(), 0, 0, 0)
         fn()
-        done.set()
-        leave.wait()
+        seen.append(_threads_named(name) - 1)  # all but this thread
 
     thread = threading.Thread(target=run)
     thread.start()
-    before = _os_threads()
-    go.set()
-    done.wait()
-    after = _os_threads()
-    leave.set()
     thread.join()
-    return len(after - before)
+    return seen[0]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
