@@ -7,9 +7,9 @@ lm_head at 16 rows with oneDNN), the same trick ``torch.compile``'s CPU freezing
 float32 weights go to this project's C GEMM (`cpu_gemm`), which streams them faster than
 oneDNN does at decode sizes, and to ``F.linear`` for prefill-sized inputs (past
 `cpu_gemm.MAX_ROWS` rows, where MKL's GEMM is on par with oneDNN's); bfloat16 weights (and
-float32 ones where that kernel is off or cannot be built) to oneDNN's prepacked GEMM. The results
-are the same GEMM up to float summation order. Elsewhere (CUDA, or a torch built without
-oneDNN) this is ``F.linear``.
+float32 ones where that kernel is off or cannot be built) to oneDNN's prepacked GEMM. The
+results are the same GEMM up to float summation order. Elsewhere (CUDA, or a torch built
+without oneDNN) this is ``F.linear``.
 """
 
 from __future__ import annotations
