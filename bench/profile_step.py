@@ -103,21 +103,23 @@ def main() -> None:
 
 
 def _label_cpu_kernel_calls() -> None:
-    """Time the CPU kernels' calls as ``lora.cpu_kernel`` and ``attention.cpu_kernel``: they
-    are called through ctypes, so the profiler would otherwise count their time as the
-    step's own (Python) time."""
+    """Time the CPU kernels' calls as ``base.cpu_gemm``, ``lora.cpu_kernel`` and
+    ``attention.cpu_kernel``: they are called through ctypes, so the profiler would
+    otherwise count their time as the step's own (Python) time."""
+    from adapterhub_server import cpu_gemm
     from adapterhub_server.lora import ops
     from adapterhub_server.models import cpu_attention
 
     for owner, name, label in (
+        (cpu_gemm, "linear", "base.cpu_gemm"),
         (ops, "add_lora_cpu", "lora.cpu_kernel"),
         (cpu_attention, "paged_attention", "attention.cpu_kernel"),
     ):
         kernel = getattr(owner, name)
 
-        def labelled(*args, kernel=kernel, label=label, **kwargs) -> None:
+        def labelled(*args, kernel=kernel, label=label, **kwargs) -> object:
             with record_function(label):
-                kernel(*args, **kwargs)
+                return kernel(*args, **kwargs)
 
         setattr(owner, name, labelled)
 
