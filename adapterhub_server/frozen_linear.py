@@ -6,7 +6,7 @@ a weight reordered once into a blocked layout is several times faster than ``F.l
 lm_head at 16 rows with oneDNN), the same trick ``torch.compile``'s CPU freezing applies.
 float32 weights go to this project's C GEMM (`cpu_gemm`), which streams them faster than
 oneDNN does at decode sizes, and to ``F.linear`` for prefill-sized inputs (past
-`cpu_gemm.MAX_ROWS` rows, where MKL's GEMM is on par with oneDNN's); bfloat16 weights (and
+`cpu_gemm.MAX_ROWS` rows, where MKL's GEMM is within ~10% of oneDNN's); bfloat16 weights (and
 float32 ones where that kernel is off or cannot be built) to oneDNN's prepacked GEMM. The
 results are the same GEMM up to float summation order. Elsewhere (CUDA, or a torch built
 without oneDNN) this is ``F.linear``.
