@@ -11,9 +11,9 @@ tokens...]``. Every token's key and value are written in one indexed copy per la
 sequences: on CPU through the C kernel of `cpu_attention`, which reads their blocks in
 place, else over their blocks gathered into one batch (`decode_attention_torch`). Prefill
 chunks attend per chunk to their cached prefix plus themselves (causal): on CPU through the
-same kernel, a query per token over the chunk's table, else gathered and through SDPA. Block 0 is the
-null block: table padding and positions a sequence no longer keeps point there, always
-masked.
+same kernel, a query per token over the chunk's table, else gathered and through SDPA.
+Block 0 is the null block: table padding and positions a sequence no longer keeps point
+there, always masked.
 """
 
 from __future__ import annotations
@@ -276,7 +276,10 @@ def attend(
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
 
     n = meta.num_decode
-    if n and cpu_attention.applies(q, k_cache, softcap):
+    # One decision per layer call: decode and every prefill chunk take the same path.
+    in_place = cpu_attention.applies(q, k_cache, softcap)
+    kernel_scale = scale if scale is not None else head_dim**-0.5
+    if n and in_place:
         # Keys and values read in place: the gather below copies every visible block.
         cpu_attention.paged_attention(
             q[:n],
@@ -285,7 +288,7 @@ def attend(
             meta.decode_block_table,
             meta.decode_positions,
             out[:n],
-            scale=scale if scale is not None else head_dim**-0.5,
+            scale=kernel_scale,
             sliding_window=sliding_window,
         )
     elif n:
@@ -294,7 +297,7 @@ def attend(
         )
 
     for c in meta.prefills:
-        if cpu_attention.applies(q, k_cache, softcap):
+        if in_place:
             # Each token a query at its position over the chunk's table: causal, its cached
             # prefix read in place rather than copied and repeated for every query head.
             cpu_attention.paged_attention(
@@ -304,7 +307,7 @@ def attend(
                 c.table,
                 c.positions,
                 out[c.t0 : c.t1],
-                scale=scale if scale is not None else head_dim**-0.5,
+                scale=kernel_scale,
                 sliding_window=sliding_window,
             )
             continue
