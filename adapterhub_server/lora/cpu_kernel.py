@@ -10,12 +10,14 @@ per thread when the slots carry equal token counts (decode), else rows of A and 
 columns of y handed out round-robin (short prefill chunks come here too, beside the decode
 tokens, so one slot may carry dozens of tokens and the others one each). The shrink
 reads four rows of A at once against up to four tokens (every loaded vector of x serves
-four rows); the expand streams B row by row in address order into up to four rows of y,
-which stay in L1. Decode-shaped calls are bound by reading the adapter weights from memory
-(in the engine the base weights evict them from cache every step), so both loops prefetch
-the rows they read next, and the weights may be kept in bfloat16 (`WEIGHT_DTYPES`, the
-engine's ``lora_dtype``), which halves the bytes: ``bench/lora_ops.py --decode-step``
-measures it against the torch ops.
+four rows); the expand holds 64 output columns of up to four tokens in registers while it
+goes down B's rows, so y is read and written once per call (summed into row by row of B,
+it took two stores per loaded vector of B, and the stores bound the loop). Decode-shaped
+calls are bound by reading the adapter weights from memory (in the engine the base
+weights evict them from cache every step), so both loops prefetch the rows they read
+next, and the weights may be kept in bfloat16 (`WEIGHT_DTYPES`, the engine's
+``lora_dtype``), which halves the bytes: ``bench/lora_ops.py --decode-step`` measures it
+against the torch ops.
 
 The kernel is C rather than torch because a decode step's LoRA work is ~120 calls of a few
 microseconds of arithmetic each: dispatch, not FLOPs, was the cost (`bench/profile_step.py`).
@@ -67,7 +69,7 @@ static inline float loadw(const wt *p) { return *p; }
 
 /* The activations' type `at` (x read, y updated in place): float32, or bfloat16
    (-DACT_BF16), widened as loaded; y is then rounded once, to nearest even, after all of
-   a token's products are summed in float32 (`flush_row`). */
+   a token's products are summed in float32 (`expand_tokens`). */
 #ifdef ACT_BF16
 typedef uint16_t at;
 static inline v16 loadx16(const at *p) { return bf16_load16(p); }
@@ -78,6 +80,8 @@ static inline void storex(at *p, float f) { bf16_store(p, f); }
 typedef float at;
 static inline v16 loadx16(const at *p) { return load16(p); }
 static inline float loadx(const at *p) { return *p; }
+static inline void storex16(at *p, v16 v) { store16(p, v); }
+static inline void storex(at *p, float f) { *p = f; }
 #endif
 
 /* h[l * hs + r] = dot(a[r * in :], x[tok[l]]) for RB = 4 rows of A and NT <= 4 tokens: four
@@ -129,63 +133,52 @@ static void shrink_rows(const wt *a, int64_t in, int64_t r0, int64_t r1, const a
     }
 }
 
-/* acc[l][o - lo] += sum_r h[l * hs + r] * b[r * bs + o] for o in [lo, hi) and NT <= 4
-   tokens, row by row of B: B streams through once, in address order, while the NT float32
-   rows of acc (a few KiB each) stay in L1. */
-static inline __attribute__((always_inline)) void expand_block(
-    const wt *restrict b, int64_t bs, int64_t c, const float *restrict h, int64_t hs,
-    float *const *acc, const int NT, int64_t lo, int64_t hi) {
-    for (int64_t r = 0; r < c; r++) {
-        const wt *br = b + r * bs;
-        v16 hv[4];
-        for (int l = 0; l < NT; l++) hv[l] = (v16){0} + h[l * hs + r];
-        int64_t o = lo;
-        for (; o + 16 <= hi; o += 16) {
-            __builtin_prefetch(br + bs + o, 0, 3); /* the next row of B, as above */
-            const v16 bv = loadw16(br + o);
-            for (int l = 0; l < NT; l++)
-                store16(acc[l] + (o - lo), load16(acc[l] + (o - lo)) + hv[l] * bv);
-        }
-        for (; o < hi; o++) {
-            const float bv = loadw(br + o);
-            for (int l = 0; l < NT; l++) acc[l][o - lo] += h[l * hs + r] * bv;
-        }
-    }
-}
-
-#ifdef ACT_BF16
-/* Columns of bfloat16 y summed at once in float32 scratch: 4 tokens x 512 floats = 8 KiB
-   of stack, which stays in L1 beside the streaming B. */
-#define CHUNK 512
-
-/* y[lo : hi] = round(y[lo : hi] + acc[0 : hi - lo]): the one rounding of a token's sum. */
-static inline void flush_row(at *y, const float *acc, int64_t lo, int64_t hi) {
-    int64_t o = lo;
-    for (; o + 16 <= hi; o += 16) storex16(y + o, loadx16(y + o) + load16(acc + (o - lo)));
-    for (; o < hi; o++) storex(y + o, loadx(y + o) + acc[o - lo]);
-}
-#endif
-
 /* y[tok[l], lo : hi] += sum_r h[l * hs + r] * b[r * bs + lo : hi] for NT <= 4 tokens:
-   float32 y is summed into in place; bfloat16 y a chunk of columns at a time, in float32
-   scratch, then rounded once (`flush_row`). */
+   the output columns go 64 at a time (NT x 4 accumulators in registers) down all c rows
+   of B, so y is read and written once per column, and each token's sum is rounded once
+   (to bfloat16 for bfloat16 y, after its float32 sum, as the module docstring says). */
 static inline __attribute__((always_inline)) void expand_tokens(
     const wt *restrict b, int64_t bs, int64_t c, const float *restrict h, int64_t hs,
     at *restrict y, int64_t ys, const int64_t *tok, const int NT, int64_t lo, int64_t hi) {
-#ifdef ACT_BF16
-    float scratch[4][CHUNK];
-    float *acc[4] = {scratch[0], scratch[1], scratch[2], scratch[3]};
-    for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
-        const int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
-        for (int l = 0; l < NT; l++) memset(scratch[l], 0, sizeof(float) * (size_t)(c1 - c0));
-        expand_block(b, bs, c, h, hs, acc, NT, c0, c1);
-        for (int l = 0; l < NT; l++) flush_row(y + tok[l] * ys, scratch[l], c0, c1);
+    at *yr[4];
+    for (int l = 0; l < NT; l++) yr[l] = y + tok[l] * ys;
+    int64_t o = lo;
+    for (; o + 64 <= hi; o += 64) {
+        v16 acc[4][4];
+        for (int l = 0; l < NT; l++)
+            for (int i = 0; i < 4; i++) acc[l][i] = (v16){0};
+        for (int64_t r = 0; r < c; r++) {
+            const wt *br = b + r * bs + o;
+            /* This row's columns two blocks on: the c rows are c streams, each too short
+               (a module's out columns) for the hardware prefetcher to get ahead of. */
+            for (size_t p = 0; p < 64 * sizeof(wt); p += 64)
+                __builtin_prefetch((const char *)(br + 128) + p, 0, 3);
+            v16 bv[4];
+            for (int i = 0; i < 4; i++) bv[i] = loadw16(br + 16 * i);
+            for (int l = 0; l < NT; l++) {
+                const float hv = h[l * hs + r];
+                for (int i = 0; i < 4; i++) acc[l][i] += hv * bv[i];
+            }
+        }
+        for (int l = 0; l < NT; l++)
+            for (int i = 0; i < 4; i++)
+                storex16(yr[l] + o + 16 * i, loadx16(yr[l] + o + 16 * i) + acc[l][i]);
     }
-#else
-    float *acc[4];
-    for (int l = 0; l < NT; l++) acc[l] = y + tok[l] * ys + lo;
-    expand_block(b, bs, c, h, hs, acc, NT, lo, hi);
-#endif
+    for (; o + 16 <= hi; o += 16) {
+        v16 acc[4];
+        for (int l = 0; l < NT; l++) acc[l] = (v16){0};
+        for (int64_t r = 0; r < c; r++) {
+            const v16 bv = loadw16(b + r * bs + o);
+            for (int l = 0; l < NT; l++) acc[l] += h[l * hs + r] * bv;
+        }
+        for (int l = 0; l < NT; l++) storex16(yr[l] + o, loadx16(yr[l] + o) + acc[l]);
+    }
+    for (; o < hi; o++)
+        for (int l = 0; l < NT; l++) {
+            float s = 0;
+            for (int64_t r = 0; r < c; r++) s += h[l * hs + r] * loadw(b + r * bs + o);
+            storex(yr[l] + o, loadx(yr[l] + o) + s);
+        }
 }
 
 /* Output columns [lo, hi) of one module of one slot, for its nt tokens. */
