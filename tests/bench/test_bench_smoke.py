@@ -57,6 +57,23 @@ def test_lora_read_floor_bench(tmp_path: Path) -> None:
     assert row["base_ms"] > 0 and {"kernel_fp32_ms", "read_bf16_ms"} <= set(row)
 
 
+def test_adapter_floor_bench(tmp_path: Path) -> None:
+    if cpu_kernel.load() is None:
+        pytest.skip("the CPU LoRA kernel cannot be built here")
+    out = tmp_path / "floor.json"
+    stdout = _run("bench.adapter_floor", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["median_decode_step_ms"]) == {
+        "none",
+        "kernel-float32",
+        "read-float32",
+        "kernel-bfloat16",
+        "read-bfloat16",
+    }
+    assert result["ratios"]["read-bfloat16/none"] > 0
+    assert "read-float32" in stdout
+
+
 def test_linear_bench(tmp_path: Path) -> None:
     out = tmp_path / "linear.json"
     if cpu_gemm.load() is None:
